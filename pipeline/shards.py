@@ -1,0 +1,264 @@
+"""WebDataset shards: listing, counting, reading and writing, with truncation and duplicate-key detection.
+
+Every stage lists its input with :func:`list_shards`. A shard is a plain tar of ``<key>.<ext>`` members grouped by
+key (the key is the member name up to its first dot, as WebDataset splits it). A shard index (``index.json``
+beside the shards) records each shard's name, sample count, byte size and sha256, plus the class names.
+
+Reading uses :mod:`tarfile` directly rather than WebDataset's expander because we need two things it does not give:
+the end-of-archive check (a tar cut at a member boundary ends silently in every WebDataset handler) and each
+member's byte offset (so a sample can be read by random access for neighbour-mined batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import braceexpand
+
+from pipeline.errors import KdepError
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "kdep-shards/1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+class ShardError(KdepError, ValueError):
+    """A shard is missing, truncated, corrupt or inconsistent with its index; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One input shard as listed: where it is and what the index says about it."""
+
+    path: str  # absolute path of the .tar file
+    name: str  # file name, e.g. "train-000012.tar"; the identity used in provenance
+    samples: int | None  # sample count from the index (None when listed without an index)
+    nbytes: int  # file size in bytes
+    sha256: str | None  # hex digest from the index (None when listed without an index)
+
+
+@dataclass
+class Sample:
+    """One sample's raw fields as read from a tar (no decoding)."""
+
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)  # extension (e.g. "jpg", "cls") -> bytes
+    offset: int = 0  # byte offset of the sample's first member header in the tar
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/n01440764_10026.jpg"`` -> ``("dir/n01440764_10026", "jpg")``: key up to the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def iter_samples(path: str | Path) -> Iterator[Sample]:
+    """Yield the samples of one shard in tar order; raise ShardError on truncation, corruption or duplicate keys."""
+    path = str(path)
+    seen: set[str] = set()
+    current: Sample | None = None
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    if key in seen:
+                        raise ShardError(
+                            f"{path}: duplicate key {key!r} (it appears twice in this shard); re-make the shard"
+                        )
+                    seen.add(key)
+                    current = Sample(key=key, offset=member.offset)
+                if ext in current.fields:
+                    raise ShardError(f"{path}: duplicate member {member.name!r}; re-make the shard")
+                data = tar.extractfile(member)
+                current.fields[ext] = data.read() if data is not None else b""
+            end = tar.offset
+        _check_tar_end(path, end)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise ShardError(f"no shard at {path}; check the shard list") from None
+        raise ShardError(f"{path}: truncated or corrupt tar ({err}); re-copy or re-make this shard") from None
+    if current is not None:
+        yield current
+
+
+def _check_tar_end(path: str, end: int) -> None:
+    """A complete tar ends with two zero blocks after its last member; a tar cut at a header boundary has none."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(end)
+        tail = fh.read(1024)
+    if size - end < 1024 or tail.strip(b"\0"):
+        raise ShardError(
+            f"{path}: truncated tar (no end-of-archive marker after byte {end}); re-copy or re-make this shard"
+        )
+
+
+def scan_shard(path: str | Path) -> list[str]:
+    """The keys of a shard in order, read without decoding images; raises ShardError on a bad tar."""
+    return [s.key for s in iter_samples(path)]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
+    """Write ``(key, {ext: bytes})`` samples to a tar, byte-identically for the same input, atomically.
+
+    Members get mtime 0, uid/gid 0 and mode 0o444, so the same samples always give the same bytes. Returns the
+    shard's index record: name, samples, bytes, sha256.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            if "." in key.rpartition("/")[2]:
+                raise ShardError(
+                    f"key {key!r} contains a dot; WebDataset would split it into key and extension"
+                )
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    os.replace(tmp, path)
+    return {"name": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_index(directory: str | Path, shards: list[dict], classes: list[str], **extra) -> Path:
+    """Write ``index.json`` (shard records + class names + extra fields) atomically; returns its path."""
+    path = Path(directory) / INDEX_NAME
+    body = {"format": INDEX_FORMAT, "classes": list(classes), "shards": shards, **extra}
+    write_json_atomic(path, body)
+    return path
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_index(path: str | Path) -> dict:
+    """Read and check a shard index file."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(
+            f"no shard index at {path}; run `kdep make-shards` or list shards by pattern"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: not a valid shard index ({err})") from None
+    if body.get("format") != INDEX_FORMAT or not isinstance(body.get("shards"), list):
+        raise ShardError(
+            f"{path}: not a kdep shard index (format {body.get('format')!r}, expected {INDEX_FORMAT!r})"
+        )
+    return body
+
+
+def list_shards(spec: str | Path | Iterable[str]) -> list[ShardInfo]:
+    """Shards from a brace pattern (``train-{000000..000146}.tar``), a directory, or an index file.
+
+    A directory with an ``index.json`` is listed from the index (counts and hashes included); without one, its
+    ``*.tar`` files are listed sorted. A missing shard is an error naming it.
+    """
+    if not isinstance(spec, (str, Path)):
+        return [info for item in spec for info in list_shards(item)]
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return _from_index(path / INDEX_NAME)
+        tars = sorted(path.glob("*.tar"))
+        if not tars:
+            raise ShardError(
+                f"{path}: no *.tar shards and no {INDEX_NAME}; point at a shard directory or index"
+            )
+        return [_from_file(t) for t in tars]
+    if path.suffix == ".json":
+        return _from_index(path)
+    files = list(braceexpand.braceexpand(spec))
+    return [_from_file(Path(f)) for f in files]
+
+
+def _from_file(path: Path) -> ShardInfo:
+    if not path.is_file():
+        raise ShardError(f"no shard at {path}; check the shard pattern or directory")
+    return ShardInfo(str(path.resolve()), path.name, None, path.stat().st_size, None)
+
+
+def _from_index(index_path: Path) -> list[ShardInfo]:
+    body = read_index(index_path)
+    out = []
+    for rec in body["shards"]:
+        shard = index_path.parent / rec["name"]
+        if not shard.is_file():
+            raise ShardError(f"{index_path}: lists {rec['name']} but {shard} does not exist")
+        size = shard.stat().st_size
+        if size != rec["bytes"]:
+            raise ShardError(
+                f"{shard}: {size} bytes on disk but the index says {rec['bytes']}; the shard changed or is truncated"
+            )
+        out.append(ShardInfo(str(shard.resolve()), rec["name"], int(rec["samples"]), size, rec.get("sha256")))
+    return out
+
+
+def index_classes(spec: str | Path) -> list[str] | None:
+    """Class names from the shard index beside ``spec`` (directory or index file), or None without an index."""
+    path = Path(spec)
+    index = path / INDEX_NAME if path.is_dir() else path
+    if index.suffix == ".json" and index.is_file():
+        return list(read_index(index).get("classes", []))
+    return None
+
+
+def count_samples(info: ShardInfo) -> int:
+    """Count a shard's samples without decoding; a count that differs from the index is an error naming the shard."""
+    n = len(scan_shard(info.path))
+    if info.samples is not None and n != info.samples:
+        raise ShardError(
+            f"{info.path}: {n} samples in the tar but the index says {info.samples}; the shard is truncated or changed"
+        )
+    return n
+
+
+def with_counts(shards: list[ShardInfo]) -> list[ShardInfo]:
+    """Fill in sample counts and hashes for shards listed without an index (reads each shard once)."""
+    out = []
+    for info in shards:
+        if info.samples is None or info.sha256 is None:
+            info = ShardInfo(info.path, info.name, count_samples(info), info.nbytes, file_sha256(info.path))
+        out.append(info)
+    return out
+
+
+def shard_record(info: ShardInfo) -> dict:
+    """The provenance record of a shard (what a cache stores about its sources)."""
+    return {k: v for k, v in asdict(info).items() if k != "path"}

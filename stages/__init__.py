@@ -1,0 +1,1 @@
+"""Entry points: one thin module per stage, each with ``run(config)`` and a typer command."""

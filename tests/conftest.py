@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny demo shards made once per session (no download, seconds on CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.demodata import DemoSpec, write_demo_data
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """4 classes x 6 train / 3 val images, 8 per shard: 3 train shards, 2 val shards."""
+    out = tmp_path_factory.mktemp("demo")
+    return write_demo_data(DemoSpec(seed=3, classes=4, train_per_class=6, val_per_class=3, per_shard=8), out)

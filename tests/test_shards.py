@@ -1,0 +1,110 @@
+"""Shard listing, counting without decoding, truncation and duplicate-key detection, demo-data determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.demodata import DemoSpec, write_demo_data
+from pipeline.shards import ShardError, count_samples, iter_samples, list_shards, scan_shard, write_shard
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_demo_data_is_byte_identical_for_a_seed_and_differs_for_another(tmp_path):
+    spec = DemoSpec(seed=7, classes=3, train_per_class=4, val_per_class=2, per_shard=5)
+    write_demo_data(spec, tmp_path / "a")
+    write_demo_data(spec, tmp_path / "b")
+    write_demo_data(
+        DemoSpec(seed=8, classes=3, train_per_class=4, val_per_class=2, per_shard=5), tmp_path / "c"
+    )
+    a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
+    assert a == b
+    assert a["train-000000.tar"] != c["train-000000.tar"]
+
+
+def test_demo_data_has_imagenet_like_variety(demo_shards):
+    modes, sizes, exts = set(), set(), set()
+    for info in list_shards(demo_shards["train"]):
+        for sample in iter_samples(info.path):
+            ext = next(e for e in sample.fields if e != "cls")
+            exts.add(ext)
+            import io
+
+            with Image.open(io.BytesIO(sample.fields[ext])) as im:
+                modes.add(im.mode)
+                sizes.add(im.size)
+            assert 0 <= int(sample.fields["cls"]) < 4
+    assert {"jpg", "png"} <= exts
+    assert {"RGB", "L", "CMYK", "RGBA"} <= modes
+    assert len({w / h for w, h in sizes}) > 10 and all(64 <= s <= 256 for wh in sizes for s in wh)
+
+
+def test_list_shards_from_dir_index_and_pattern(demo_shards):
+    d = demo_shards["train"]
+    from_dir = list_shards(d)
+    assert [s.name for s in from_dir] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [s.samples for s in from_dir] == [8, 8, 8]
+    assert list_shards(d / "index.json") == from_dir
+    by_pattern = list_shards(str(d / "train-{000000..000002}.tar"))
+    assert [s.path for s in by_pattern] == [s.path for s in from_dir]
+    assert all(s.samples is None for s in by_pattern)
+    assert sum(count_samples(s) for s in from_dir) == 24
+
+
+def test_missing_shard_is_named(demo_shards):
+    with pytest.raises(ShardError, match="no shard at .*train-000003.tar"):
+        list_shards(str(demo_shards["train"] / "train-{000002..000003}.tar"))
+
+
+def _copy_truncated(src: Path, dst: Path, keep: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:keep])
+    return dst
+
+
+def test_truncated_tar_is_detected_mid_member_and_at_a_header_boundary(demo_shards, tmp_path):
+    src = demo_shards["train"] / "train-000000.tar"
+    with tarfile.open(src) as tar:
+        members = tar.getmembers()
+    boundary = members[6].offset  # cut exactly before the 4th sample's first header
+    mid = members[6].offset_data + 100
+    for cut in (boundary, mid):
+        bad = _copy_truncated(src, tmp_path / f"cut{cut}.tar", cut)
+        with pytest.raises(ShardError, match=rf"cut{cut}\.tar: truncated"):
+            scan_shard(bad)
+
+
+def test_count_mismatch_with_index_is_named(demo_shards):
+    info = list_shards(demo_shards["train"])[0]
+    from dataclasses import replace
+
+    with pytest.raises(ShardError, match="8 samples in the tar but the index says 9"):
+        count_samples(replace(info, samples=9))
+
+
+def test_duplicate_key_in_a_shard_is_an_error(tmp_path):
+    path = tmp_path / "dup.tar"
+    write_shard(path, [("a", {"cls": b"1"}), ("b", {"cls": b"1"})])
+    with tarfile.open(path, "a") as tar:  # append a second sample with key "a"
+        import io
+
+        info = tarfile.TarInfo("a.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"2"))
+    with pytest.raises(ShardError, match="duplicate key 'a'"):
+        scan_shard(path)
+
+
+def test_write_shard_refuses_dotted_keys(tmp_path):
+    with pytest.raises(ShardError, match="contains a dot"):
+        write_shard(tmp_path / "x.tar", [("a.b", {"cls": b"1"})])
