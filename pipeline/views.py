@@ -1,0 +1,213 @@
+"""Views: deterministic augmentation parameters and the ONE replay function used by every stage.
+
+A view's parameters are a pure function of (seed, image key, view index, image size, recipe): a
+``numpy.random.Generator`` seeded from a blake2b hash of those (never global RNG state or a worker id). They are
+stored explicitly as a float32 row of ``PARAM_COLUMNS`` and replayed from that row, so what the teacher saw in
+stage 1 is exactly what the student sees in stage 3. All pixel work goes through :func:`replay_view`.
+
+Replay order (fixed): crop box -> resize to (res, res) with bilinear antialias on uint8 -> horizontal flip ->
+float in [0, 1] -> colour jitter (brightness, contrast, saturation, hue in the stored order) -> grayscale ->
+Gaussian blur -> PCA lighting -> ImageNet mean/std normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.errors import KdepError
+
+PARAM_COLUMNS = (
+    "top", "left", "height", "width",  # crop box in source pixels
+    "flip",  # 1 = horizontal flip
+    "jitter", "brightness", "contrast", "saturation", "hue",  # jitter on/off and its factors
+    "order0", "order1", "order2", "order3",  # jitter op order (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    "gray",  # 1 = convert to 3-channel grayscale
+    "blur_sigma",  # Gaussian blur sigma in pixels of a 224-px output (0 = none); scaled with the resolution
+    "light0", "light1", "light2",  # PCA lighting alphas (0 = none)
+)  # fmt: skip
+N_PARAMS = len(PARAM_COLUMNS)
+COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# AlexNet PCA lighting on ImageNet RGB (as in the KDEP reference code's Lighting transform).
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+CENTER_CROP_FRACTION = 0.875  # resize to res / 0.875 then centre-crop res, as ImageNet evaluation does
+
+
+class ReplayError(KdepError):
+    """A stored view does not fit the image it is replayed on."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How views are drawn. Ranges follow torchvision's transforms of the same names."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.0  # probability of applying colour jitter
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    gray_p: float = 0.0  # grayscale probability
+    blur_p: float = 0.0  # Gaussian blur probability
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range (pixels at 224)
+    lighting_std: float = 0.0  # PCA lighting alpha std (0 = off)
+    center: bool = False  # deterministic resize + centre crop, no randomness
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(),  # KDEP paper: RandomResizedCrop(0.08-1) + flip
+    "kdep-reference": Recipe(jitter_p=1.0, jitter=(0.1, 0.1, 0.1, 0.0), lighting_std=0.05),  # KDEP code
+    "coss": Recipe(
+        scale=(0.2, 1.0), jitter_p=0.8, jitter=(0.4, 0.4, 0.4, 0.1), gray_p=0.2, blur_p=0.5
+    ),  # MoCo-v2
+    "center": Recipe(center=True, flip_p=0.0),
+}
+
+
+def view_rng(seed: int, key: str, view: int, height: int, width: int) -> np.random.Generator:
+    """The generator of one (image, view): seeded from a stable hash, the same in every process and order."""
+    digest = hashlib.blake2b(
+        f"{seed}\x1f{key}\x1f{view}\x1f{height}x{width}".encode(), digest_size=16
+    ).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def _random_resized_crop(rng: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params algorithm, drawn from ``rng``: (top, left, height, width)."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h  # fallback: central crop with the ratio clamped
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _center_crop(h: int, w: int) -> tuple[int, int, int, int]:
+    side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def sample_view_params(recipe: str, seed: int, key: str, view: int, height: int, width: int) -> np.ndarray:
+    """One view's parameters as a float32 row of ``PARAM_COLUMNS``; a pure function of its arguments."""
+    r = RECIPES[recipe]
+    row = np.zeros(N_PARAMS, np.float64)
+    row[COL["order0"] : COL["order3"] + 1] = (0, 1, 2, 3)
+    if r.center:
+        row[:4] = _center_crop(height, width)
+        return row.astype(np.float32)
+    rng = view_rng(seed, key, view, height, width)
+    row[:4] = _random_resized_crop(rng, height, width, r.scale, r.ratio)
+    row[COL["flip"]] = rng.uniform() < r.flip_p
+    if r.jitter_p > 0 and rng.uniform() < r.jitter_p:
+        b, c, s, hue = r.jitter
+        row[COL["jitter"]] = 1
+        row[COL["order0"] : COL["order3"] + 1] = rng.permutation(4)
+        row[COL["brightness"] : COL["hue"] + 1] = (
+            rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c), rng.uniform(1 - s, 1 + s), rng.uniform(-hue, hue),
+        )  # fmt: skip
+    else:
+        row[COL["brightness"] : COL["saturation"] + 1] = 1.0
+    row[COL["gray"]] = r.gray_p > 0 and rng.uniform() < r.gray_p
+    if r.blur_p > 0 and rng.uniform() < r.blur_p:
+        row[COL["blur_sigma"]] = rng.uniform(*r.blur_sigma)
+    if r.lighting_std > 0:
+        row[COL["light0"] : COL["light2"] + 1] = rng.normal(0, r.lighting_std, 3)
+    return row.astype(np.float32)
+
+
+def sample_views(
+    recipe: str, seed: int, key: str, views: int, height: int, width: int, center_first: bool
+) -> np.ndarray:
+    """(K, N_PARAMS) float32: all K views of one image; view 0 is the centre view when ``center_first``."""
+    rows = [
+        sample_view_params("center" if (center_first and v == 0) else recipe, seed, key, v, height, width)
+        for v in range(views)
+    ]
+    return np.stack(rows)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_LIGHT = torch.tensor(PCA_EIGVEC, dtype=torch.float64) @ torch.diag(
+    torch.tensor(PCA_EIGVAL, dtype=torch.float64)
+)
+
+
+def _jitter(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    for op_index in p[COL["order0"] : COL["order3"] + 1].astype(int):
+        factor = float(p[COL["brightness"] + op_index])
+        if (op_index < 3 and factor != 1.0) or (op_index == 3 and factor != 0.0):
+            x = ops[op_index](x, factor)
+    return x
+
+
+def replay_view(
+    image: torch.Tensor, params: np.ndarray, resolution: int, normalize: bool = True
+) -> torch.Tensor:
+    """(3, H, W) uint8 decoded image + one stored parameter row -> (3, res, res) float32 view.
+
+    The only function that turns an image into a model input, in every stage. ``normalize=False`` returns the
+    view in [0, 1] (for display and tests).
+    """
+    top, left, h, w = (int(v) for v in params[:4])
+    H, W = image.shape[-2:]
+    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
+        raise ReplayError(
+            f"stored crop {top, left, h, w} does not fit a {H}x{W} image; the image is not the one cached"
+        )
+    x = F.resized_crop(image, top, left, h, w, [resolution, resolution], antialias=True)
+    if params[COL["flip"]]:
+        x = F.horizontal_flip(x)
+    x = x.float().div_(255.0)
+    if params[COL["jitter"]]:
+        x = _jitter(x, params)
+    if params[COL["gray"]]:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    sigma = float(params[COL["blur_sigma"]]) * resolution / 224.0
+    if sigma > 0:
+        x = F.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    alphas = params[COL["light0"] : COL["light2"] + 1]
+    if np.any(alphas != 0):
+        rgb = (_LIGHT @ torch.from_numpy(alphas.astype(np.float64))).float()
+        x = x + rgb.view(3, 1, 1)
+    if normalize:
+        x = (x - _MEAN) / _STD
+    return x.contiguous()
+
+
+def describe_preprocessing(resolution: int) -> dict:
+    """What a reader needs to recompute a view with torchvision alone (stored in the cache metadata)."""
+    return {
+        "resolution": resolution,
+        "decoder": "torchvision.io.decode_image(mode=RGB) on CPU (libjpeg-turbo / libpng)",
+        "crop_resize": "torchvision.transforms.v2.functional.resized_crop(uint8, top, left, height, width, [res, res], "
+        "interpolation=BILINEAR, antialias=True)",
+        "order": "crop_resize, flip, float/255, jitter(order0..3), grayscale, gaussian_blur(k=2*ceil(3*s)+1, "
+        "s=blur_sigma*res/224), lighting(eigvec @ diag(eigval) @ alpha), normalize",
+        "interpolation": "bilinear",
+        "antialias": True,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "pca_eigval": PCA_EIGVAL,
+        "pca_eigvec": PCA_EIGVEC,
+        "param_columns": PARAM_COLUMNS,
+    }
