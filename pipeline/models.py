@@ -38,6 +38,7 @@ def build_model(
 
     ``weights``: None (random init), a torchvision enum name such as ``IMAGENET1K_V2`` or ``DEFAULT`` (fetched the
     way torchvision does, on the user's machine), or a path to a state dict / checkpoint (its sha256 is recorded).
+    A file's classifier may have any number of classes, or be absent (a backbone saved without its head).
     """
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(
@@ -54,24 +55,45 @@ def build_model(
             ) from None
         model = torchvision.models.get_model(arch, weights=w)
         return model, {"kind": "torchvision", "name": f"{enum.__name__}.{w.name}", "url": w.url}
-    kwargs = {"num_classes": num_classes} if num_classes else {}
-    model = torchvision.models.get_model(arch, weights=None, **kwargs)
     if not weights:
-        return model, {"kind": "random", "name": "random-init"}
-    return model, load_weights_file(model, arch, Path(weights))
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        return torchvision.models.get_model(arch, weights=None, **kwargs), {
+            "kind": "random",
+            "name": "random-init",
+        }
+    path = Path(weights)
+    state = read_state_dict(path)
+    model = torchvision.models.get_model(arch, weights=None)
+    head = _head_name(model)
+    if f"{head}.weight" in state:  # size the classifier like the file's
+        model = torchvision.models.get_model(
+            arch, weights=None, num_classes=int(state[f"{head}.weight"].shape[0])
+        )
+    return model, load_state(model, arch, state, path, head)
 
 
-def load_weights_file(model: nn.Module, arch: str, path: Path) -> dict:
-    """Load a state dict (or a checkpoint holding one under 'state_dict'/'model') strictly; returns its identity."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file holding one, or a checkpoint holding one under 'state_dict'/'model'/'backbone'."""
     if not path.is_file():
         raise ModelError(f"no weights file at {path}; pass an existing file or a torchvision weights name")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ModelError(
+            f"{path} is not a readable PyTorch weights file ({str(err).splitlines()[0]})"
+        ) from None
     for field in ("state_dict", "model", "backbone"):
         if isinstance(state, dict) and isinstance(state.get(field), dict):
             state = state[field]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_state(model: nn.Module, arch: str, state: dict, path: Path, head: str) -> dict:
+    """Load strictly, except that the classifier may be absent; a mismatch names the file and the keys."""
     current = model.state_dict()
-    missing = sorted(set(current) - set(state))
+    missing = sorted(k for k in set(current) - set(state) if not k.startswith(f"{head}."))
     unexpected = sorted(set(state) - set(current))
     wrong = sorted(k for k in set(current) & set(state) if current[k].shape != state[k].shape)
     if missing or unexpected or wrong:
@@ -83,8 +105,13 @@ def load_weights_file(model: nn.Module, arch: str, path: Path) -> dict:
         raise ModelError(
             f"weights file {path} does not fit {arch} ({detail}); is it for another architecture?"
         )
-    model.load_state_dict(state, strict=True)
-    return {"kind": "file", "name": path.name, "sha256": sha256_file(path)}
+    model.load_state_dict(state, strict=not any(k.startswith(f"{head}.") for k in set(current) - set(state)))
+    return {"kind": "file", "name": path.name, "sha256": sha256_file(path), "path": str(path.resolve())}
+
+
+def _head_name(model: nn.Module) -> str:
+    head = _last_linear(model)
+    return next(n for n, m in model.named_modules() if m is head)
 
 
 def sha256_file(path: Path) -> str:
@@ -178,7 +205,5 @@ def tap_dims(model: nn.Module, taps: tuple[str, ...], resolution: int = 64) -> d
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without its final classifier layer (loads with strict=True once that is dropped)."""
-    head = _last_linear(model)
-    head_names = {n for n, m in model.named_modules() if m is head}
-    prefixes = tuple(f"{n}." for n in head_names)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    prefix = f"{_head_name(model)}."
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(prefix)}

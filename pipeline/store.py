@@ -96,7 +96,9 @@ def _codec() -> list:
 
 def create_store(path: str | Path, layout: CacheLayout, provenance: dict) -> None:
     """Create the group and every array with its final shape and chunking, and record the metadata."""
-    group = zarr.open_group(str(path), mode="w-")
+    if (Path(path) / "zarr.json").exists():
+        raise StoreError(f"{path} already holds a Zarr group; resume it or choose another --out")
+    group = zarr.open_group(str(path), mode="a")  # "a": the folder may already hold the writer lock
     n, k, c = layout.rows, layout.views, layout.chunk_rows
     for tap, d in layout.dims.items():
         group.create_array(

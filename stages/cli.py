@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import demo_data, make_shards
+from stages import cache_teacher, demo_data, inspect_cache, make_shards
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -14,6 +14,9 @@ app = typer.Typer(
 )
 app.command("demo-data")(demo_data.command)
 app.command("make-shards")(make_shards.command)
+app.command("cache-teacher")(cache_teacher.command)
+app.command("inspect")(inspect_cache.inspect_command)
+app.command("verify")(inspect_cache.verify_command)
 
 
 def main() -> None:

@@ -1,0 +1,219 @@
+"""Stage 1 pieces: decode each image once, draw and replay its K views, assemble per-shard blocks, write them.
+
+Data flow per rank: DataLoader workers each take whole input shards (the unit of work), check the shard against
+its recorded identity, decode every image once, replay its K views, and send batches of views (never spanning two
+shards) with their metadata. The main process runs the teacher and fills one :class:`ShardAssembly` per shard;
+a complete shard goes to a background writer thread (so writing never stalls the teacher), which writes its
+slot, fsyncs it and then writes its done marker.
+
+Batches are cut at fixed positions inside a shard, so a view's features never depend on the number of ranks or
+workers, or on which run (first or resumed) computed them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import KdepError
+from pipeline.images import DecodeError, decode_rgb, image_bytes, image_hash
+from pipeline.shards import ShardError, file_sha256, iter_samples
+from pipeline.store import HASH_BYTES, FeatureStore, ShardBlock
+from pipeline.views import N_PARAMS, replay_view, sample_views
+
+
+class CacheError(KdepError):
+    """Stage 1 cannot go on; the message names the shard and key and says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard to cache: where it is and what it must contain."""
+
+    index: int  # position in the store's shard list (its slot)
+    path: str
+    name: str
+    samples: int  # expected count (from the index or the first listing)
+    sha256: str | None  # expected content hash
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are drawn and rendered (the recorded augmentation settings)."""
+
+    recipe: str
+    seed: int
+    views: int  # K
+    resolution: int
+    center_first: bool
+    images_per_batch: int
+
+
+class ShardViews(IterableDataset):
+    """Yields messages per shard: {"kind": "views", ...} batches, then {"kind": "end"}; errors as {"kind": "error"}."""
+
+    def __init__(self, tasks: list[ShardTask], spec: ViewSpec, skip_bad: bool) -> None:
+        self.tasks, self.spec, self.skip_bad = tasks, spec, skip_bad
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.tasks if info is None else self.tasks[info.id :: info.num_workers]
+        for task in mine:
+            try:
+                yield from self._shard(task)
+            except (ShardError, DecodeError, CacheError) as err:
+                yield {"kind": "error", "shard": task.index, "message": str(err)}
+                return
+
+    def _shard(self, task: ShardTask) -> Iterator[dict]:
+        if task.sha256 and file_sha256(task.path) != task.sha256:
+            raise CacheError(
+                f"{task.path}: content changed since this cache was started (sha256 differs); "
+                "restore the original shard or start a new cache"
+            )
+        pending: list[dict] = []
+        skipped: list[dict] = []
+        count = 0
+        for pos, sample in enumerate(iter_samples(task.path)):
+            count += 1
+            item = self._render(task, pos, sample, skipped)
+            if item is not None:
+                pending.append(item)
+            if len(pending) == self.spec.images_per_batch:
+                yield _batch(task.index, pending)
+                pending = []
+        if pending:
+            yield _batch(task.index, pending)
+        if count != task.samples:
+            raise CacheError(
+                f"{task.path}: {count} samples but {task.samples} expected; the shard is truncated or changed"
+            )
+        yield {"kind": "end", "shard": task.index, "samples": count, "skipped": skipped}
+
+    def _render(self, task: ShardTask, pos: int, sample, skipped: list[dict]) -> dict | None:
+        where = f"{task.path} key {sample.key!r}"
+        try:
+            data = image_bytes(sample, task.path)
+            image = decode_rgb(data, where)
+        except DecodeError as err:
+            if not self.skip_bad:
+                raise
+            skipped.append({"key": sample.key, "position": pos, "reason": str(err)})
+            return None
+        s = self.spec
+        h, w = int(image.shape[1]), int(image.shape[2])
+        params = sample_views(s.recipe, s.seed, sample.key, s.views, h, w, s.center_first)
+        views = torch.stack([replay_view(image, p, s.resolution) for p in params])
+        return {
+            "pos": pos,
+            "key": sample.key,
+            "views": views,
+            "params": params,
+            "hw": (h, w),
+            "hash": np.frombuffer(image_hash(data), np.uint8),
+        }
+
+
+def _batch(shard: int, items: list[dict]) -> dict:
+    return {
+        "kind": "views", "shard": shard,
+        "positions": [it["pos"] for it in items], "keys": [it["key"] for it in items],
+        "views": torch.cat([it["views"] for it in items]),  # (n*K, 3, r, r), each image's K views together
+        "params": np.stack([it["params"] for it in items]), "hw": np.array([it["hw"] for it in items], np.int32),
+        "hashes": np.stack([it["hash"] for it in items]),
+    }  # fmt: skip
+
+
+@dataclass
+class ShardAssembly:
+    """One shard's rows filling up as teacher batches arrive."""
+
+    task: ShardTask
+    views: int
+    dims: dict[str, int]
+    keys: list[str] = field(default_factory=list)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    params: np.ndarray | None = None
+    hw: np.ndarray | None = None
+    hashes: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    skipped: list[dict] = field(default_factory=list)  # rows dropped after decoding (duplicate keys)
+
+    def __post_init__(self) -> None:
+        n, k = self.task.samples, self.views
+        self.keys = [""] * n
+        self.features = {t: np.zeros((n, k, d), np.float32) for t, d in self.dims.items()}
+        self.params = np.zeros((n, k, N_PARAMS), np.float32)
+        self.hw = np.zeros((n, 2), np.int32)
+        self.hashes = np.zeros((n, HASH_BYTES), np.uint8)
+        self.valid = np.zeros(n, bool)
+
+    def add(self, msg: dict, feats: dict[str, np.ndarray]) -> None:
+        """Place a batch: ``feats[tap]`` is (n*K, D) in the batch's image-major order."""
+        pos = np.asarray(msg["positions"])
+        if pos.size and pos.max() >= self.task.samples:
+            raise CacheError(
+                f"{self.task.path}: more samples than the {self.task.samples} expected; the shard changed"
+            )
+        for tap, f in feats.items():
+            self.features[tap][pos] = f.reshape(len(pos), self.views, -1)
+        self.params[pos], self.hw[pos], self.hashes[pos] = msg["params"], msg["hw"], msg["hashes"]
+        self.valid[pos] = True
+        for p, key in zip(pos, msg["keys"], strict=True):
+            self.keys[p] = key
+
+    def skip(self, position: int, reason: str) -> None:
+        """Drop a decoded row (e.g. a key already cached from another shard): zeroed, invalid, recorded."""
+        for f in self.features.values():
+            f[position] = 0
+        self.valid[position] = False
+        self.skipped.append({"key": self.keys[position], "reason": reason})
+
+    def finish(self, end: dict) -> ShardBlock:
+        """The complete block; every position must be either filled or a recorded skip."""
+        for s in end["skipped"]:
+            self.keys[s["position"]] = s["key"]
+        missing = [i for i, k in enumerate(self.keys) if not k]
+        if end["samples"] != self.task.samples or missing:
+            raise CacheError(
+                f"{self.task.path}: {len(missing)} of {self.task.samples} rows missing; the shard is incomplete"
+            )
+        skipped = [{"key": s["key"], "reason": s["reason"]} for s in end["skipped"]] + self.skipped
+        return ShardBlock(self.keys, self.features, self.params, self.hw, self.hashes, self.valid, skipped)
+
+
+class SlotWriter:
+    """Writes finished shard blocks in a background thread; errors surface on the next call or at ``close``."""
+
+    def __init__(self, store: FeatureStore, depth: int = 2) -> None:
+        self.store, self.error = store, None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.store.write_slot(*item)
+            except Exception as err:  # surfaced in the main thread by _raise_if_failed
+                self.error = err
+
+    def submit(self, shard_index: int, block: ShardBlock) -> None:
+        self._raise_if_failed()
+        self.queue.put((shard_index, block))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error

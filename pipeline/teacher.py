@@ -1,0 +1,128 @@
+"""Running a frozen teacher on replayed views: device placement, autocast, and the stage 1 main loop."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.caching import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
+from pipeline.models import FeatureTaps
+from pipeline.store import FeatureStore
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the teacher runs."""
+
+    device: torch.device
+    amp: str  # "off", "bf16" or "fp16" (resolved; autocast only on CUDA)
+    channels_last: bool
+    workers: int  # DataLoader worker processes
+    skip_bad: bool
+    progress: bool
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU."""
+    if amp != "auto":
+        return amp if device.type == "cuda" else "off"
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def prepare_teacher(model: nn.Module, taps: tuple[str, ...], rt: Runtime) -> FeatureTaps:
+    """Eval mode, no gradients, on the device (channels_last on CUDA when asked)."""
+    model = model.eval().requires_grad_(False).to(rt.device)
+    if rt.channels_last and rt.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return FeatureTaps(model, taps)
+
+
+def teacher_features(taps: FeatureTaps, views: torch.Tensor, rt: Runtime) -> dict[str, np.ndarray]:
+    """(N, 3, r, r) normalised views -> {tap: (N, D) float32 numpy}."""
+    x = views.to(rt.device, non_blocking=True)
+    if rt.channels_last and rt.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast("cuda", dtype=AMP_DTYPES[rt.amp]) if rt.amp in AMP_DTYPES else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        out = taps(x)
+    return {t: v.float().cpu().numpy() for t, v in out.items()}
+
+
+def cache_shards(
+    store: FeatureStore,
+    tasks: list[ShardTask],
+    taps: FeatureTaps,
+    spec: ViewSpec,
+    rt: Runtime,
+    seen_keys: dict[str, str],
+) -> dict:
+    """Cache every task's shard into its slot; returns counts and timing. ``seen_keys`` maps key -> shard name."""
+    loader = DataLoader(
+        ShardViews(tasks, spec, rt.skip_bad),
+        batch_size=None,
+        num_workers=rt.workers,
+        pin_memory=rt.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if rt.workers else None,
+    )
+    dims = store.layout.dims
+    assemblies = {t.index: ShardAssembly(t, spec.views, dims) for t in tasks}
+    writer = SlotWriter(store)
+    total = sum(t.samples for t in tasks)
+    bar = tqdm(total=total, unit="img", desc="cache-teacher", disable=not rt.progress, mininterval=1.0)
+    start, images, skipped = time.perf_counter(), 0, 0
+    try:
+        for msg in loader:
+            if msg["kind"] == "error":
+                raise CacheError(msg["message"])
+            assembly = assemblies[msg["shard"]]
+            if msg["kind"] == "views":
+                dups = _duplicates(msg["keys"], assembly.task.name, seen_keys, rt.skip_bad)
+                assembly.add(msg, teacher_features(taps, msg["views"], rt))
+                for i, reason in dups:
+                    assembly.skip(msg["positions"][i], reason)
+                skipped += len(dups)
+                images += len(msg["keys"])
+                bar.update(len(msg["keys"]))
+            else:
+                writer.submit(msg["shard"], assembly.finish(msg))
+                skipped += len(msg["skipped"])
+                bar.update(len(msg["skipped"]))
+                del assemblies[msg["shard"]]
+    finally:
+        bar.close()
+        writer.close()
+    seconds = time.perf_counter() - start
+    return {
+        "images": images,
+        "skipped": skipped,
+        "shards": len(tasks),
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _duplicates(keys: list[str], shard: str, seen: dict[str, str], skip_bad: bool) -> list[tuple[int, str]]:
+    """Batch indices of keys already cached from another shard: an error, or (skip_bad) rows to skip."""
+    out = []
+    for i, key in enumerate(keys):
+        other = seen.setdefault(key, shard)
+        if other != shard:
+            reason = f"key {key!r} appears in shard {other} and in shard {shard}; keys must be unique across shards"
+            if not skip_bad:
+                raise CacheError(f"{reason} (re-make the shards with unique keys, or pass --skip-bad)")
+            out.append((i, reason))
+    return out

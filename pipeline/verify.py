@@ -1,0 +1,122 @@
+"""Recompute cached features from the store's metadata and the source shards, with torchvision alone.
+
+For a seeded sample of (key, view) pairs: find the sample in its source shard, check the image identity (hash and
+size), replay the stored view parameters, run the teacher rebuilt from the recorded architecture and weights, and
+compare with the cached row. This is DESIGN.md decision 9 as a command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import KdepError
+from pipeline.images import decode_rgb, image_bytes, image_hash
+from pipeline.models import FeatureTaps, build_model
+from pipeline.shards import iter_samples
+from pipeline.store import FeatureStore
+from pipeline.views import replay_view
+
+# Expected error of a cached value against a float32 recomputation, relative to the row's largest magnitude:
+# float16 storage rounds at 2^-11 (~5e-4); bf16 / fp16 autocast on the GPU adds its own rounding.
+DEFAULT_TOLERANCE = {"off": 2e-3, "fp16": 1e-2, "bf16": 5e-2}
+
+
+class VerifyError(KdepError):
+    """The cache cannot be checked (missing source shard or weights, changed image)."""
+
+
+@dataclass
+class VerifyReport:
+    pairs: int
+    max_abs_error: float
+    max_rel_error: float  # max |cached - recomputed| / max |recomputed| over each row
+    tolerance: float
+    worst: str  # "key view tap" of the worst pair
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+
+def pick_pairs(store: FeatureStore, samples: int, seed: int) -> list[tuple[int, int, int]]:
+    """Seeded (shard, row in shard, view) triples among valid cached rows."""
+    rng = np.random.default_rng(seed)
+    rows = store.layout.slot_rows
+    valid = np.flatnonzero(store.group["valid"][:])
+    if valid.size == 0:
+        raise VerifyError(f"{store.path}: no cached rows to verify; run `kdep cache-teacher` first")
+    chosen = rng.choice(valid, size=min(samples, valid.size), replace=False)
+    return sorted((int(r // rows), int(r % rows), int(rng.integers(store.layout.views))) for r in chosen)
+
+
+def rebuild_teacher(store: FeatureStore) -> FeatureTaps:
+    """The teacher as recorded: architecture + weights (a file must still have the recorded sha256)."""
+    t, rec = store.provenance["teacher"], store.provenance["recorded"]
+    weights = t["weights"]
+    if weights["kind"] == "file":
+        path = Path(rec["weights_path"])
+        model, identity = build_model(t["arch"], str(path))
+        if identity["sha256"] != weights["sha256"]:
+            raise VerifyError(f"weights file {path} changed since the cache was made (sha256 differs)")
+    elif weights["kind"] == "torchvision":
+        model, _ = build_model(t["arch"], weights["name"].split(".")[-1])
+    else:
+        raise VerifyError(
+            f"{store.path} was cached from a randomly initialised teacher; it cannot be rebuilt"
+        )
+    return FeatureTaps(model.eval(), tuple(t["taps"]))
+
+
+def verify_store(
+    store: FeatureStore, samples: int, seed: int = 0, tolerance: float | None = None
+) -> VerifyReport:
+    """Recompute ``samples`` random (key, view) features and compare them with the cache."""
+    taps = rebuild_teacher(store)
+    res = store.provenance["preprocessing"]["resolution"]
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[store.provenance["compute"]["amp"]]
+    source = Path(store.provenance["recorded"]["source"])
+    shard_dir = source if source.is_dir() else source.parent
+    worst, max_abs, max_rel = "", 0.0, 0.0
+    pairs = pick_pairs(store, samples, seed)
+    for shard in sorted({p[0] for p in pairs}):
+        block = store.read_slot(shard)
+        wanted = {(row, view) for s, row, view in pairs if s == shard}
+        images = _find_images(
+            shard_dir / store.layout.shards[shard]["name"], {block.keys[r] for r, _ in wanted}
+        )
+        for row, view in sorted(wanted):
+            key = block.keys[row]
+            data = images[key]
+            if image_hash(data) != bytes(block.hashes[row]):
+                raise VerifyError(
+                    f"{key}: image bytes differ from the cached image's hash; the source shard changed"
+                )
+            x = replay_view(decode_rgb(data, key), block.params[row, view], res)[None]
+            with torch.inference_mode():
+                out = taps(x)
+            for tap, feats in out.items():
+                ref = feats[0].double().numpy()
+                err = np.abs(block.features[tap][row, view].astype(np.float64) - ref)
+                rel = float(err.max() / max(np.abs(ref).max(), 1e-12))
+                if rel >= max_rel:
+                    worst, max_rel = f"{key} view {view} {tap}", rel
+                max_abs = max(max_abs, float(err.max()))
+    return VerifyReport(len(pairs), max_abs, max_rel, tol, worst)
+
+
+def _find_images(shard_path: Path, keys: set[str]) -> dict[str, bytes]:
+    if not shard_path.is_file():
+        raise VerifyError(
+            f"source shard {shard_path} not found; verify needs the shards the cache was made from"
+        )
+    found = {s.key: image_bytes(s, str(shard_path)) for s in iter_samples(shard_path) if s.key in keys}
+    missing = keys - set(found)
+    if missing:
+        raise VerifyError(
+            f"{shard_path}: keys {sorted(missing)[:3]} are cached but not in the shard; it changed"
+        )
+    return found

@@ -1,0 +1,283 @@
+"""Stage 1 `cache-teacher`: a frozen teacher over K augmented views per image -> a Zarr feature cache.
+
+    kdep cache-teacher --shards 'train-{000000..000146}.tar' --teacher resnet50 --weights IMAGENET1K_V2 \\
+        --views 10 --resolution 224 --out cache.zarr
+    torchrun --nproc_per_node 8 --no-python kdep cache-teacher --manifest manifests/imagenet10p-r50.yaml
+    make cache-teacher MANIFEST=manifests/demo.yaml
+
+Reads the input shards (and their index.json when present) and the teacher weights. Writes the store described in
+``pipeline/store.py`` (features per tap, view parameters, image sizes and hashes, keys, per-shard done markers),
+``config.cache_teacher.json`` and ``runs.jsonl`` inside it. Re-running resumes: done shards are skipped, and the
+result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
+on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from pipeline.caching import CacheError, ShardTask, ViewSpec
+from pipeline.distributed import (
+    Dist,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    pick_device,
+)
+from pipeline.errors import KdepError
+from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
+from pipeline.models import TAPS, build_model, tap_dims
+from pipeline.provenance import StoreLock, library_versions, require_same
+from pipeline.shards import ShardInfo, list_shards, shard_record, with_counts
+from pipeline.store import CacheLayout, FeatureStore, create_store, open_store
+from pipeline.teacher import Runtime, cache_shards, prepare_teacher, resolve_amp
+from pipeline.views import RECIPES, describe_preprocessing
+from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    shards: str = ""  # brace pattern, shard directory or index.json
+    out: str = ""  # the Zarr store to create or resume
+    teacher: str = "resnet50"  # torchvision model name
+    weights: str = (
+        "IMAGENET1K_V2"  # torchvision weights name, a local file, or "random" (tests/benchmarks only)
+    )
+    taps: tuple[str, ...] = ("pre_relu",)  # pooled feature taps: pre_relu (KDEP) and/or post_relu
+    views: int = 10  # K views cached per image
+    recipe: str = "paper"  # view recipe: paper, kdep-reference, coss, center
+    center_view: bool = False  # view 0 is the deterministic centre view (for neighbour mining / evaluation)
+    resolution: int = 224  # view side in pixels
+    seed: int = 0  # base seed of the view parameters
+    dtype: str = "float16"  # stored feature dtype: float16 or float32
+    batch_size: int = 256  # views per teacher forward
+    workers: int = 2  # DataLoader worker processes per rank (0 = in the main process)
+    device: str = "auto"  # auto, cpu, cuda
+    amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, off; CPU always runs float32
+    channels_last: bool = True  # channels_last memory format on CUDA
+    skip_bad: bool = False  # skip undecodable images / duplicate keys (counted, listed in the markers)
+    quiet: bool = False  # no progress bar or banner
+
+    def __post_init__(self) -> None:
+        if not self.shards or not self.out:
+            raise ConfigError("keys 'shards' and 'out' are required (--shards PATTERN --out STORE)")
+        for tap in self.taps:
+            check_choice("taps", tap, TAPS)
+        if not self.taps or len(set(self.taps)) != len(self.taps):
+            raise ConfigError(
+                f"key 'taps': {list(self.taps)!r} must be one or both of {', '.join(TAPS)}, without repeats"
+            )
+        check_range("views", self.views, 1, 1000)
+        check_choice("recipe", self.recipe, RECIPES)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_choice("dtype", self.dtype, ("float16", "float32"))
+        check_range("batch_size", self.batch_size, 1)
+        check_range("workers", self.workers, 0, 64)
+        check_choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        check_choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
+
+
+def run(config: CacheTeacherConfig) -> dict:
+    """Create or resume the cache and fill every shard's slot; returns this rank's counts and timing."""
+    device = pick_device(config.device)
+    job = init_distributed(str(device))
+    rt = Runtime(
+        device,
+        resolve_amp(config.amp, device),
+        config.channels_last,
+        config.workers,
+        config.skip_bad,
+        progress=not config.quiet and job.is_main,
+    )
+    shards = with_counts(list_shards(config.shards))
+    model, identity = build_model(config.teacher, None if config.weights == "random" else config.weights)
+    dims = tap_dims(model, config.taps)
+    provenance = build_provenance(config, identity, dims, shards, rt.amp)
+    layout = CacheLayout(
+        shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
+    )
+    lock = StoreLock(config.out)
+    store = open_shared_store(config, layout, provenance, job, lock)
+    try:
+        tasks, seen = pending_tasks(store, shards, job)
+        if rt.progress:
+            print_banner(store, shards, tasks, job, rt)
+        spec = ViewSpec(
+            config.recipe,
+            config.seed,
+            config.views,
+            config.resolution,
+            config.center_view,
+            max(1, config.batch_size // config.views),
+        )
+        stats = cache_shards(store, tasks, prepare_teacher(model, config.taps, rt), spec, rt, seen)
+        finish_run(store, job, config, stats)
+    finally:
+        lock.release()
+    return stats
+
+
+def build_provenance(
+    config: CacheTeacherConfig, identity: dict, dims: dict, shards: list[ShardInfo], amp: str
+) -> dict:
+    """Everything that determines the cached numbers (compared on resume), plus versions and sources (recorded)."""
+    identity = {k: v for k, v in identity.items() if k != "path"}
+    return {
+        "teacher": {"arch": config.teacher, "weights": identity, "taps": list(config.taps), "dims": dims},
+        "preprocessing": describe_preprocessing(config.resolution),
+        "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
+                  "seed": config.seed, "center_first": config.center_view},
+        "compute": {"amp": amp, "feature_dtype": config.dtype, "batch_views": max(1, config.batch_size // config.views) * config.views},
+        "shards": [shard_record(s) for s in shards],
+        "recorded": {"versions": library_versions(), "source": config.shards,
+                     "weights_path": str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights},
+    }  # fmt: skip
+
+
+def _compared(provenance: dict) -> dict:
+    return {k: v for k, v in provenance.items() if k != "recorded"}
+
+
+def open_shared_store(
+    config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, job: Dist, lock: StoreLock
+) -> FeatureStore:
+    """Rank 0 locks, then creates or checks the store; the other ranks join under the same job id."""
+    result: tuple[str, str] = ("ok", "")
+    if job.is_main:
+        try:
+            Path(config.out).mkdir(parents=True, exist_ok=True)
+            job_id = lock.acquire()
+            if (Path(config.out) / "zarr.json").exists():
+                stored = open_store(config.out)
+                require_same(
+                    f"the cache at {config.out}",
+                    _compared(stored.provenance),
+                    _compared(provenance),
+                    "resume with the original settings and data, or choose another --out",
+                )
+            else:
+                create_store(config.out, layout, provenance)
+            result = ("ok", job_id)
+        except KdepError as err:
+            lock.release()
+            result = ("error", str(err))
+    result = broadcast_object(result)
+    if result[0] == "error":
+        raise CacheError(result[1]) if not job.is_main else _reraise(result[1])
+    if not job.is_main:
+        lock.check_member(result[1])
+    write_resolved_config(config.out, "cache_teacher", config) if job.is_main else None
+    return open_store(config.out, mode="r+")
+
+
+def _reraise(message: str):
+    raise CacheError(message)
+
+
+def pending_tasks(
+    store: FeatureStore, shards: list[ShardInfo], job: Dist
+) -> tuple[list[ShardTask], dict[str, str]]:
+    """This rank's share of the shards not yet done, and the keys already cached (for the duplicate check)."""
+    done = store.done()
+    todo = [i for i in range(len(shards)) if i not in done]
+    mine = todo[job.rank :: job.world]
+    tasks = [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256) for i in mine]
+    seen: dict[str, str] = {}
+    if done:
+        keys, valid = store.group["keys"][:], store.group["valid"][:]
+        rows = store.layout.slot_rows
+        for i in done:
+            for key in keys[i * rows : (i + 1) * rows][valid[i * rows : (i + 1) * rows]]:
+                seen[str(key)] = shards[i].name
+    return tasks, seen
+
+
+def print_banner(
+    store: FeatureStore, shards: list[ShardInfo], tasks: list[ShardTask], job: Dist, rt: Runtime
+) -> None:
+    lay = store.layout
+    images = sum(s.samples for s in shards)
+    raw = images * lay.views * sum(lay.dims.values()) * np.dtype(lay.dtype).itemsize
+    done = len(store.done())
+    taps = ", ".join(f"{t}:{d}" for t, d in lay.dims.items())
+    typer.echo(
+        f"cache-teacher: {images} images in {len(shards)} shards ({done} done), K={lay.views} views, "
+        f"taps {taps}, {lay.dtype} ~{raw / 2**30:.2f} GiB before compression, ranks {job.world}, "
+        f"device {rt.device}, amp {rt.amp}, workers {rt.workers}",
+        err=True,
+    )
+
+
+def finish_run(store: FeatureStore, job: Dist, config: CacheTeacherConfig, stats: dict) -> None:
+    """Wait for every rank; rank 0 checks key uniqueness across ranks and appends the run log."""
+    everyone = all_gather_objects(stats)
+    barrier()
+    if not job.is_main:
+        return
+    if job.world > 1:
+        keys = store.group["keys"][:][store.group["valid"][:]]
+        uniq, counts = np.unique(keys, return_counts=True)
+        if (counts > 1).any():
+            raise CacheError(
+                f"{config.out}: key {uniq[counts > 1][0]!r} is cached from two shards; keys must be unique"
+            )
+    log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ranks": job.world, "per_rank": everyone}
+    with open(Path(config.out) / "runs.jsonl", "a") as fh:
+        fh.write(json.dumps(log) + "\n")
+
+
+@one_line_errors
+def command(
+    shards: str = typer.Option(None, help="Input shards: brace pattern, directory or index.json."),
+    out: str = typer.Option(None, help="Zarr store to create or resume."),
+    teacher: str = typer.Option(None, help="torchvision model name, e.g. resnet50."),
+    weights: str = typer.Option(
+        None, help="torchvision weights name (IMAGENET1K_V2) or a local weights file."
+    ),
+    tap: list[str] = typer.Option(None, "--tap", help="Feature tap(s): pre_relu, post_relu (repeatable)."),
+    views: int = typer.Option(None, help="Views cached per image (K)."),
+    recipe: str = typer.Option(None, help="View recipe: paper, kdep-reference, coss, center."),
+    center_view: bool = typer.Option(None, "--center-view/--no-center-view", help="View 0 = centre crop."),
+    resolution: int = typer.Option(None, help="View side in pixels."),
+    seed: int = typer.Option(None, help="Base seed of the view parameters."),
+    batch_size: int = typer.Option(None, help="Views per teacher forward."),
+    workers: int = typer.Option(None, help="DataLoader workers per rank."),
+    device: str = typer.Option(None, help="auto, cpu or cuda."),
+    amp: str = typer.Option(None, help="auto, bf16, fp16 or off."),
+    skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip bad images (counted and listed)."),
+    quiet: bool = typer.Option(None, "--quiet", help="No banner or progress bar."),
+    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Run a frozen teacher once over K views per image and cache its features (resumable, torchrun-ready)."""
+    flags = dict(
+        shards=shards,
+        out=out,
+        teacher=teacher,
+        weights=weights,
+        taps=tap or None,
+        views=views,
+        recipe=recipe,
+        center_view=center_view,
+        resolution=resolution,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        amp=amp,
+        skip_bad=skip_bad,
+        quiet=quiet,
+    )
+    config = resolve_config(CacheTeacherConfig, "cache_teacher", manifest, flags, set_)
+    stats = run(config)
+    typer.echo(
+        f"cached {stats['images']} images ({stats['skipped']} skipped) from {stats['shards']} shards "
+        f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.1f} img/s) -> {config.out}"
+    )
