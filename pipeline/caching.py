@@ -202,7 +202,7 @@ class SlotWriter:
             try:
                 if self.error is None:
                     self.store.write_slot(*item)
-            except Exception as err:  # surfaced in the main thread by _raise_if_failed
+            except BaseException as err:  # surfaced in the main thread by _raise_if_failed
                 self.error = err
 
     def submit(self, shard_index: int, block: ShardBlock) -> None:

@@ -8,12 +8,21 @@ CMYK JPEGs are converted to RGB, and a PNG's alpha channel is dropped (not compo
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.errors import KdepError
 from pipeline.shards import IMAGE_EXTS, Sample
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the recorded decoder here
+# (same libjpeg-turbo/libpng as PIL). The message is silenced once, at import, not per call.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 
 
 class DecodeError(KdepError):

@@ -162,7 +162,8 @@ class FeatureTaps(nn.Module):
         if isinstance(self.model, MobileNetV2):
             last = self.model.features[-1]
             pre = last[1](last[0](self.model.features[:-1](x)))
-            return self._pick(pre.mean((2, 3)), last[2](pre).mean((2, 3)))
+            # last[2] is ReLU6(inplace=True): calling it would overwrite ``pre``; relu6 out of place instead.
+            return self._pick(pre.mean((2, 3)), nn.functional.relu6(pre).mean((2, 3)))
         return {"post_relu": self._generic_post(x)}
 
     def _pick(self, pre: torch.Tensor, post: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -78,6 +78,7 @@ class StoreLock:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "unknown"
             self.fh.close()
+            self.fh = None
             raise ProvenanceError(
                 f"{self.path.parent} is being written by another cache-teacher job ({holder}); "
                 "wait for it to finish or use another --out"

@@ -149,36 +149,42 @@ def open_shared_store(
     config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, job: Dist, lock: StoreLock
 ) -> FeatureStore:
     """Rank 0 locks, then creates or checks the store; the other ranks join under the same job id."""
-    result: tuple[str, str] = ("ok", "")
+    failure: KdepError | None = None
+    job_id = ""
     if job.is_main:
         try:
-            Path(config.out).mkdir(parents=True, exist_ok=True)
-            job_id = lock.acquire()
-            if (Path(config.out) / "zarr.json").exists():
-                stored = open_store(config.out)
-                require_same(
-                    f"the cache at {config.out}",
-                    _compared(stored.provenance),
-                    _compared(provenance),
-                    "resume with the original settings and data, or choose another --out",
-                )
-            else:
-                create_store(config.out, layout, provenance)
-            result = ("ok", job_id)
+            job_id = _lock_and_prepare(config, layout, provenance, lock)
         except KdepError as err:
             lock.release()
-            result = ("error", str(err))
-    result = broadcast_object(result)
-    if result[0] == "error":
-        raise CacheError(result[1]) if not job.is_main else _reraise(result[1])
+            failure = err
+    status = broadcast_object(("error", str(failure)) if failure else ("ok", job_id))
+    if failure is not None:
+        raise failure
+    if status[0] == "error":
+        raise CacheError(status[1])
     if not job.is_main:
-        lock.check_member(result[1])
-    write_resolved_config(config.out, "cache_teacher", config) if job.is_main else None
+        lock.check_member(status[1])
+    else:
+        write_resolved_config(config.out, "cache_teacher", config)
     return open_store(config.out, mode="r+")
 
 
-def _reraise(message: str):
-    raise CacheError(message)
+def _lock_and_prepare(
+    config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, lock: StoreLock
+) -> str:
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    job_id = lock.acquire()
+    if (Path(config.out) / "zarr.json").exists():
+        stored = open_store(config.out)
+        require_same(
+            f"the cache at {config.out}",
+            _compared(stored.provenance),
+            _compared(provenance),
+            "resume with the original settings and data, or choose another --out",
+        )
+    else:
+        create_store(config.out, layout, provenance)
+    return job_id
 
 
 def pending_tasks(
