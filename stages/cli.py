@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache_teacher, demo_data, inspect_cache, make_shards
+from stages import cache_teacher, demo_data, evaluate, inspect_cache, make_shards
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -17,6 +17,7 @@ app.command("make-shards")(make_shards.command)
 app.command("cache-teacher")(cache_teacher.command)
 app.command("inspect")(inspect_cache.inspect_command)
 app.command("verify")(inspect_cache.verify_command)
+app.command("eval")(evaluate.command)
 
 
 def main() -> None:

@@ -1,0 +1,278 @@
+"""Frozen-backbone features for evaluation: backbone specs, loading, one-pass extraction over shards, .npz cache.
+
+    from pipeline.evaluation import parse_backbone, load_backbone, extract_features
+    spec = parse_backbone("kdep=resnet18:out/demo/student/backbone.pt")
+    model, identity = load_backbone(spec, seed=0)
+    feats = extract_features({"kdep": model}, "out/demo/data/val", resolution=64, batch_size=64)
+
+Every image goes through :func:`pipeline.views.replay_view` (default: the deterministic ``center`` view at the
+evaluation resolution). All backbones are run in the same pass over a split, so each image is decoded once.
+A backbone file may hold the backbone without its classifier (what ``backbone_state_dict`` saves; every other key
+must match) or a full checkpoint with its head (e.g. a teacher): ``pipeline.models.build_model`` loads both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import KdepError
+from pipeline.images import decode_rgb, image_bytes
+from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
+from pipeline.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
+from pipeline.views import replay_view, sample_view_params
+
+RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+FEATURES_FORMAT = "kdep-eval-features/1"
+TEACHER_KEY = "<teacher>"  # the teacher's slot in a shared extraction pass (not a valid backbone name)
+
+
+class EvalError(KdepError, ValueError):
+    """A backbone spec, label, device or feature file is wrong; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone to evaluate, from ``name=arch:weights``."""
+
+    name: str  # row label in the results (letters, digits, ``_ . -``)
+    arch: str  # torchvision model name, e.g. resnet18
+    weights: str  # "random", a torchvision weights enum name (IMAGENET1K_V1), or a weights file path
+
+
+@dataclass
+class SplitFeatures:
+    """Pooled features of one backbone on one split, rows in shard order."""
+
+    taps: dict[str, np.ndarray]  # tap -> (N, D) float32
+    labels: np.ndarray  # (N,) int64 class indices
+    keys: list[str]  # (N,) sample keys
+
+
+def parse_backbone(text: str) -> BackboneSpec:
+    """``"kdep=resnet18:out/student/backbone.pt"`` -> BackboneSpec; the error shows the expected form."""
+    name, eq, rest = text.partition("=")
+    arch, colon, weights = rest.partition(":")
+    if not (eq and colon and name and arch and weights):
+        raise EvalError(
+            f"--backbone {text!r}: expected name=arch:weights, e.g. kdep=resnet18:out/demo/student/backbone.pt "
+            "or random=resnet18:random"
+        )
+    if not NAME_PATTERN.match(name):
+        raise EvalError(f"--backbone {text!r}: name {name!r} may hold only letters, digits and _ . -")
+    return BackboneSpec(name, arch, weights)
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the model's last ``nn.Linear`` (its classifier), e.g. ``fc`` or ``classifier.1``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no final nn.Linear classifier to drop or replace")
+    return names[-1]
+
+
+def swap_module(model: nn.Module, dotted: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at ``dotted`` by ``new``; returns the old one."""
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent.get_submodule(child)
+    setattr(parent, child, new)
+    return old
+
+
+def load_backbone(spec: BackboneSpec, seed: int) -> tuple[nn.Module, dict]:
+    """A complete torchvision model for ``spec`` and its weights identity.
+
+    ``random`` is a seeded init; a file may lack the classifier (then the head is a seeded random layer, unused by
+    the taps); anything else is a torchvision weights name.
+    """
+    torch.manual_seed(seed)
+    if spec.weights == RANDOM_WEIGHTS:
+        model, identity = build_model(spec.arch, None)
+        return model, {**identity, "seed": seed}
+    return build_model(spec.arch, spec.weights)
+
+
+def model_taps(model: nn.Module) -> tuple[str, ...]:
+    """The taps this model defines: both for ResNet / MobileNetV2, only ``post_relu`` otherwise."""
+    try:
+        FeatureTaps(model, TAPS)
+    except ModelError:
+        return ("post_relu",)
+    return TAPS
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N``; asking for CUDA without one is an error naming the fix."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name}: use cpu or cuda[:N]")
+    return device
+
+
+def sample_label(sample: Sample, where: str) -> int:
+    """The integer class of a sample from its ASCII ``cls`` field."""
+    raw = sample.fields.get("cls")
+    try:
+        return int(raw.decode("ascii").strip())
+    except (AttributeError, UnicodeDecodeError, ValueError):
+        raise EvalError(
+            f"{where}: sample {sample.key!r} has no integer 'cls' label ({raw!r}); evaluation needs labelled "
+            "shards (kdep make-shards --from-folder)"
+        ) from None
+
+
+def make_view(sample: Sample, where: str, resolution: int, recipe: str, seed: int, view: int) -> torch.Tensor:
+    """Decode one sample and replay its view ``view`` of ``recipe``: (3, res, res) normalised float32."""
+    image = decode_rgb(image_bytes(sample, where), f"{where}:{sample.key}")
+    params = sample_view_params(recipe, seed, sample.key, view, *image.shape[-2:])
+    return replay_view(image, params, resolution)
+
+
+def iter_view_batches(
+    shards: list[ShardInfo], resolution: int, batch_size: int, recipe: str = "center", seed: int = 0
+) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+    """Batches of (B, 3, res, res) views, (B,) labels and keys, in shard order (view index 0 of ``recipe``)."""
+    views, labels, keys = [], [], []
+    for info in shards:
+        for sample in iter_samples(info.path):
+            views.append(make_view(sample, info.name, resolution, recipe, seed, 0))
+            labels.append(sample_label(sample, info.name))
+            keys.append(sample.key)
+            if len(views) == batch_size:
+                yield torch.stack(views), np.asarray(labels, np.int64), keys
+                views, labels, keys = [], [], []
+    if views:
+        yield torch.stack(views), np.asarray(labels, np.int64), keys
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Eval mode on ``device`` (channels_last on CUDA)."""
+    model = model.eval().to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+@torch.no_grad()
+def forward_taps(taps: FeatureTaps, x: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+    """One batch through the taps (bf16 autocast on CUDA) -> {tap: (B, D) float32 numpy}."""
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = taps(x)
+    return {t: v.float().cpu().numpy() for t, v in out.items()}
+
+
+def extract_features(
+    models: Mapping[str, nn.Module],
+    split: str | list[ShardInfo],
+    resolution: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    recipe: str = "center",
+    seed: int = 0,
+    desc: str = "features",
+) -> dict[str, SplitFeatures]:
+    """Every model's pooled taps on every image of ``split`` (one decode per image), keyed like ``models``."""
+    device = resolve_device(str(device))
+    shards = list_shards(split) if isinstance(split, str) else split
+    taps = {n: FeatureTaps(prepare_model(m, device), model_taps(m)) for n, m in models.items()}
+    rows: dict[str, dict[str, list[np.ndarray]]] = {n: {t: [] for t in tp.taps} for n, tp in taps.items()}
+    labels, keys = [], []
+    total = sum(s.samples or 0 for s in shards) or None
+    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+        for x, y, k in iter_view_batches(shards, resolution, batch_size, recipe, seed):
+            for name, tap in taps.items():
+                for t, v in forward_taps(tap, x, device).items():
+                    rows[name][t].append(v)
+            labels.append(y)
+            keys.extend(k)
+            bar.update(len(y))
+    y_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return {
+        n: SplitFeatures({t: np.concatenate(v) for t, v in r.items()}, y_all, keys) for n, r in rows.items()
+    }
+
+
+def feature_key(
+    identity: dict, arch: str, split: list[ShardInfo], resolution: int, recipe: str, seed: int
+) -> str:
+    """16-hex digest naming one backbone's features on one split (weights, data, view, precision)."""
+    body = {
+        "arch": arch,
+        "weights": identity,
+        "shards": [{**shard_record(s), "path": s.path} for s in split],
+        "resolution": resolution,
+        "recipe": recipe,
+        "seed": seed if recipe != "center" else None,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def feature_path(folder: str | Path, name: str, split_name: str, key: str) -> Path:
+    """``<folder>/<name>.<split>.<key>.npz``."""
+    return Path(folder) / f"{name}.{split_name}.{key}.npz"
+
+
+def save_features(path: Path, feats: SplitFeatures) -> None:
+    """Write one backbone's features on one split to an .npz (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"tap_{t}": v for t, v in feats.taps.items()}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, format=np.array(FEATURES_FORMAT), labels=feats.labels, keys=np.array(feats.keys), **arrays)
+    tmp.replace(path)
+
+
+def load_features(path: Path) -> SplitFeatures | None:
+    """The features saved at ``path``, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["format"]) != FEATURES_FORMAT:
+            raise EvalError(f"{path}: not a kdep eval feature file; delete it to recompute")
+        taps = {k.removeprefix("tap_"): z[k] for k in z.files if k.startswith("tap_")}
+        return SplitFeatures(taps, z["labels"], [str(k) for k in z["keys"]])
+
+
+def agreement_features(
+    students: Mapping[str, nn.Module],
+    teacher: nn.Module,
+    val: list[ShardInfo],
+    tap: str,
+    resolution: int,
+    batch_size: int,
+    device: str,
+    recipe: str,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({student: (N, D_s)}, (N, D_t)): ``tap`` of the students that define it and of the teacher, same views."""
+    if tap not in model_taps(teacher):
+        raise EvalError(
+            f"the teacher ({type(teacher).__name__}) has no {tap} tap; use --set eval.agreement_tap=post_relu"
+        )
+    capable = {n: m for n, m in students.items() if tap in model_taps(m)}
+    feats = extract_features(
+        {**capable, TEACHER_KEY: teacher}, val, resolution, batch_size, device, recipe, seed
+    )
+    teacher_feats = feats.pop(TEACHER_KEY).taps[tap]
+    return {n: f.taps[tap] for n, f in feats.items()}, teacher_feats
+
+
+def projected_targets(path: str, teacher_feats: np.ndarray) -> torch.Tensor:
+    """(N, D_t) teacher features -> (N, D_s) targets through the projection artefact at ``path``."""
+    from pipeline.projection import load_projection  # lazy: the fit-svd stage's module
+
+    with torch.no_grad():
+        return load_projection(path).targets(torch.from_numpy(teacher_feats).float()).float()

@@ -1,0 +1,190 @@
+"""Probe maths on frozen features: linear probe, cosine k-NN, linear CKA and cosine agreement.
+
+Pure functions of arrays (no models, no files), so each can be checked against a hand-computed value:
+
+    .venv/bin/pytest -q tests/test_eval.py -k "probe or knn or cka or cosine"
+
+- Linear probe: multinomial logistic regression (scikit-learn, lbfgs) on features standardised with the
+  statistics of the rows it is fitted on. ``C`` is picked from a small sweep by top-1 on a held-out, per-class
+  stratified part of train (seeded), then the probe is refitted on all of train with that ``C``.
+- k-NN: cosine similarity between L2-normalised raw features; each of the ``k`` nearest train rows casts one vote
+  for its label; a tie between classes goes to the class whose tied voters have the larger summed similarity.
+- Linear CKA (Kornblith et al. 2019): ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred
+  X (N, D1), Y (N, D2); in [0, 1], invariant to orthogonal transforms and isotropic scaling of either side.
+- Cosine agreement: the mean over rows of ``cos(s_b, t_b)`` (norms clamped at 1e-12, as in CoSS).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.errors import KdepError
+
+EPS = 1e-12  # norm clamp for cosines (CoSS's n(v) = v / max(||v||, 1e-12))
+
+
+class ProbeError(KdepError, ValueError):
+    """Features and labels do not fit together (shapes, too few rows); the message says what to pass."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Linear-probe outcome on the evaluation rows."""
+
+    top1: float  # fraction of evaluation rows classified correctly, [0, 1]
+    c: float  # the inverse regularisation strength used for the final fit
+    sweep: dict[str, float]  # str(C) -> held-out top-1 of the sweep (empty when no sweep ran)
+    converged: bool  # False when lbfgs hit max_iter on the final fit
+
+
+def check_rows(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Raise ProbeError unless ``x`` is (N, D) and ``y`` is (N,) with N >= 1."""
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ProbeError(
+            f"{what}: features {x.shape} and labels {y.shape} must be (N, D) and (N,) with N >= 1"
+        )
+
+
+def split_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit_idx, holdout_idx): per class, a seeded ``fraction`` (at least 1 if the class has >= 2 rows) is held out."""
+    rng = np.random.default_rng(seed)
+    fit, hold = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_hold = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
+        hold.append(idx[:n_hold])
+        fit.append(idx[n_hold:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(hold))
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple[Pipeline, bool]:
+    """Standardise with ``x``'s statistics, then fit logistic regression; returns (pipeline, converged)."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        probe.fit(x, y)
+    return probe, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def top1(pred: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of ``pred == y``."""
+    return float(np.mean(np.asarray(pred) == np.asarray(y)))
+
+
+def choose_c(
+    x: np.ndarray, y: np.ndarray, cs: tuple[float, ...], holdout: float, seed: int, max_iter: int
+) -> tuple[float, dict[str, float]]:
+    """Pick C by held-out top-1 (ties -> the smaller C, i.e. stronger regularisation); one C means no sweep."""
+    if len(cs) == 1:
+        return cs[0], {}
+    fit_idx, hold_idx = split_holdout(y, holdout, seed)
+    if len(hold_idx) == 0 or len(np.unique(y[fit_idx])) < 2:
+        raise ProbeError(
+            f"too few train rows ({len(y)}) to hold out a C-sweep split; pass a single C (--set eval.probe_cs=1.0)"
+        )
+    sweep = {}
+    for c in sorted(cs):
+        probe, _ = fit_probe(x[fit_idx], y[fit_idx], c, max_iter)
+        sweep[str(c)] = top1(probe.predict(x[hold_idx]), y[hold_idx])
+    best = max(sorted(cs), key=lambda c: sweep[str(c)])  # max() keeps the first (smallest) C among ties
+    return best, sweep
+
+
+def linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
+    cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),
+    holdout: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """Top-1 of a logistic-regression probe: (N, D) train features -> (M, D) evaluation features."""
+    check_rows(x_train, y_train, "probe train")
+    check_rows(x_eval, y_eval, "probe eval")
+    if len(np.unique(y_train)) < 2:
+        raise ProbeError("probe train: a linear probe needs at least 2 classes in the train split")
+    c, sweep = choose_c(x_train, y_train, cs, holdout, seed, max_iter)
+    probe, converged = fit_probe(x_train, y_train, c, max_iter)
+    return ProbeResult(top1(probe.predict(x_eval), y_eval), c, sweep, converged)
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm (norms clamped at 1e-12)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(EPS)
+
+
+def knn_predict(
+    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, k: int = 20, chunk: int = 1024
+) -> np.ndarray:
+    """(M,) predicted labels: majority vote of the k most cosine-similar train rows, ties by summed similarity."""
+    check_rows(x_train, y_train, "k-NN train")
+    k = min(k, len(x_train))
+    bank = l2_normalise(torch.as_tensor(x_train, dtype=torch.float32))
+    labels = torch.as_tensor(y_train, dtype=torch.long)
+    n_classes = int(labels.max()) + 1
+    preds = []
+    for start in range(0, len(x_eval), chunk):
+        query = l2_normalise(torch.as_tensor(x_eval[start : start + chunk], dtype=torch.float32))
+        sims, idx = (query @ bank.T).topk(k, dim=1)
+        counts = torch.zeros(len(query), n_classes).scatter_add_(1, labels[idx], torch.ones_like(sims))
+        sim_sums = torch.zeros(len(query), n_classes).scatter_add_(1, labels[idx], sims)
+        # A one-vote lead (weight 4k) beats any similarity sum (range [-k, k], width 2k).
+        preds.append((counts * 4 * k + sim_sums).argmax(dim=1))
+    return torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+
+
+def knn_top1(
+    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, k: int = 20
+) -> float:
+    """Top-1 of cosine k-NN (see :func:`knn_predict`)."""
+    check_rows(x_eval, y_eval, "k-NN eval")
+    return top1(knn_predict(x_train, y_train, x_eval, k), y_eval)
+
+
+def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    """Linear CKA between (N, D1) and (N, D2) features of the same N inputs, computed in float64."""
+    x = torch.as_tensor(x).double()
+    y = torch.as_tensor(y).double()
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) < 2:
+        raise ProbeError(
+            f"CKA needs (N, D1) and (N, D2) features with N >= 2, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    cross = (y.T @ x).square().sum()
+    denom = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def mean_cosine(s: torch.Tensor | np.ndarray, t: torch.Tensor | np.ndarray) -> float:
+    """Mean over rows of cos(s_b, t_b) for (B, D) student features and (B, D) targets, in float64."""
+    s = torch.as_tensor(s).double()
+    t = torch.as_tensor(t).double()
+    if s.shape != t.shape or s.ndim != 2 or len(s) == 0:
+        raise ProbeError(
+            f"cosine agreement needs equal (B, D) shapes, got {tuple(s.shape)} and {tuple(t.shape)}; "
+            "is the projection for this student's width?"
+        )
+    return float((l2_normalise(s) * l2_normalise(t)).sum(1).mean())
+
+
+def agreement(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None
+) -> dict[str, float | None]:
+    """Teacher-student agreement on the same views: student (B, D_s), teacher (B, D_t), targets (B, D_s) or None.
+
+    ``cosine``: mean cos(student, projected teacher target) (None without targets); ``cka``: linear CKA between
+    the student's and the raw teacher's features.
+    """
+    cosine = mean_cosine(student, targets) if targets is not None else None
+    return {"cosine": cosine, "cka": linear_cka(student, teacher)}

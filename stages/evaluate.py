@@ -1,0 +1,368 @@
+"""Stage 4 `eval`: linear probe, k-NN, optional fine-tuning and teacher agreement for one or more backbones.
+
+    kdep eval --train out/demo/data/train --val out/demo/data/val --out out/demo/eval --resolution 64 \\
+        --backbone random=resnet18:random --backbone kdep=resnet18:out/demo/student/backbone.pt \\
+        --backbone teacher=resnet50:out/demo/teacher.pt
+    kdep eval --manifest manifests/demo.yaml --finetune-epochs 3
+    kdep eval --manifest manifests/demo.yaml --teacher resnet50 --teacher-weights out/demo/teacher.pt \\
+        --projection out/demo/proj-r18.npz --set eval.agreement_views=paper --set eval.agreement_seed=7
+    kdep eval --manifest manifests/demo.yaml --set eval.probe_cs=1.0 --set eval.knn_k=10 --set eval.cache_features=false
+
+A backbone is ``name=arch:weights`` with weights ``random`` (seeded init), a torchvision weights name, or a
+file: a backbone state dict without the classifier (loaded strictly) or a full checkpoint. Features are the
+centre view at ``--resolution`` through ``replay_view``, extracted once per backbone and split, shared by the
+probe and k-NN (``--tap``, default post_relu). Probe: logistic regression on train-standardised features, C
+picked on a 20% per-class held-out part of train, refitted on all of train. k-NN: cosine, k = 20, one vote per
+neighbour, ties to the larger summed similarity (pipeline/probes.py). Fine-tuning: KDEP supplement B.2 recipe,
+epochs as given (pipeline/finetune.py). Agreement, on val views that were never cached (centre views by default,
+or seeded views of the recipe ``agreement_views``): mean cosine between the student's tap and the projected
+teacher target, and linear CKA between the student's and the raw teacher's features.
+
+Reads labelled train/val shards and the backbone files. Writes ``OUT/results.json`` (one row per backbone),
+``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone), ``OUT/features/<name>.<split>.<key>.npz``
+(reused when the backbone, data and view are unchanged) and ``OUT/config.eval.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from pipeline.evaluation import (
+    BackboneSpec,
+    EvalError,
+    SplitFeatures,
+    agreement_features,
+    extract_features,
+    feature_key,
+    feature_path,
+    load_backbone,
+    load_features,
+    parse_backbone,
+    projected_targets,
+    save_features,
+)
+from pipeline.finetune import FinetuneRecipe, finetune
+from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
+from pipeline.models import TAPS
+from pipeline.probes import agreement, knn_top1, linear_probe
+from pipeline.shards import ShardInfo, index_classes, list_shards, write_json_atomic
+from pipeline.views import RECIPES
+from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
+
+RESULTS_FORMAT = "kdep-eval/1"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
+    val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
+    out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
+    backbones: tuple[str, ...] = ()  # "name=arch:weights"; weights: random | torchvision enum name | file
+    resolution: int = 224  # side in pixels of the centre view fed to every backbone
+    tap: str = "post_relu"  # pooled feature for probe and k-NN: post_relu or pre_relu
+    batch_size: int = 64  # images per forward pass during extraction
+    device: str = "cpu"  # cpu or cuda[:N] (bf16 autocast + channels_last on CUDA)
+    seed: int = 0  # seeds random-init backbones, the probe's held-out split and fine-tuning
+    cache_features: bool = True  # keep extracted features in OUT/features/*.npz and reuse them
+    probe_cs: tuple[float, ...] = (
+        0.01,
+        0.1,
+        1.0,
+        10.0,
+    )  # logistic-regression C values swept (one = no sweep)
+    probe_holdout: float = 0.2  # fraction of each train class held out to choose C, (0, 1)
+    probe_max_iter: int = 1000  # lbfgs iterations per fit
+    knn_k: int = 20  # neighbours for cosine k-NN
+    finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
+    finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3
+    finetune_weight_decay: float = 5e-4  # SGD weight decay (paper: 5e-4)
+    finetune_batch_size: int = 64  # images per fine-tuning step (paper: 64)
+    teacher: str | None = None  # teacher arch for agreement, e.g. resnet50 (None = no agreement)
+    teacher_weights: str | None = None  # teacher weights: file, torchvision enum name, or random
+    projection: str | None = (
+        None  # projection artefact (fit-svd) mapping teacher (B, D_t) to targets (B, D_s)
+    )
+    agreement_tap: str = "pre_relu"  # tap compared between student and teacher (KDEP: pre_relu)
+    agreement_views: str = "center"  # val views for agreement: center, or a recipe drawn with agreement_seed
+    agreement_seed: int = (
+        1_000_003  # view seed for non-centre agreement views (keep it unlike the cache seed)
+    )
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.val or not self.out:
+            raise ConfigError("keys 'train', 'val' and 'out' are required (--train DIR --val DIR --out DIR)")
+        check_backbones(self.backbones)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_choice("tap", self.tap, TAPS)
+        check_choice("agreement_tap", self.agreement_tap, TAPS)
+        check_choice("agreement_views", self.agreement_views, RECIPES)
+        check_range("batch_size", self.batch_size, 1)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"key 'device': {self.device!r} is not cpu, cuda or cuda:N")
+        if not self.probe_cs:
+            raise ConfigError("key 'probe_cs': give at least one C, e.g. --set eval.probe_cs=1.0")
+        for c in self.probe_cs:
+            check_range("probe_cs", c, 0.0, open_lo=True)
+        check_range("probe_holdout", self.probe_holdout, 0.0, 0.9, open_lo=True)
+        check_range("probe_max_iter", self.probe_max_iter, 1)
+        check_range("knn_k", self.knn_k, 1)
+        check_range("finetune_epochs", self.finetune_epochs, 0)
+        check_range("finetune_lr", self.finetune_lr, 0.0, open_lo=True)
+        check_range("finetune_weight_decay", self.finetune_weight_decay, 0.0)
+        check_range("finetune_batch_size", self.finetune_batch_size, 2)
+        if (self.teacher is None) != (self.teacher_weights is None):
+            raise ConfigError(
+                "keys 'teacher' and 'teacher_weights' go together (--teacher ARCH --teacher-weights W)"
+            )
+        if self.projection is not None and self.teacher is None:
+            raise ConfigError("key 'projection' needs a teacher (--teacher ARCH --teacher-weights W)")
+
+
+def check_backbones(items: tuple[str, ...]) -> None:
+    """At least one parseable ``name=arch:weights``, names unique."""
+    if not items:
+        raise ConfigError("key 'backbones': give at least one, e.g. --backbone random=resnet18:random")
+    try:
+        names = [parse_backbone(b).name for b in items]
+    except EvalError as err:
+        raise ConfigError(f"key 'backbones': {err}") from None
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"key 'backbones': name {dupes[0]!r} is used twice; give each backbone its own name"
+        )
+
+
+def run(config: EvalConfig) -> dict:
+    """Evaluate every backbone; write results.json, results.png and config.eval.json; return the results."""
+    specs = [parse_backbone(b) for b in config.backbones]
+    splits = {"train": list_shards(config.train), "val": list_shards(config.val)}
+    loaded = {s.name: load_backbone(s, config.seed) for s in specs}
+    models = {n: model for n, (model, _) in loaded.items()}
+    feats = features_per_split(specs, loaded, splits, config)
+    classes = count_classes(config.train, feats)
+    print_banner(config, feats, classes)
+    rows = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
+    if config.finetune_epochs:
+        for row in rows:
+            row["finetune_top1"] = finetune_backbone(models[row["name"]], splits, classes, config)
+    agree = score_agreement(models, splits["val"], config) if config.teacher else None
+    for row in rows:
+        row.update((agree or {}).get("rows", {}).get(row["name"], {}))
+    results = results_body(config, rows, feats, classes, agree)
+    out = Path(config.out)
+    write_resolved_config(out, "eval", config)
+    write_json_atomic(out / "results.json", results)
+    plot_results(rows, out / "results.png")
+    return results
+
+
+def features_per_split(
+    specs: list[BackboneSpec], loaded: dict, splits: dict[str, list[ShardInfo]], config: EvalConfig
+) -> dict[str, dict[str, SplitFeatures]]:
+    """{backbone: {split: features}}: from OUT/features/*.npz when present, else one extraction pass per split."""
+    folder = Path(config.out) / "features"
+    out: dict[str, dict[str, SplitFeatures]] = {s.name: {} for s in specs}
+    for split, shards in splits.items():
+        paths = {
+            s.name: feature_path(
+                folder,
+                s.name,
+                split,
+                feature_key(loaded[s.name][1], s.arch, shards, config.resolution, "center", 0),
+            )
+            for s in specs
+        }
+        cached = {n: load_features(p) for n, p in paths.items()} if config.cache_features else {}
+        todo = {n: loaded[n][0] for n in paths if cached.get(n) is None}
+        fresh = (
+            extract_features(todo, shards, config.resolution, config.batch_size, config.device, desc=split)
+            if todo
+            else {}
+        )
+        for n, f in fresh.items():
+            if config.cache_features:
+                save_features(paths[n], f)
+        for n in paths:
+            out[n][split] = fresh[n] if n in fresh else cached[n]
+    return out
+
+
+def count_classes(train: str, feats: dict[str, dict[str, SplitFeatures]]) -> int:
+    """Class count from the train index, else 1 + the largest label seen; a label outside it is an error."""
+    any_feats = next(iter(feats.values()))
+    largest = max(int(f.labels.max()) for f in any_feats.values() if len(f.labels))
+    names = index_classes(train)
+    classes = len(names) if names else largest + 1
+    if largest >= classes:
+        raise EvalError(f"label {largest} but the train index lists {classes} classes; re-make the shards")
+    return classes
+
+
+def score_backbone(
+    spec: BackboneSpec, identity: dict, feats: dict[str, SplitFeatures], config: EvalConfig
+) -> dict:
+    """Linear-probe and k-NN top-1 of one backbone on its cached features."""
+    train, val = feats["train"], feats["val"]
+    if config.tap not in train.taps:
+        raise EvalError(f"backbone {spec.name!r} ({spec.arch}) has no {config.tap} tap; use --tap post_relu")
+    x_train, x_val = train.taps[config.tap], val.taps[config.tap]
+    start = time.perf_counter()
+    probe = linear_probe(
+        x_train, train.labels, x_val, val.labels, config.probe_cs, config.probe_holdout, config.seed,
+        config.probe_max_iter,
+    )  # fmt: skip
+    knn = knn_top1(x_train, train.labels, x_val, val.labels, config.knn_k)
+    return {
+        "name": spec.name, "arch": spec.arch, "weights": spec.weights, "identity": identity,
+        "tap": config.tap, "dim": int(x_train.shape[1]),
+        "probe_top1": probe.top1, "probe_c": probe.c, "probe_sweep": probe.sweep, "probe_converged": probe.converged,
+        "knn_top1": knn, "knn_k": config.knn_k, "finetune_top1": None,
+        "agree_cosine": None, "agree_cka": None, "probe_knn_seconds": round(time.perf_counter() - start, 3),
+    }  # fmt: skip
+
+
+def finetune_backbone(
+    model: nn.Module, splits: dict[str, list[ShardInfo]], classes: int, config: EvalConfig
+) -> float:
+    """Val top-1 after fine-tuning a copy of ``model`` with the configured KDEP downstream recipe."""
+    recipe = FinetuneRecipe(
+        epochs=config.finetune_epochs,
+        lr=config.finetune_lr,
+        weight_decay=config.finetune_weight_decay,
+        batch_size=config.finetune_batch_size,
+    )
+    return finetune(
+        copy.deepcopy(model), splits["train"], splits["val"], classes, config.resolution, recipe, config.seed,
+        config.device,
+    )  # fmt: skip
+
+
+def score_agreement(models: dict[str, nn.Module], val: list[ShardInfo], config: EvalConfig) -> dict:
+    """Teacher-student agreement on val views: {teacher, identity, views, ..., rows: {name: agree_* values}}."""
+    teacher, identity = load_backbone(
+        BackboneSpec("teacher", config.teacher, config.teacher_weights), config.seed
+    )
+    students, t = agreement_features(
+        models, teacher, val, config.agreement_tap, config.resolution, config.batch_size, config.device,
+        config.agreement_views, config.agreement_seed,
+    )  # fmt: skip
+    targets = projected_targets(config.projection, t) if config.projection else None
+    rows = {}
+    for name, s in students.items():
+        fits = targets is not None and targets.shape[1] == s.shape[1]  # a projection is for one student width
+        scores = agreement(s, t, targets if fits else None)
+        rows[name] = {"agree_cosine": scores["cosine"], "agree_cka": scores["cka"]}
+    return {
+        "teacher": config.teacher, "teacher_identity": identity, "projection": config.projection,
+        "targets_dim": None if targets is None else int(targets.shape[1]), "tap": config.agreement_tap,
+        "views": config.agreement_views, "seed": config.agreement_seed if config.agreement_views != "center" else None,
+        "samples": len(t), "rows": rows,
+    }  # fmt: skip
+
+
+def print_banner(config: EvalConfig, feats: dict[str, dict[str, SplitFeatures]], classes: int) -> None:
+    any_feats = next(iter(feats.values()))
+    typer.echo(
+        f"eval: {len(feats)} backbones, {len(any_feats['train'].labels)} train / {len(any_feats['val'].labels)} "
+        f"val images, {classes} classes, {config.resolution} px, tap {config.tap}, device {config.device}"
+    )
+
+
+def results_body(
+    config: EvalConfig, rows: list[dict], feats: dict, classes: int, agreement: dict | None
+) -> dict:
+    any_feats = next(iter(feats.values()))
+    return {
+        "format": RESULTS_FORMAT,
+        "data": {
+            "train": config.train,
+            "val": config.val,
+            "train_samples": len(any_feats["train"].labels),
+            "val_samples": len(any_feats["val"].labels),
+            "classes": classes,
+        },
+        "backbones": rows,
+        "agreement": {k: v for k, v in agreement.items() if k != "rows"} if agreement else None,
+        "config": config_to_dict(config),
+    }
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_table(results: dict) -> None:
+    """One row per backbone: probe, k-NN, fine-tune top-1 and agreement."""
+    table = Table(
+        title=f"kdep eval ({results['data']['val_samples']} val images, {results['data']['classes']} classes)"
+    )
+    for col in ("backbone", "arch", "dim", "probe@1", "C", "kNN@1", "FT@1", "cos", "CKA"):
+        table.add_column(col, justify="left" if col in ("backbone", "arch") else "right")
+    for r in results["backbones"]:
+        table.add_row(
+            r["name"], r["arch"], str(r["dim"]), fmt(r["probe_top1"]), f"{r['probe_c']:g}", fmt(r["knn_top1"]),
+            fmt(r["finetune_top1"]), fmt(r["agree_cosine"]), fmt(r["agree_cka"]),
+        )  # fmt: skip
+    Console().print(table)
+
+
+def plot_results(rows: list[dict], path: Path) -> None:
+    """Grouped bars of probe / k-NN (/ fine-tune) top-1 per backbone, saved as a PNG."""
+    metrics = [m for m in ("probe_top1", "knn_top1", "finetune_top1") if any(r[m] is not None for r in rows)]
+    fig = Figure(figsize=(1.5 + 1.2 * len(rows), 3.5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r[metric] or 0.0 for r in rows], width, label=metric.removesuffix("_top1"))
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("val top-1")
+    ax.legend(
+        fontsize="small", ncols=len(metrics), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+@one_line_errors
+def command(
+    backbone: list[str] = typer.Option(
+        None, "--backbone", help="name=arch:weights (repeatable); weights: random|file|enum."
+    ),
+    train: str = typer.Option(None, help="Labelled train shards (directory, index.json or pattern)."),
+    val: str = typer.Option(None, help="Labelled val shards."),
+    out: str = typer.Option(None, help="Output folder."),
+    resolution: int = typer.Option(None, help="Centre-view side in pixels (default 224; demo 64)."),
+    tap: str = typer.Option(None, help="Probe/k-NN feature: post_relu (default) or pre_relu."),
+    batch_size: int = typer.Option(None, help="Images per forward pass."),
+    device: str = typer.Option(None, help="cpu (default) or cuda[:N]."),
+    seed: int = typer.Option(None, help="Seed for random init, probe split and fine-tuning."),
+    finetune_epochs: int = typer.Option(None, help="Full fine-tuning epochs (0 = off)."),
+    teacher: str = typer.Option(None, help="Teacher arch for agreement, e.g. resnet50."),
+    teacher_weights: str = typer.Option(None, help="Teacher weights (file, enum name or random)."),
+    projection: str = typer.Option(None, help="Projection artefact for agreement targets."),
+    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Linear probe, k-NN, optional fine-tuning and teacher agreement; one row per backbone."""
+    flags = dict(
+        backbones=tuple(backbone) if backbone else None, train=train, val=val, out=out, resolution=resolution,
+        tap=tap, batch_size=batch_size, device=device, seed=seed, finetune_epochs=finetune_epochs,
+        teacher=teacher, teacher_weights=teacher_weights, projection=projection,
+    )  # fmt: skip
+    config = resolve_config(EvalConfig, "eval", manifest, flags, set_)
+    results = run(config)
+    print_table(results)
+    typer.echo(f"wrote {Path(config.out) / 'results.json'} and results.png")
