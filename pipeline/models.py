@@ -110,7 +110,7 @@ def load_state(model: nn.Module, arch: str, state: dict, path: Path, head: str) 
 
 
 def _head_name(model: nn.Module) -> str:
-    head = _last_linear(model)
+    head = last_linear(model)
     return next(n for n, m in model.named_modules() if m is head)
 
 
@@ -132,7 +132,8 @@ def _block_pre_relu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.bn2(block.conv2(out)) + identity
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The model's final nn.Linear (its classifier)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ModelError(
@@ -178,7 +179,7 @@ class FeatureTaps(nn.Module):
 
     def _generic_post(self, x: torch.Tensor) -> torch.Tensor:
         captured = {}
-        handle = _last_linear(self.model).register_forward_pre_hook(
+        handle = last_linear(self.model).register_forward_pre_hook(
             lambda _m, args: captured.setdefault("x", args[0])
         )
         try:

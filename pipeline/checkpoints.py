@@ -1,0 +1,96 @@
+"""Stage 3 outputs: atomic per-epoch checkpoints, exact resume, the exported backbone, metrics and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.models import backbone_state_dict
+
+KEEP_CHECKPOINTS = 2  # the newest epochs kept on disk
+
+
+def checkpoint_path(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"epoch-{epoch:04d}.pt"
+
+
+def save_checkpoint(out: Path, epoch: int, state: dict) -> Path:
+    """Write ``state`` for a finished ``epoch`` to a temporary name, fsync, rename; prune older checkpoints."""
+    path = checkpoint_path(out, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("epoch-*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def export_backbone(model: nn.Module, path: Path) -> Path:
+    """The backbone's state dict without its classifier: loads into the torchvision model with strict=True once the
+    classifier is dropped (or with ``strict=False`` and only ``fc``/``classifier`` missing)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(backbone_state_dict(model), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path:
+    """Per-step loss (light) and per-epoch mean (bold) of every student, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in sorted({r["student"] for r in records}):
+        steps = [r for r in records if r["student"] == name and r["kind"] == "step"]
+        epochs = [r for r in records if r["student"] == name and r["kind"] == "epoch"]
+        if steps:
+            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], alpha=0.35, lw=0.8)
+        if epochs:
+            ax.plot(
+                [r["step"] for r in epochs],
+                [r["loss"] for r in epochs],
+                marker="o",
+                lw=2,
+                label=f"{name} (epoch mean)",
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("train-student loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -1,0 +1,174 @@
+"""Stage 3's input: a stream of (replayed view, cached teacher row) pairs joined by key, never by position.
+
+Per epoch, the shard order is a permutation drawn from (seed, epoch) (WebDataset's ``shardshuffle`` repeats the
+same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoader workers (webdataset's
+``split_by_node`` / ``split_by_worker`` semantics); when there are fewer shards than consumers (ranks x workers),
+every consumer reads every shard and keeps every n-th sample instead, so no rank is ever empty and each scheduled
+(image, view) still appears exactly once. Each shard's cached block is read once (one read per array); each
+sample is joined to its row by key, its image identity (hash, size) is checked, its view for this epoch is chosen,
+and the view is replayed with the shared replay function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import KdepError
+from pipeline.images import DecodeError, decode_rgb, image_bytes, image_hash
+from pipeline.shards import iter_samples
+from pipeline.store import FeatureStore, open_store
+from pipeline.views import replay_view
+
+VIEW_POLICIES = ("walk", "random")
+
+
+class JoinError(KdepError):
+    """A sample and the cache disagree (missing key, changed image); the message names shard and key."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the stream reads and how it picks views."""
+
+    store: str  # feature cache path
+    shard_paths: tuple[str, ...]  # source shard paths, in the cache's shard order
+    tap: str  # cached tap to pair with the views
+    resolution: int  # student input side (the view is replayed at this size)
+    seed: int  # shard order, view schedule and shuffle buffer seed
+    view_policy: str = (
+        "walk"  # walk: each image walks its K views in a seeded order; random: uniform per epoch
+    )
+    shuffle_buffer: int = 256  # samples mixed in each worker's buffer (0 = stream order)
+    skip_bad: bool = False  # count and skip samples that do not join instead of stopping
+    rank: int = 0
+    world: int = 1
+
+
+def _stable_int(*parts: object) -> int:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def scheduled_view(seed: int, key: str, epoch: int, views: int, policy: str) -> int:
+    """The view an image shows in ``epoch``: its seeded permutation of the K views, walked (or a uniform draw)."""
+    if policy == "random":
+        return int(np.random.default_rng(_stable_int(seed, key, "random", epoch)).integers(views))
+    order = np.random.default_rng(_stable_int(seed, key, "walk", epoch // views)).permutation(views)
+    return int(order[epoch % views])
+
+
+def shard_order(seed: int, epoch: int, shards: int) -> list[int]:
+    """This epoch's shard order: a permutation drawn from (seed, epoch), the same on every rank."""
+    return [int(i) for i in np.random.default_rng(_stable_int(seed, "shards", epoch)).permutation(shards)]
+
+
+def consumer_plan(order: list[int], consumer: int, consumers: int) -> tuple[list[int], int | None]:
+    """(shards this consumer reads, sample stride filter): whole shards when there are enough, else every n-th."""
+    if len(order) >= consumers:
+        return order[consumer::consumers], None
+    return list(order), consumer
+
+
+class PairStream(IterableDataset):
+    """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec, self.epoch = spec, 0
+        self.counts = {"pairs": 0, "skipped_cached": 0, "skipped_bad": 0}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        consumer, consumers = self.spec.rank * nw + wid, self.spec.world * nw
+        store = open_store(self.spec.store)
+        order = shard_order(self.spec.seed, self.epoch, len(self.spec.shard_paths))
+        shards, stride_slot = consumer_plan(order, consumer, consumers)
+        items = self._pairs(store, shards, stride_slot, consumers)
+        yield from _shuffled(
+            items, self.spec.shuffle_buffer, _stable_int(self.spec.seed, "buffer", self.epoch, consumer)
+        )
+
+    def _pairs(
+        self, store: FeatureStore, shards: list[int], stride_slot: int | None, consumers: int
+    ) -> Iterator:
+        counter = 0
+        for shard in shards:
+            path = self.spec.shard_paths[shard]
+            block = store.read_slot(shard, taps=[self.spec.tap])
+            rows, seen = block.row_of(), set()
+            feats = block.features[self.spec.tap]
+            for sample in iter_samples(path):
+                counter += 1
+                if stride_slot is not None and (counter - 1) % consumers != stride_slot:
+                    seen.add(sample.key)
+                    continue
+                pair = self._join(store, shard, path, sample, rows, block, feats)
+                seen.add(sample.key)
+                if pair is not None:
+                    yield pair
+            self._check_complete(path, block, seen)
+
+    def _join(self, store, shard, path, sample, rows, block, feats):
+        where = f"{path} key {sample.key!r}"
+        row = rows.get(sample.key)
+        if row is None:
+            return self._bad(
+                f"{where} is not in the cache {store.path}; the shard changed since caching (re-run cache-teacher)"
+            )
+        if not block.valid[row]:
+            self.counts["skipped_cached"] += 1  # skipped (and recorded) when the cache was made
+            return None
+        try:
+            data = image_bytes(sample, path)
+            image = decode_rgb(data, where)
+        except DecodeError as err:
+            return self._bad(str(err))
+        if image_hash(data) != bytes(block.hashes[row]) or tuple(image.shape[1:]) != tuple(block.hw[row]):
+            return self._bad(
+                f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards"
+            )
+        view = scheduled_view(self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy)
+        x = replay_view(image, block.params[row, view], self.spec.resolution)
+        self.counts["pairs"] += 1
+        return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])
+
+    def _bad(self, message: str) -> None:
+        if not self.spec.skip_bad:
+            raise JoinError(message)
+        self.counts["skipped_bad"] += 1
+        return None
+
+    def _check_complete(self, path: str, block, seen: set[str]) -> None:
+        missing = [k for k, v in zip(block.keys, block.valid, strict=True) if v and k not in seen]
+        if missing:
+            self._bad(
+                f"{path}: cached image {missing[0]!r} is missing from the shard ({len(missing)} missing); "
+                "the shard changed since caching"
+            )
+
+
+def _shuffled(items: Iterator, size: int, seed: int) -> Iterator:
+    """A seeded shuffle buffer (deterministic for a given seed, epoch and consumer)."""
+    if size <= 1:
+        yield from items
+        return
+    rng = np.random.default_rng(seed)
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
