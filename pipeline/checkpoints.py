@@ -63,7 +63,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path:
-    """Per-step loss (light) and per-epoch mean (bold) of every student, log scale."""
+    """Per-step loss (light) and per-epoch mean (bold) of every student (log scale for positive losses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +86,8 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
             )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if records and min(r["loss"] for r in records) > 0:
+        ax.set_yscale("log")  # CoSS losses are negative: those stay linear
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("train-student loss")

@@ -31,10 +31,24 @@ def one_line_errors(fn: Callable) -> Callable:
         except KdepError as err:
             if os.environ.get("KDEP_DEBUG"):
                 raise
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {user_message(err)}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def user_message(err: BaseException) -> str:
+    """The one-line message of a user error, also when a DataLoader worker raised it (torch re-raises it in the
+    main process with the worker's traceback prepended; the last line is the original message)."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return (
+        last.split(": ", 1)[1]
+        if ": " in last and last.split(": ", 1)[0].endswith(type(err).__name__)
+        else last
+    )
 
 
 def write_resolved_config(out_dir: str | Path, section: str, config: Any, extra: dict | None = None) -> Path:

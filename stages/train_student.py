@@ -19,11 +19,11 @@ from pathlib import Path
 
 import typer
 
+from pipeline.losses import LOSSES
 from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
 from pipeline.models import TAPS
 from pipeline.pairs import VIEW_POLICIES
 from pipeline.student_run import train_students
-from pipeline.losses import LOSSES
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors
 
 
@@ -44,6 +44,11 @@ class TrainStudentConfig:
     coss_l1: float = 1.0  # CoSS space-similarity weight
     coss_tau_t: float = 0.07  # CoSS teacher temperature
     coss_tau_s: float = 0.1  # CoSS student temperature
+    neighbours: int = (
+        0  # CoSS neighbour-mined batches: neighbours drawn per anchor (CoSS: 15); 0 = stream order
+    )
+    neighbour_pool: int = 31  # draw them from each anchor's top-N cosine neighbours (centre view 0)
+    anchors: int = 16  # anchors per batch (batch = anchors x (1 + neighbours), replacing batch_size)
     epochs: int = 90  # passes over the data
     batch_size: int = 512  # per rank
     lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512
@@ -78,6 +83,12 @@ class TrainStudentConfig:
             )
         if self.projection and len(self.projection) != len(self.student):
             raise ConfigError("key 'projection': give one projection per student, in the same order")
+        check_range("neighbours", self.neighbours, 0)
+        if self.neighbours > self.neighbour_pool:
+            raise ConfigError(
+                f"key 'neighbours': {self.neighbours} cannot be drawn from neighbour_pool {self.neighbour_pool}"
+            )
+        check_range("anchors", self.anchors, 1)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         check_range("lr", self.lr, 0.0)

@@ -1,0 +1,164 @@
+"""CoSS's neighbour-mined batches: anchors plus k nearest neighbours among cached teacher features.
+
+Neighbours are mined once from the cached features of view 0, which must be the deterministic centre view
+(``cache-teacher --center-view``): cosine top-``pool`` per image, computed in chunks. Each epoch, anchors are
+shuffled from (seed, epoch); each anchor brings ``per_anchor`` neighbours drawn from its top-``pool``; batches are
+``anchors`` such groups (CoSS: 16 anchors x (1 + 15 drawn from the top 31)). Such batches need images by key in
+any order, so this path reads samples by byte offset from the tars (:class:`RandomAccessPairs`) instead of
+streaming them; it keeps a small per-worker cache of shard blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.errors import KdepError
+from pipeline.images import decode_rgb, image_hash
+from pipeline.pairs import _stable_int, scheduled_view
+from pipeline.shards import IMAGE_EXTS, split_member_name
+from pipeline.store import FeatureStore, ShardBlock, open_store
+from pipeline.views import replay_view
+
+
+class NeighbourError(KdepError):
+    """Neighbour mining is not possible with this cache."""
+
+
+def centre_view_rows(store: FeatureStore, tap: str) -> tuple[np.ndarray, np.ndarray]:
+    """(global row ids of valid rows, their view-0 features (N, D) float32); view 0 must be the centre view."""
+    if not store.provenance["views"].get("center_first"):
+        raise NeighbourError(
+            f"{store.path} has no centre view 0; re-cache with --center-view to mine neighbours"
+        )
+    valid = np.flatnonzero(store.group["valid"][:])
+    feats = store.feature_array(tap)[:, 0, :][valid].astype(np.float32)
+    return valid, feats
+
+
+def mine_neighbours(features: np.ndarray, pool: int, chunk: int = 2048) -> np.ndarray:
+    """(N, D) -> (N, pool) indices of each row's most cosine-similar other rows, most similar first."""
+    n = features.shape[0]
+    if pool >= n:
+        raise NeighbourError(f"neighbour pool {pool} needs more than {n} images")
+    x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
+    out = np.empty((n, pool), np.int64)
+    for start in range(0, n, chunk):
+        sims = x[start : start + chunk] @ x.T
+        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -float(
+            "inf"
+        )  # not self
+        out[start : start + chunk] = sims.topk(pool, dim=1).indices.numpy()
+    return out
+
+
+class NeighbourBatchSampler(Sampler[list[int]]):
+    """Batches of ``anchors`` x (anchor + ``per_anchor`` neighbours), as indices into the valid rows; this rank's share."""
+
+    def __init__(
+        self, neighbours: np.ndarray, anchors: int, per_anchor: int, seed: int, rank: int = 0, world: int = 1
+    ):
+        self.nb, self.anchors, self.per_anchor, self.seed = neighbours, anchors, per_anchor, seed
+        self.rank, self.world, self.epoch = rank, world, 0
+        if per_anchor > neighbours.shape[1]:
+            raise NeighbourError(
+                f"{per_anchor} neighbours per anchor cannot be drawn from a pool of {neighbours.shape[1]}"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng(_stable_int(self.seed, "anchors", self.epoch))
+        order = rng.permutation(self.nb.shape[0])
+        groups = [
+            [int(a), *(int(v) for v in rng.choice(self.nb[a], self.per_anchor, replace=False))] for a in order
+        ]
+        usable = (
+            len(groups) // (self.anchors * self.world) * self.anchors * self.world
+        )  # equal steps on every rank
+        batches = [sum(groups[i : i + self.anchors], []) for i in range(0, usable, self.anchors)]
+        return batches[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return self.nb.shape[0] // (self.anchors * self.world)
+
+
+def index_tar(path: str) -> dict[str, tuple[int, int]]:
+    """key -> (byte offset, size) of each sample's image member, from the tar headers alone."""
+    out = {}
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            key, ext = split_member_name(m.name)
+            if m.isfile() and ext in IMAGE_EXTS:
+                out[key] = (m.offset_data, m.size)
+    return out
+
+
+class RandomAccessPairs(Dataset):
+    """Item ``i`` (an index into ``rows``, the valid global rows) -> the same triple as ``PairStream`` yields."""
+
+    def __init__(
+        self,
+        store_path: str,
+        shard_paths: tuple[str, ...],
+        rows: np.ndarray,
+        tap: str,
+        resolution: int,
+        seed: int,
+        view_policy: str = "walk",
+        cached_blocks: int = 8,
+    ) -> None:
+        self.store_path, self.shard_paths, self.rows, self.tap = store_path, shard_paths, rows, tap
+        self.resolution, self.seed, self.view_policy, self.epoch = resolution, seed, view_policy, 0
+        self.cached_blocks = cached_blocks
+        self._store: FeatureStore | None = None
+        self._blocks: OrderedDict[int, ShardBlock] = OrderedDict()
+        self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _block(self, shard: int) -> ShardBlock:
+        if self._store is None:
+            self._store = open_store(self.store_path)
+        if shard not in self._blocks:
+            self._blocks[shard] = self._store.read_slot(shard, taps=[self.tap])
+            if len(self._blocks) > self.cached_blocks:
+                self._blocks.popitem(last=False)
+        self._blocks.move_to_end(shard)
+        return self._blocks[shard]
+
+    def __getitem__(self, i: int):
+        store_rows = (
+            self._store.layout.slot_rows if self._store else open_store(self.store_path).layout.slot_rows
+        )
+        shard, row = divmod(int(self.rows[i]), store_rows)
+        block, path = self._block(shard), self.shard_paths[shard]
+        key = block.keys[row]
+        if shard not in self._offsets:
+            self._offsets[shard] = index_tar(path)
+        if key not in self._offsets[shard]:
+            raise NeighbourError(f"{path}: cached key {key!r} is not in the shard; it changed since caching")
+        offset, size = self._offsets[shard][key]
+        with open(path, "rb") as fh:
+            data = os.pread(fh.fileno(), size, offset)
+        if image_hash(data) != bytes(block.hashes[row]):
+            raise NeighbourError(
+                f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"
+            )
+        feats = block.features[self.tap]
+        view = scheduled_view(self.seed, key, self.epoch, feats.shape[1], self.view_policy)
+        x = replay_view(decode_rgb(data, f"{path} key {key!r}"), block.params[row, view], self.resolution)
+        return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])

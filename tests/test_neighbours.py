@@ -1,0 +1,68 @@
+"""CoSS neighbour mining against brute force, the batch sampler's structure, and a CoSS run on a centre-view cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from pipeline.neighbours import NeighbourBatchSampler, NeighbourError, RandomAccessPairs, centre_view_rows, mine_neighbours
+from pipeline.shards import list_shards
+from pipeline.store import open_store
+from stages.cache_teacher import CacheTeacherConfig
+from stages.cache_teacher import run as cache_run
+from stages.train_student import TrainStudentConfig
+from stages.train_student import run as train_run
+
+
+def test_mined_neighbours_equal_brute_force_cosine_top_k():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    got = mine_neighbours(x, pool=5, chunk=7)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(NeighbourError, match="needs more than 50 images"):
+        mine_neighbours(x, pool=50)
+
+
+def test_sampler_groups_anchor_with_neighbours_from_its_pool_and_splits_ranks():
+    nb = mine_neighbours(np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32), pool=6)
+    per_rank = []
+    for rank in range(2):
+        sampler = NeighbourBatchSampler(nb, anchors=3, per_anchor=2, seed=0, rank=rank, world=2)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 40 // 6
+        for batch in batches:
+            assert len(batch) == 9
+            for g in range(3):
+                anchor, *friends = batch[3 * g : 3 * g + 3]
+                assert set(friends) <= set(nb[anchor].tolist()) and anchor not in friends
+        per_rank.append({b[0] for b in batches})
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_path):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "t.pt")
+    cache = tmp_path / "cache.zarr"
+    cache_run(CacheTeacherConfig(shards=str(demo_shards["train"]), out=str(cache), teacher="resnet18",
+                                 weights=str(tmp_path / "t.pt"), taps=("post_relu",), views=3, center_view=True,
+                                 recipe="coss", resolution=32, batch_size=6, workers=0, device="cpu", quiet=True))
+    store = open_store(cache)
+    rows, centre = centre_view_rows(store, "post_relu")
+    assert len(rows) == 24 and centre.shape == (24, 512)
+    paths = tuple(s.path for s in list_shards(demo_shards["train"]))
+    ds = RandomAccessPairs(str(cache), paths, rows, "post_relu", 32, seed=0)
+    x, feat, ids = ds[5]
+    shard, row, view = (int(v) for v in ids)
+    assert shard * store.layout.slot_rows + row == rows[5]
+    np.testing.assert_array_equal(feat.numpy(), store.read_slot(shard).features["post_relu"][row, view])
+    result = train_run(TrainStudentConfig(cache=str(cache), student=("mobilenet_v2",), out=str(tmp_path / "run"),
+                                          loss="coss", tap="post_relu", student_tap="post_relu", neighbours=2,
+                                          neighbour_pool=4, anchors=3, epochs=1, workers=0, device="cpu", quiet=True))
+    assert np.isfinite(result["students"]["mobilenet_v2"]["loss"])
