@@ -24,7 +24,7 @@ test-all: install  ## everything, slow tests included
 	$(BIN)/python -m pytest -q -m 'not gpu' $(PYTEST_ARGS)
 
 demo: install  ## the whole pipeline on the embedded demo data, on CPU
-	$(KDEP) demo-data --manifest $(MANIFEST)
+	$(KDEP) demo --manifest $(MANIFEST)
 
 demo-data: install  ## just the demo shards
 	$(KDEP) demo-data --manifest $(MANIFEST)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.checkpoints import (
@@ -23,8 +22,8 @@ from pipeline.checkpoints import (
     save_checkpoint,
 )
 from pipeline.distributed import Dist, barrier, init_distributed, pick_device
+from pipeline.loaders import PairLoaders
 from pipeline.manifest import config_to_dict
-from pipeline.pairs import PairStream, StreamSpec
 from pipeline.provenance import require_same
 from pipeline.shards import write_json_atomic
 from pipeline.sources import source_shard_paths
@@ -70,20 +69,7 @@ def train_students(config) -> dict:
     trainees = build_trainees(config, store, projections, resolution, device, job)
     start, global_step = resume(out, config, trainees, job)
     teacher = online_teacher(store, config.tap, device) if config.online_teacher else None
-    stream = PairStream(
-        StreamSpec(
-            str(store.path),
-            tuple(shard_paths),
-            config.tap,
-            resolution,
-            config.seed,
-            config.view_policy,
-            config.shuffle_buffer,
-            config.skip_bad,
-            job.rank,
-            job.world,
-        )
-    )
+    loaders = PairLoaders(config, store, tuple(shard_paths), resolution, job, device)
     write_provenance(out, config, store, trainees, resolution, job)
     loss_spec = LossSpec(
         config.loss,
@@ -93,7 +79,7 @@ def train_students(config) -> dict:
     expected = int(store.group["valid"][:].sum())
     for epoch in range(start, config.epochs):
         stats = run_epoch(
-            epoch, config, stream, trainees, teacher, loss_spec, device, amp, job, expected, global_step
+            epoch, config, loaders, trainees, teacher, loss_spec, device, amp, job, expected, global_step
         )
         global_step += stats["steps"]
         finish_epoch(out, epoch, config, trainees, stats, job, global_step)
@@ -168,22 +154,15 @@ def teacher_rows(
 
 
 def run_epoch(
-    epoch, config, stream, trainees, teacher, loss_spec, device, amp, job, expected, step_base
+    epoch, config, loaders, trainees, teacher, loss_spec, device, amp, job, expected, step_base
 ) -> dict:
     """One pass over this rank's share of the pairs; every student steps on every batch."""
-    stream.set_epoch(epoch)
+    loader = loaders.for_epoch(epoch)
     for t in trainees:
         for group in t.optimizer.param_groups:
             group["lr"] = lr_at(epoch, config.epochs, t.base_lr)
         t.model.train()
         t.losses = []
-    loader = DataLoader(
-        stream,
-        batch_size=config.batch_size,
-        num_workers=config.workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if config.workers else None,
-    )
     bar = tqdm(
         total=expected // job.world,
         unit="img",

@@ -69,6 +69,7 @@ RECIPES: dict[str, Recipe] = {
         scale=(0.2, 1.0), jitter_p=0.8, jitter=(0.4, 0.4, 0.4, 0.1), gray_p=0.2, blur_p=0.5
     ),  # MoCo-v2
     "center": Recipe(center=True, flip_p=0.0),
+    "light": Recipe(scale=(0.35, 1.0)),  # milder crops for small images (the demo teacher's training views)
 }
 
 

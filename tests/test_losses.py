@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import CossHead, LinearHead, coss_loss, cosine_loss, kdep_loss
+from pipeline.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
 
 
 def test_kdep_loss_is_weighted_mean_squared_error():
@@ -35,8 +35,13 @@ def test_coss_loss_matches_explicit_loops():
     def unit(v):
         return [x / math.sqrt(sum(y * y for y in v)) for x in v]
 
-    rows = [sum(a * c for a, c in zip(unit(t[i].tolist()), unit(s[i].tolist()), strict=True)) for i in range(b)]
-    cols = [sum(a * c for a, c in zip(unit(t[:, j].tolist()), unit(s[:, j].tolist()), strict=True)) for j in range(d)]
+    rows = [
+        sum(a * c for a, c in zip(unit(t[i].tolist()), unit(s[i].tolist()), strict=True)) for i in range(b)
+    ]
+    cols = [
+        sum(a * c for a, c in zip(unit(t[:, j].tolist()), unit(s[:, j].tolist()), strict=True))
+        for j in range(d)
+    ]
     l_co, l_ss = -sum(rows) / b, -sum(cols) / d
     loss, parts = coss_loss(s, t, l0=1.0, l1=0.5, tau_t=0.07, tau_s=0.1, beta=2.0)
     assert parts["l_co"] == pytest.approx(l_co) and parts["l_ss"] == pytest.approx(l_ss)
@@ -56,5 +61,7 @@ def test_heads_map_student_width_to_teacher_width():
     pre, post = LinearHead(8, 16, after_relu=False), LinearHead(8, 16, after_relu=True)
     post.load_state_dict(pre.state_dict())
     neg = -torch.rand(4, 8) - 0.1  # all negative: after the ReLU the input is zero, BN gives its bias
-    torch.testing.assert_close(post.eval()(neg), post.proj[1].bias.expand(4, 16) - 0 * neg[:, :1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        post.eval()(neg), post.proj[1].bias.expand(4, 16) - 0 * neg[:, :1], atol=1e-5, rtol=0
+    )
     assert not torch.allclose(pre.eval()(neg), post(neg))

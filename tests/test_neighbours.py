@@ -7,7 +7,13 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.neighbours import NeighbourBatchSampler, NeighbourError, RandomAccessPairs, centre_view_rows, mine_neighbours
+from pipeline.neighbours import (
+    NeighbourBatchSampler,
+    NeighbourError,
+    RandomAccessPairs,
+    centre_view_rows,
+    mine_neighbours,
+)
 from pipeline.shards import list_shards
 from pipeline.store import open_store
 from stages.cache_teacher import CacheTeacherConfig
@@ -50,9 +56,23 @@ def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_pat
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "t.pt")
     cache = tmp_path / "cache.zarr"
-    cache_run(CacheTeacherConfig(shards=str(demo_shards["train"]), out=str(cache), teacher="resnet18",
-                                 weights=str(tmp_path / "t.pt"), taps=("post_relu",), views=3, center_view=True,
-                                 recipe="coss", resolution=32, batch_size=6, workers=0, device="cpu", quiet=True))
+    cache_run(
+        CacheTeacherConfig(
+            shards=str(demo_shards["train"]),
+            out=str(cache),
+            teacher="resnet18",
+            weights=str(tmp_path / "t.pt"),
+            taps=("post_relu",),
+            views=3,
+            center_view=True,
+            recipe="coss",
+            resolution=32,
+            batch_size=6,
+            workers=0,
+            device="cpu",
+            quiet=True,
+        )
+    )
     store = open_store(cache)
     rows, centre = centre_view_rows(store, "post_relu")
     assert len(rows) == 24 and centre.shape == (24, 512)
@@ -62,7 +82,29 @@ def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_pat
     shard, row, view = (int(v) for v in ids)
     assert shard * store.layout.slot_rows + row == rows[5]
     np.testing.assert_array_equal(feat.numpy(), store.read_slot(shard).features["post_relu"][row, view])
-    result = train_run(TrainStudentConfig(cache=str(cache), student=("mobilenet_v2",), out=str(tmp_path / "run"),
-                                          loss="coss", tap="post_relu", student_tap="post_relu", neighbours=2,
-                                          neighbour_pool=4, anchors=3, epochs=1, workers=0, device="cpu", quiet=True))
+    result = train_run(
+        TrainStudentConfig(
+            cache=str(cache),
+            student=("mobilenet_v2",),
+            out=str(tmp_path / "run"),
+            loss="coss",
+            tap="post_relu",
+            student_tap="post_relu",
+            neighbours=2,
+            neighbour_pool=4,
+            anchors=3,
+            epochs=1,
+            workers=0,
+            device="cpu",
+            quiet=True,
+        )
+    )
     assert np.isfinite(result["students"]["mobilenet_v2"]["loss"])
+    import json
+
+    epoch = [
+        json.loads(x)
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in x
+    ]
+    assert epoch[0]["images"] == (24 // 3) * 3 * 3  # 8 batches of 3 anchors x (1 + 2 neighbours)

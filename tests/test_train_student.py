@@ -217,3 +217,32 @@ def test_two_students_in_one_pass_and_width_and_cache_mismatches(cached, tmp_pat
         )
     )
     assert set(res["students"]) == {"resnet18-0", "resnet18-1"}
+
+
+def test_two_ranks_under_torchrun_train_with_ddp(cached, tmp_path):
+    """2 ranks x 1 worker over 3 shards (so one rank reads 2 shards, the other 1: uneven, absorbed by Join)."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "--no-python",
+           str(bin_dir / "kdep"), "train-student", "--cache", str(cached["cache"]), "--projection", str(cached["proj"]),
+           "--student", "resnet18", "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "4",
+           "--workers", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    epochs = [
+        json.loads(x)
+        for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in x
+    ]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["images"] == 24 for r in epochs)
+    state = torch.load(tmp_path / "ddp" / "backbone-resnet18.pt")
+    model = torchvision.models.resnet18()
+    del model.fc
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,212 @@
+"""The measurements behind `kdep bench`, one function per figure; each returns a dict of named results."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from pipeline.demodata import DemoSpec, write_demo_data
+from pipeline.images import decode_rgb, image_bytes
+from pipeline.pairs import PairStream, StreamSpec
+from pipeline.projection import load_projection
+from pipeline.shards import iter_samples, list_shards
+from pipeline.store import open_store
+from pipeline.teacher import AMP_DTYPES, Runtime, prepare_teacher, resolve_amp, teacher_features
+from pipeline.training import Student, make_optimizer
+from pipeline.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
+from stages.cache_teacher import CacheTeacherConfig
+from stages.cache_teacher import run as cache_run
+from stages.fit_svd import FitSvdConfig
+from stages.fit_svd import run as fit_run
+from stages.inspect_cache import summarize
+
+
+def make_bench_data(tmp: Path, images: int) -> Path:
+    """Demo train shards with about ``images`` images (10 classes); returns the train shard folder."""
+    per_class = max(2, images // 10)
+    return write_demo_data(
+        DemoSpec(seed=11, train_per_class=per_class, val_per_class=1, per_shard=max(10, images // 4)),
+        tmp / "data",
+    )["train"]
+
+
+def _workers(device: str) -> int:
+    return 8 if device.startswith("cuda") else 2
+
+
+def _encoded(data: Path, limit: int) -> list[tuple[str, bytes]]:
+    out = []
+    for info in list_shards(data):
+        out += [(s.key, image_bytes(s, info.path)) for s in iter_samples(info.path)]
+    return out[:limit]
+
+
+def bench_cache_vs_inference(data: Path, tmp: Path, prof) -> dict:
+    """Caching (decode + K replays + teacher + write) vs bare teacher inference on batches of the same views."""
+    device = torch.device(prof.device)
+    rt = Runtime(device, resolve_amp("auto", device), True, _workers(prof.device), False, False)
+    model = torchvision.models.get_model(prof.teacher)
+    taps = prepare_teacher(model, ("pre_relu",), rt)
+    views = []
+    for key, data_bytes in _encoded(data, max(1, prof.batch // prof.views) * 2):
+        image = decode_rgb(data_bytes)
+        for p in sample_views("paper", 0, key, prof.views, *image.shape[1:], False):
+            views.append(replay_view(image, p, prof.resolution))
+    batch = (
+        torch.stack(views[: prof.batch]).pin_memory()
+        if device.type == "cuda"
+        else torch.stack(views[: prof.batch])
+    )
+    teacher_features(taps, batch, rt)  # warm-up
+    n_batches = max(3, prof.images * prof.views // prof.batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        teacher_features(taps, batch, rt)
+    _sync(device)
+    bare = n_batches * len(batch) / (time.perf_counter() - t0)
+    torch.save(model.state_dict(), tmp / "teacher.pt")
+    cfg = CacheTeacherConfig(shards=str(data), out=str(tmp / "cache.zarr"), teacher=prof.teacher, weights=str(tmp / "teacher.pt"),
+                             views=prof.views, resolution=prof.resolution, batch_size=prof.batch,
+                             workers=_workers(prof.device), device=prof.device, quiet=True)  # fmt: skip
+    stats = cache_run(cfg)
+    cached = stats["images_per_s"] * prof.views
+    info = summarize(open_store(cfg.out))
+    d_t = info["taps"]["pre_relu"]
+    return {"cache_views_per_s": cached, "inference_views_per_s": bare, "cache_vs_inference": cached / bare,
+            "cache_images_per_s": stats["images_per_s"], "feature_bytes_per_view": info["feature_bytes_per_view"],
+            "bytes_per_view_over_2Dt": info["feature_bytes_per_view"] / (2 * d_t)}  # fmt: skip
+
+
+def bench_decode_once(data: Path, prof) -> dict:
+    """Per image: one decode + K replays, vs K x (decode + replay)."""
+    images = _encoded(data, 60)
+    t0 = time.perf_counter()
+    for key, b in images:
+        image = decode_rgb(b)
+        for p in sample_views("paper", 0, key, prof.views, *image.shape[1:], False):
+            replay_view(image, p, prof.resolution)
+    once = (time.perf_counter() - t0) / len(images)
+    t0 = time.perf_counter()
+    for key, b in images:
+        hw = decode_rgb(b).shape[1:]
+        for p in sample_views("paper", 0, key, prof.views, *hw, False):
+            replay_view(decode_rgb(b), p, prof.resolution)
+    k_times = (time.perf_counter() - t0) / len(images) - once / prof.views  # minus the size probe decode
+    return {"decode_once_ms_per_image": once * 1e3, "decode_k_times_ms_per_image": k_times * 1e3,
+            "decode_once_speedup": k_times / once}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cycle(stream: PairStream, batch: int, workers: int):
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        yield from DataLoader(
+            stream,
+            batch_size=batch,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+def bench_student_steps(cache: Path, data: Path, tmp: Path, prof) -> dict:
+    """Student images/s with (a) no distillation, (b) targets from the cache, (c) the online teacher; same loader."""
+    device = torch.device(prof.device)
+    amp = resolve_amp("auto", device)
+    fit_run(FitSvdConfig(cache=str(cache), out=str(tmp / "proj.npz"), dim=512, quiet=True))
+    proj = load_projection(tmp / "proj.npz")
+    paths = tuple(s.path for s in list_shards(data))
+    spec = StreamSpec(str(cache), paths, "pre_relu", prof.resolution, 0, shuffle_buffer=64)
+    rt = Runtime(device, amp, True, 0, False, False)
+    teacher = prepare_teacher(torchvision.models.get_model(prof.teacher).to(device), ("pre_relu",), rt)
+    rates = {}
+    for variant in ("plain", "cached", "online", "cached_again"):
+        torch.manual_seed(0)
+        student = Student(prof.student, "pre_relu", "kdep", 512, prof.resolution).to(device)
+        if device.type == "cuda":
+            student = student.to(memory_format=torch.channels_last)
+        opt = make_optimizer(student, 0.01, 1e-4)
+        batches = _cycle(PairStream(spec), prof.batch, _workers(prof.device))
+        for i, (x, rows, _ids) in enumerate(batches):
+            if i == 2:  # two warm-up steps
+                _sync(device)
+                t0 = time.perf_counter()
+            if i == prof.steps + 2:
+                break
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = (
+                torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+                if amp in AMP_DTYPES
+                else torch.autocast("cpu", enabled=False)
+            )
+            if variant == "plain":
+                target = None
+            elif variant == "online":
+                with torch.inference_mode(), ctx:
+                    target = proj.targets(teacher(x)["pre_relu"].float().clone())
+            else:
+                target = proj.targets(rows.to(device, non_blocking=True))
+            with ctx:
+                out = student(x)
+            loss = (
+                (out.float() ** 2).mean()
+                if target is None
+                else 3.0 * torch.nn.functional.mse_loss(out.float(), target)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        rates[variant] = prof.steps * prof.batch / (time.perf_counter() - t0)
+    cached = max(
+        rates["cached"], rates["cached_again"]
+    )  # the best of two runs, as for the others' single run
+    return {"student_images_per_s": rates, "student_cached_vs_plain": cached / rates["plain"],
+            "cached_vs_online": cached / rates["online"]}  # fmt: skip
+
+
+def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
+    """Per core (no workers): our replay loader (join + decode + crop + resize + normalise) vs torchvision's
+    ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize on the same images."""
+    folder = tmp / "imagefolder"
+    for info in list_shards(data):
+        for s in iter_samples(info.path):
+            ext = next(e for e in s.fields if e != "cls")
+            d = folder / s.fields["cls"].decode()
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{s.key}.{ext}").write_bytes(s.fields[ext])
+    tv = torchvision.datasets.ImageFolder(str(folder), transform=T.Compose([
+        T.RandomResizedCrop(prof.resolution), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]))  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        n_tv = sum(len(x) for x, _ in DataLoader(tv, batch_size=32, shuffle=True, num_workers=0))
+        tv_rate = n_tv / (time.perf_counter() - t0)
+        paths = tuple(s.path for s in list_shards(data))
+        stream = PairStream(
+            StreamSpec(str(tmp / "cache.zarr"), paths, "pre_relu", prof.resolution, 0, shuffle_buffer=64)
+        )
+        t0 = time.perf_counter()
+        n_ours = sum(len(x) for x, _r, _i in DataLoader(stream, batch_size=32, num_workers=0))
+        ours = n_ours / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "loader_images_per_s_per_core": {"kdep": ours, "torchvision": tv_rate},
+        "loader_vs_torchvision": ours / tv_rate,
+    }

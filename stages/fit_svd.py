@@ -1,0 +1,223 @@
+"""Stage 2 `fit-svd`: fit a projection (teacher D_t -> student D_s) from the feature cache, out of core.
+
+    kdep fit-svd out/demo/cache.zarr --dim 512 --method svd --transform pts --out out/demo/proj-r18.npz
+    kdep fit-svd out/demo/cache.zarr --dim 1280 --out out/demo/proj-mnv2.npz          # same cache, other student
+    kdep fit-svd CACHE --dim 512 --views 0 --fraction 0.1 --seed 0 --out proj.npz      # one view, 10% of images
+    kdep fit-svd CACHE --dim 512 --scheduler tcp://host:8786 --out proj.npz           # on a dask cluster
+    make fit-svd
+
+Reads the cache (one pass over the done shards' valid rows; a second pass for the stds after ``pts``). Writes
+``OUT`` (.npz: mean, basis, scale, ... see pipeline/projection.py), ``OUT.json`` (manifest, written last),
+``<stem>.explained_variance.png``, ``<stem>.channel_std.png`` and ``config.fit_svd.json`` beside it.
+Methods: svd, cs-var, cs-rand, interp; transforms: pts (default), sn, sm (= sm-linear), sm-linear, sm-match, none
+(definitions in pipeline/projection_fit.py).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import dask
+import numpy as np
+import typer
+import zarr
+
+import pipeline
+from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
+from pipeline.projection import Projection, manifest_path
+from pipeline.projection_fit import METHODS, SIGN_RULE, TRANSFORM_CHOICES, fit_projection, with_target_std
+from pipeline.projection_plots import write_plots
+from pipeline.store import FeatureStore, open_store
+from pipeline.svd_stats import RowSelection, accumulate_stats, select_rows, target_moments
+from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
+
+
+@dataclass(frozen=True)
+class FitSvdConfig:
+    cache: str = ""  # feature cache (Zarr folder written by `kdep cache-teacher`)
+    out: str = ""  # output .npz; manifest, plots and config.fit_svd.json are written beside it
+    dim: int = 0  # D_s, the student feature width (ResNet-18: 512, MobileNetV2: 1280), 1..D_t
+    method: str = "svd"  # svd | cs-var | cs-rand | interp
+    transform: str = "pts"  # pts | sn | sm (= sm-linear) | sm-linear | sm-match | none
+    pts_t: float = 0.1  # PTS temperature T > 0
+    pts_n: float = 3.0  # PTS root n > 0
+    tap: str = "pre_relu"  # cached feature tap to fit on
+    views: tuple[int, ...] = ()  # view indices to use; empty = all K
+    fraction: float = 1.0  # fraction of the images (cache rows) to fit on, (0, 1]: exact, seeded subset
+    seed: int = 0  # seeds the image fraction and cs-rand
+    allow_partial: bool = False  # fit on the done shards of an unfinished cache (recorded)
+    scheduler: str = ""  # "" = local threaded dask; tcp://host:8786 = a dask.distributed scheduler
+    quiet: bool = False  # no banner, no progress bars
+
+    def __post_init__(self) -> None:
+        if not self.cache or not self.out:
+            raise ConfigError(
+                "keys 'cache' and 'out' are required (kdep fit-svd CACHE --dim 512 --out proj.npz)"
+            )
+        if not self.out.endswith(".npz"):
+            raise ConfigError(f"key 'out': {self.out!r} must end in .npz (e.g. --out proj-r18.npz)")
+        if self.dim == 0:
+            raise ConfigError(
+                "key 'dim': set the student width D_s >= 1 (e.g. --dim 512 for ResNet-18), got 0"
+            )
+        check_range("dim", self.dim, 1)
+        check_choice("method", self.method, METHODS)
+        check_choice("transform", self.transform, TRANSFORM_CHOICES)
+        check_range("pts_t", self.pts_t, 0.0, open_lo=True)
+        check_range("pts_n", self.pts_n, 0.0, open_lo=True)
+        check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
+        for v in self.views:
+            check_range("views", v, 0)
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError(f"key 'views': {list(self.views)} repeats a view; list each view once")
+        if self.scheduler and "://" not in self.scheduler:
+            raise ConfigError(f"key 'scheduler': {self.scheduler!r} is not an address like tcp://host:8786")
+
+
+@dataclass(frozen=True)
+class FitSvdResult:
+    projection: Projection  # the fitted projection (as saved)
+    npz: Path  # the artefact
+    manifest: Path  # its manifest (written last)
+    plots: list[Path]  # explained variance, channel std
+
+
+def check_against_cache(config: FitSvdConfig, store: FeatureStore) -> None:
+    """Config values that depend on the cache: the tap, dim <= D_t, views < K."""
+    d_t = store.feature_array(config.tap).shape[-1]
+    if config.dim > d_t:
+        raise ConfigError(
+            f"key 'dim': {config.dim} is larger than D_t={d_t} (tap {config.tap!r} of {store.path}); "
+            f"use --dim <= {d_t}"
+        )
+    k = store.layout.views
+    bad = [v for v in config.views if v >= k]
+    if bad:
+        raise ConfigError(f"key 'views': {bad} out of range; {store.path} holds views 0..{k - 1}")
+
+
+def describe(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> str:
+    """Start-up banner: what is read and what is fitted."""
+    array = store.feature_array(config.tap)
+    chunk_bytes = array.nbytes // array.shape[0] * store.layout.chunk_rows
+    n_chunks = np.unique(np.flatnonzero(sel.rows) // store.layout.chunk_rows).size
+    where = config.scheduler or "local threads"
+    return (
+        f"fit-svd: {store.path} tap {config.tap} D_t={array.shape[-1]} | shards {sel.shards_done}/"
+        f"{sel.shards_total} done | {sel.images} images x {len(sel.views)} views = {sel.samples} rows | "
+        f"{n_chunks} chunks, {n_chunks * chunk_bytes / 2**20:.0f} MiB to read | {config.method} -> "
+        f"D_s={config.dim}, {config.transform} | dask: {where}"
+    )
+
+
+def provenance(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> dict:
+    """What the manifest records about where the projection came from."""
+    return {
+        "cache_fingerprint": store.fingerprint(),
+        "cache_path": str(Path(config.cache).resolve()),
+        "cache_provenance": store.provenance,
+        "tap": config.tap,
+        "views": list(sel.views),
+        "images": sel.images,
+        "fraction": config.fraction,
+        "fraction_unit": "images (cache rows), exact seeded subset",
+        "seed": config.seed,
+        "allow_partial": config.allow_partial,
+        "shards_done": sel.shards_done,
+        "shards_total": sel.shards_total,
+        "sign_rule": SIGN_RULE,
+        "std_after_source": "exact second pass" if config.transform == "pts" else "closed form (exact)",
+        "config": config_to_dict(config),
+        "versions": {
+            "kdep": pipeline.__version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "dask": dask.__version__,
+            "zarr": zarr.__version__,
+        },
+    }
+
+
+def run(config: FitSvdConfig) -> FitSvdResult:
+    """Select rows, accumulate stats (pass 1), fit, measure target stds (pass 2, pts only), plot, save."""
+    store = open_store(config.cache)
+    check_against_cache(config, store)
+    sel = select_rows(store, config.views, config.fraction, config.seed, config.allow_partial)
+    if not config.quiet:
+        typer.echo(describe(config, store, sel), err=True)
+    stats = accumulate_stats(store, config.tap, sel, config.scheduler, config.quiet)
+    proj = fit_projection(
+        stats, config.method, config.dim, config.transform, config.pts_t, config.pts_n, config.seed
+    )
+    if proj.transform == "pts":
+        _, std_after = target_moments(store, config.tap, sel, proj, config.scheduler, config.quiet)
+        proj = with_target_std(proj, std_after)
+    proj = replace(proj, meta=provenance(config, store, sel))
+    out = Path(config.out)
+    plots = write_plots(proj, out)
+    write_resolved_config(out.parent, "fit_svd", config, {"artefact": out.name})
+    return FitSvdResult(proj, out, proj.save(out), plots)
+
+
+def parse_views(text: str | None) -> list[int] | None:
+    """--views "0,3" -> [0, 3]; "all" or "" -> [] (all views); None -> not given."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "all"):
+        return []
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--views {text!r}: expected 'all' or comma-separated view indices, e.g. 0,1"
+        ) from None
+
+
+@one_line_errors
+def command(
+    cache: str = typer.Argument(None, help="Feature cache (Zarr folder from `kdep cache-teacher`)."),
+    out: str = typer.Option(None, help="Output .npz (manifest, plots and config are written beside it)."),
+    dim: int = typer.Option(None, help="Student feature width D_s (ResNet-18: 512, MobileNetV2: 1280)."),
+    method: str = typer.Option(None, help=f"Projection: {', '.join(METHODS)}."),
+    transform: str = typer.Option(None, help=f"Transform after it: {', '.join(TRANSFORM_CHOICES)}."),
+    pts_t: float = typer.Option(None, "--pts-t", help="PTS temperature T (> 0; default 0.1)."),
+    pts_n: float = typer.Option(None, "--pts-n", help="PTS root n (> 0; default 3)."),
+    tap: str = typer.Option(None, help="Cached feature tap (default pre_relu)."),
+    views: str = typer.Option(None, help="Views to use: 'all' or e.g. '0' or '0,1'."),
+    fraction: float = typer.Option(None, help="Fit on this fraction of the images (exact, seeded)."),
+    seed: int = typer.Option(None, help="Seed for --fraction and cs-rand."),
+    allow_partial: bool = typer.Option(
+        None, "--allow-partial", help="Fit on an unfinished cache's done shards."
+    ),
+    scheduler: str = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
+    quiet: bool = typer.Option(None, "--quiet", help="No banner, no progress bars."),
+    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Fit SVD / CS.var / CS.rand / interpolation + PTS/SN/SM from the cache: one cache, many student widths."""
+    flags = dict(
+        cache=cache,
+        out=out,
+        dim=dim,
+        method=method,
+        transform=transform,
+        pts_t=pts_t,
+        pts_n=pts_n,
+        tap=tap,
+        views=parse_views(views),
+        fraction=fraction,
+        seed=seed,
+        allow_partial=allow_partial,
+        scheduler=scheduler,
+        quiet=quiet,
+    )
+    config = resolve_config(FitSvdConfig, "fit_svd", manifest, flags, set_)
+    result = run(config)
+    s = result.projection.summary()
+    typer.echo(
+        f"wrote {result.npz} ({s['method']}+{s['transform']}, {s['dim_teacher']} -> {s['dim_student']}, "
+        f"{s['n_rows']} rows): explained variance {s['explained_variance']:.1%}, Std Ratio "
+        f"{s['std_ratio_before']} -> {s['std_ratio_after']}; manifest {manifest_path(result.npz).name}"
+    )
