@@ -155,8 +155,9 @@ def bench_student_steps(cache: Path, data: Path, tmp: Path, prof) -> dict:
             if variant == "plain":
                 target = None
             elif variant == "online":
-                with torch.inference_mode(), ctx:
-                    target = proj.targets(teacher(x)["pre_relu"].float().clone())
+                with torch.no_grad(), ctx:
+                    raw = teacher(x)["pre_relu"].float()
+                target = proj.targets(raw)  # float32, outside autocast (as in train-student)
             else:
                 target = proj.targets(rows.to(device, non_blocking=True))
             with ctx:

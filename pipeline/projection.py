@@ -130,9 +130,10 @@ class Projection:
 
         key = str(device)
         if key not in self._on_device:
-            arrays = (self.mean, self.basis, self.scale)
-            tensors = tuple(torch.as_tensor(a, dtype=torch.float32, device=device) for a in arrays)
-            channels = torch.as_tensor(self.channels, dtype=torch.long, device=device)
+            with torch.inference_mode(False):  # cached for later calls: never inference tensors
+                arrays = (self.mean, self.basis, self.scale)
+                tensors = tuple(torch.as_tensor(a, dtype=torch.float32, device=device) for a in arrays)
+                channels = torch.as_tensor(self.channels, dtype=torch.long, device=device)
             self._on_device[key] = (*tensors, channels)
         return self._on_device[key]
 
@@ -253,5 +254,5 @@ def load_projection(path: str | Path) -> Projection:
         pts_t=float(arrays["pts_t"]),
         pts_n=float(arrays["pts_n"]),
         stats={k: arrays[k] for k in STAT_KEYS},
-        meta=record["provenance"],
+        meta={**record["provenance"], "npz_sha256": record["npz_sha256"]},  # the checked file's identity
     )

@@ -149,8 +149,8 @@ def teacher_rows(
         if device.type == "cuda" and amp in AMP_DTYPES
         else contextlib.nullcontext()
     )
-    with torch.inference_mode(), ctx:
-        return teacher(x)[tap].float().clone()
+    with torch.no_grad(), ctx:  # no_grad, not inference_mode: the targets are saved for the loss's backward
+        return teacher(x)[tap].float()
 
 
 def run_epoch(

@@ -21,18 +21,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import KdepError
-
-PARAM_COLUMNS = (
-    "top", "left", "height", "width",  # crop box in source pixels
-    "flip",  # 1 = horizontal flip
-    "jitter", "brightness", "contrast", "saturation", "hue",  # jitter on/off and its factors
-    "order0", "order1", "order2", "order3",  # jitter op order (0 brightness, 1 contrast, 2 saturation, 3 hue)
-    "gray",  # 1 = convert to 3-channel grayscale
-    "blur_sigma",  # Gaussian blur sigma in pixels of a 224-px output (0 = none); scaled with the resolution
-    "light0", "light1", "light2",  # PCA lighting alphas (0 = none)
-)  # fmt: skip
-N_PARAMS = len(PARAM_COLUMNS)
-COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
+from pipeline.params import COL, N_PARAMS, PARAM_COLUMNS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

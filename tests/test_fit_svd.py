@@ -176,6 +176,7 @@ def test_artefact_round_trip_and_tamper_checks(cache, tmp_path):
     path, x = cache
     result = run(FitSvdConfig(cache=str(path), out=str(tmp_path / "p.npz"), dim=7, quiet=True))
     loaded = load_projection(result.npz)
+    assert loaded.meta["npz_sha256"] == json.loads(manifest_path(result.npz).read_text())["npz_sha256"]
     with np.load(result.npz) as data:
         assert set(data.files) >= {"mean", "basis", "scale", "channels", "transform", "pts_t", "pts_n"}
     for key in ("mean", "basis", "scale", "channels"):
@@ -185,6 +186,12 @@ def test_artefact_round_trip_and_tamper_checks(cache, tmp_path):
     assert out.dtype == torch.float32 and out.shape == (32, 7)
     assert torch.equal(out, result.projection.targets(feats))
     np.testing.assert_allclose(out.numpy(), loaded.targets_numpy(feats.numpy()), atol=2e-5)
+    with torch.inference_mode():  # a first call in inference mode must not poison later autograd use
+        fresh = load_projection(result.npz)
+        fresh.targets(feats)
+    leaf = feats.float().requires_grad_()
+    fresh.targets(leaf).sum().backward()  # cached mean/basis are normal tensors: autograd may save them
+    assert leaf.grad is not None
     # std after pts: an exact second pass over the same rows
     np.testing.assert_allclose(loaded.stats["std_after"], loaded.targets_numpy(x).std(0), rtol=1e-6)
     man = manifest_path(result.npz)

@@ -246,3 +246,11 @@ def test_two_ranks_under_torchrun_train_with_ddp(cached, tmp_path):
     model = torchvision.models.resnet18()
     del model.fc
     model.load_state_dict(state, strict=True)
+
+
+def test_online_teacher_mode_trains_from_the_live_teacher(cached, tmp_path):
+    """--online-teacher: same stream, same steps, targets from the teacher run live on the replayed views."""
+    cached_run = train_run(_config(cached, tmp_path / "cached", epochs=1))
+    online_run = train_run(_config(cached, tmp_path / "online", epochs=1, online_teacher=True))
+    a, b = cached_run["students"]["resnet18"]["loss"], online_run["students"]["resnet18"]["loss"]
+    assert np.isfinite(b) and b == pytest.approx(a, rel=0.05)  # float16 storage is the only difference
