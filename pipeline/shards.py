@@ -4,9 +4,9 @@ Every stage lists its input with :func:`list_shards`. A shard is a plain tar of 
 key (the key is the member name up to its first dot, as WebDataset splits it). A shard index (``index.json``
 beside the shards) records each shard's name, sample count, byte size and sha256, plus the class names.
 
-Reading uses :mod:`tarfile` directly rather than WebDataset's expander because we need two things it does not give:
-the end-of-archive check (a tar cut at a member boundary ends silently in every WebDataset handler) and each
-member's byte offset (so a sample can be read by random access for neighbour-mined batches).
+Reading uses :mod:`pipeline.tarstream` rather than WebDataset's expander because we need two things it does not
+give: the end-of-archive check (a tar cut at a member boundary ends silently in every WebDataset handler) and each
+member's byte offset; it is also several times faster than :mod:`tarfile` at parsing headers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import braceexpand
 
 from pipeline.errors import KdepError
+from pipeline.tarstream import TarFormatError, iter_members
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "kdep-shards/1"
@@ -67,11 +68,9 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
     seen: set[str] = set()
     current: Sample | None = None
     try:
-        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
+        with open(path, "rb", buffering=1 << 20) as fh:
+            for name, offset, data in iter_members(fh):
+                key, ext = split_member_name(name)
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
@@ -80,31 +79,16 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
                             f"{path}: duplicate key {key!r} (it appears twice in this shard); re-make the shard"
                         )
                     seen.add(key)
-                    current = Sample(key=key, offset=member.offset)
+                    current = Sample(key=key, offset=offset)
                 if ext in current.fields:
-                    raise ShardError(f"{path}: duplicate member {member.name!r}; re-make the shard")
-                data = tar.extractfile(member)
-                current.fields[ext] = data.read() if data is not None else b""
-            end = tar.offset
-        _check_tar_end(path, end)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise ShardError(f"no shard at {path}; check the shard list") from None
-        raise ShardError(f"{path}: truncated or corrupt tar ({err}); re-copy or re-make this shard") from None
+                    raise ShardError(f"{path}: duplicate member {name!r}; re-make the shard")
+                current.fields[ext] = data
+    except FileNotFoundError:
+        raise ShardError(f"no shard at {path}; check the shard list") from None
+    except (TarFormatError, UnicodeDecodeError, OSError) as err:
+        raise ShardError(f"{path}: {err}; re-copy or re-make this shard") from None
     if current is not None:
         yield current
-
-
-def _check_tar_end(path: str, end: int) -> None:
-    """A complete tar ends with two zero blocks after its last member; a tar cut at a header boundary has none."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        fh.seek(end)
-        tail = fh.read(1024)
-    if size - end < 1024 or tail.strip(b"\0"):
-        raise ShardError(
-            f"{path}: truncated tar (no end-of-archive marker after byte {end}); re-copy or re-make this shard"
-        )
 
 
 def scan_shard(path: str | Path) -> list[str]:

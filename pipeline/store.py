@@ -146,6 +146,12 @@ class FeatureStore:
         self.meta = meta
         self.layout = CacheLayout(**meta["layout"])
         self.provenance = meta["provenance"]
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads its zarr.json
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def taps(self) -> list[str]:
@@ -159,7 +165,7 @@ class FeatureStore:
     def feature_array(self, tap: str) -> zarr.Array:
         if tap not in self.layout.dims:
             raise StoreError(f"{self.path} has no tap {tap!r}; it has {', '.join(self.taps)}")
-        return self.group[f"features/{tap}"]
+        return self.array(f"features/{tap}")
 
     def marker_path(self, shard_index: int) -> Path:
         return self.path / "markers" / f"{shard_index:06d}.json"
@@ -185,12 +191,12 @@ class FeatureStore:
             return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
 
         for tap, feats in block.features.items():
-            self.group[f"features/{tap}"][sl] = padded(feats.astype(self.layout.dtype, copy=False))
-        self.group["view_params"][sl] = padded(block.params.astype(np.float32, copy=False))
-        self.group["image_hw"][sl] = padded(block.hw.astype(np.int32, copy=False))
-        self.group["image_hash"][sl] = padded(block.hashes.astype(np.uint8, copy=False))
-        self.group["keys"][sl] = np.array(block.keys + [""] * pad, dtype=object).astype(str)
-        self.group["valid"][sl] = padded(block.valid.astype(bool, copy=False))
+            self.array(f"features/{tap}")[sl] = padded(feats.astype(self.layout.dtype, copy=False))
+        self.array("view_params")[sl] = padded(block.params.astype(np.float32, copy=False))
+        self.array("image_hw")[sl] = padded(block.hw.astype(np.int32, copy=False))
+        self.array("image_hash")[sl] = padded(block.hashes.astype(np.uint8, copy=False))
+        self.array("keys")[sl] = np.array(block.keys + [""] * pad, dtype=object).astype(str)
+        self.array("valid")[sl] = padded(block.valid.astype(bool, copy=False))
         self._fsync_slot(shard_index)
         record = {
             "shard": self.layout.shards[shard_index]["name"],
@@ -230,15 +236,15 @@ class FeatureStore:
                 f"{self.path}: shard {self.layout.shards[shard_index]['name']} is not cached yet; resume `kdep cache-teacher`"
             )
         n, sl = marker["samples"], self.layout.slot(shard_index)
-        keys = [str(k) for k in self.group["keys"][sl][:n]]
+        keys = [str(k) for k in self.array("keys")[sl][:n]]
         feats = {t: self.feature_array(t)[sl][:n] for t in (taps or self.taps)}
         return ShardBlock(
             keys=keys,
             features=feats,
-            params=self.group["view_params"][sl][:n],
-            hw=self.group["image_hw"][sl][:n],
-            hashes=self.group["image_hash"][sl][:n],
-            valid=self.group["valid"][sl][:n],
+            params=self.array("view_params")[sl][:n],
+            hw=self.array("image_hw")[sl][:n],
+            hashes=self.array("image_hash")[sl][:n],
+            valid=self.array("valid")[sl][:n],
             skipped=marker["skipped"],
         )
 

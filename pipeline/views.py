@@ -136,6 +136,8 @@ def sample_views(
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_SCALE = 1.0 / (255.0 * _STD)  # uint8 -> normalised in one multiply-subtract
+_SHIFT = _MEAN / _STD
 _LIGHT = torch.tensor(PCA_EIGVEC, dtype=torch.float64) @ torch.diag(
     torch.tensor(PCA_EIGVAL, dtype=torch.float64)
 )
@@ -167,6 +169,14 @@ def replay_view(
     x = F.resized_crop(image, top, left, h, w, [resolution, resolution], antialias=True)
     if params[COL["flip"]]:
         x = F.horizontal_flip(x)
+    colour_ops = (
+        params[COL["jitter"]]
+        or params[COL["gray"]]
+        or params[COL["blur_sigma"]] > 0
+        or np.any(params[COL["light0"] :] != 0)
+    )
+    if normalize and not colour_ops:  # fast path (paper / center views): one fused scale-and-shift
+        return x.to(torch.float32).mul_(_SCALE).sub_(_SHIFT)
     x = x.float().div_(255.0)
     if params[COL["jitter"]]:
         x = _jitter(x, params)

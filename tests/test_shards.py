@@ -108,3 +108,42 @@ def test_duplicate_key_in_a_shard_is_an_error(tmp_path):
 def test_write_shard_refuses_dotted_keys(tmp_path):
     with pytest.raises(ShardError, match="contains a dot"):
         write_shard(tmp_path / "x.tar", [("a.b", {"cls": b"1"})])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile_for_long_names_and_formats(tmp_path, fmt):
+    import io
+
+    from pipeline.tarstream import iter_members
+
+    path = tmp_path / "t.tar"
+    names = [
+        "a.jpg",
+        "a.cls",
+        "d/" + "x" * 120 + ".jpg",
+        "d/" + "x" * 120 + ".cls",
+        "p" * 90 + "/q" * 40 + ".png",
+    ]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = names[:2] + ["dir/" + "y" * 60 + ".jpg"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (100 + 700 * i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        want = [(m.name, m.offset, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with open(path, "rb") as fh:
+        got = list(iter_members(fh))
+    assert [(n, d) for n, _, d in got] == [(n, d) for n, _, d in want]
+    assert [o for _, o, _ in got][0] == 0
+
+
+def test_corrupt_tar_header_is_named(demo_shards, tmp_path):
+    bad = tmp_path / "bad.tar"
+    data = bytearray((demo_shards["train"] / "train-000000.tar").read_bytes())
+    data[5] ^= 0x55  # inside the first member's name: the header checksum no longer matches
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"bad\.tar: corrupt tar header at byte 0"):
+        scan_shard(bad)
