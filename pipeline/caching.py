@@ -41,6 +41,7 @@ class ShardTask:
     name: str
     samples: int  # expected count (from the index or the first listing)
     sha256: str | None  # expected content hash
+    duplicates: dict[str, str] = field(default_factory=dict)  # key -> earlier shard holding it (skipped here)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,12 @@ class ShardViews(IterableDataset):
 
     def _render(self, task: ShardTask, pos: int, sample, skipped: list[dict]) -> dict | None:
         where = f"{task.path} key {sample.key!r}"
+        if sample.key in task.duplicates:  # only present with --skip-bad (otherwise refused before caching)
+            reason = (
+                f"key {sample.key!r} appears in shard {task.duplicates[sample.key]} and in shard {task.name}"
+            )
+            skipped.append({"key": sample.key, "position": pos, "reason": reason})
+            return None
         try:
             data = image_bytes(sample, task.path)
             image = decode_rgb(data, where)
@@ -143,7 +150,6 @@ class ShardAssembly:
     hw: np.ndarray | None = None
     hashes: np.ndarray | None = None
     valid: np.ndarray | None = None
-    skipped: list[dict] = field(default_factory=list)  # rows dropped after decoding (duplicate keys)
 
     def __post_init__(self) -> None:
         n, k = self.task.samples, self.views
@@ -168,13 +174,6 @@ class ShardAssembly:
         for p, key in zip(pos, msg["keys"], strict=True):
             self.keys[p] = key
 
-    def skip(self, position: int, reason: str) -> None:
-        """Drop a decoded row (e.g. a key already cached from another shard): zeroed, invalid, recorded."""
-        for f in self.features.values():
-            f[position] = 0
-        self.valid[position] = False
-        self.skipped.append({"key": self.keys[position], "reason": reason})
-
     def finish(self, end: dict) -> ShardBlock:
         """The complete block; every position must be either filled or a recorded skip."""
         for s in end["skipped"]:
@@ -184,7 +183,7 @@ class ShardAssembly:
             raise CacheError(
                 f"{self.task.path}: {len(missing)} of {self.task.samples} rows missing; the shard is incomplete"
             )
-        skipped = [{"key": s["key"], "reason": s["reason"]} for s in end["skipped"]] + self.skipped
+        skipped = [{"key": s["key"], "reason": s["reason"]} for s in end["skipped"]]
         return ShardBlock(self.keys, self.features, self.params, self.hw, self.hashes, self.valid, skipped)
 
 

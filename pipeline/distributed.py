@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import KdepError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -72,6 +74,8 @@ def pick_device(name: str) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when available, else cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdepError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)

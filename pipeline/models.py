@@ -53,7 +53,13 @@ def build_model(
             raise ModelError(
                 f"{arch} has no torchvision weights {weights!r}; known: {names}, or pass a weights file"
             ) from None
-        model = torchvision.models.get_model(arch, weights=w)
+        try:
+            model = torchvision.models.get_model(arch, weights=w)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError: no network, proxy, disk
+            raise ModelError(
+                f"could not load torchvision weights {enum.__name__}.{w.name} ({str(err).splitlines()[0]}); "
+                "download them once with network access, or pass a local weights file"
+            ) from None
         return model, {"kind": "torchvision", "name": f"{enum.__name__}.{w.name}", "url": w.url}
     if not weights:
         kwargs = {"num_classes": num_classes} if num_classes else {}

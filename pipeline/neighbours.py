@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.errors import KdepError
 from pipeline.images import decode_rgb, image_hash
-from pipeline.pairs import _stable_int, scheduled_view
+from pipeline.pairs import _stable_int, first_training_view, scheduled_view
 from pipeline.shards import IMAGE_EXTS, split_member_name
 from pipeline.store import FeatureStore, ShardBlock, open_store
 from pipeline.views import replay_view
@@ -159,6 +159,8 @@ class RandomAccessPairs(Dataset):
                 f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"
             )
         feats = block.features[self.tap]
-        view = scheduled_view(self.seed, key, self.epoch, feats.shape[1], self.view_policy)
+        view = scheduled_view(
+            self.seed, key, self.epoch, feats.shape[1], self.view_policy, first_training_view(self._store)
+        )
         x = replay_view(decode_rgb(data, f"{path} key {key!r}"), block.params[row, view], self.resolution)
         return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])

@@ -56,12 +56,19 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(digest, "little")
 
 
-def scheduled_view(seed: int, key: str, epoch: int, views: int, policy: str) -> int:
-    """The view an image shows in ``epoch``: its seeded permutation of the K views, walked (or a uniform draw)."""
+def scheduled_view(seed: int, key: str, epoch: int, views: int, policy: str, first: int = 0) -> int:
+    """The view an image shows in ``epoch``: its seeded permutation of views ``first..K-1``, walked (or a uniform
+    draw). ``first=1`` leaves out a deterministic centre view 0, which is for neighbour mining, not training."""
+    n = views - first
     if policy == "random":
-        return _stable_int(seed, key, "random", epoch) % views
-    cycle = epoch // views  # a fresh seeded permutation every K epochs; random.Random is ~10x cheaper to seed
-    return random.Random(_stable_int(seed, key, "walk", cycle)).sample(range(views), views)[epoch % views]
+        return first + _stable_int(seed, key, "random", epoch) % n
+    cycle = epoch // n  # a fresh seeded permutation every n epochs; random.Random is ~10x cheaper to seed
+    return first + random.Random(_stable_int(seed, key, "walk", cycle)).sample(range(n), n)[epoch % n]
+
+
+def first_training_view(store: FeatureStore) -> int:
+    """1 when view 0 is the cache's centre view (and there are others), else 0."""
+    return int(bool(store.provenance["views"].get("center_first")) and store.layout.views > 1)
 
 
 def shard_order(seed: int, epoch: int, shards: int) -> list[int]:
@@ -137,7 +144,8 @@ class PairStream(IterableDataset):
             return self._bad(
                 f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards"
             )
-        view = scheduled_view(self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy)
+        view = scheduled_view(self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy,
+                              first_training_view(store))  # fmt: skip
         x = replay_view(image, block.params[row, view], self.spec.resolution)
         self.counts["pairs"] += 1
         return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])

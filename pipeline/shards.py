@@ -92,8 +92,37 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
 
 
 def scan_shard(path: str | Path) -> list[str]:
-    """The keys of a shard in order, read without decoding images; raises ShardError on a bad tar."""
-    return [s.key for s in iter_samples(path)]
+    """The keys of a shard in order, from its tar headers alone; raises ShardError on a bad tar or duplicate key."""
+    path = str(path)
+    keys: list[str] = []
+    try:
+        with open(path, "rb", buffering=1 << 16) as fh:
+            for name, _offset, _data in iter_members(fh, with_data=False):
+                key = split_member_name(name)[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    except FileNotFoundError:
+        raise ShardError(f"no shard at {path}; check the shard list") from None
+    except (TarFormatError, UnicodeDecodeError, OSError) as err:
+        raise ShardError(f"{path}: {err}; re-copy or re-make this shard") from None
+    if len(set(keys)) != len(keys):
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise ShardError(f"{path}: duplicate key {dup!r} (it appears twice in this shard); re-make the shard")
+    return keys
+
+
+def duplicate_keys(shards: list[ShardInfo]) -> dict[int, dict[str, str]]:
+    """Keys that already appear in an earlier shard (in list order): {shard index: {key: earlier shard name}}.
+
+    The first occurrence wins, so which copy is kept never depends on ranks, workers or timing."""
+    first: dict[str, str] = {}
+    out: dict[int, dict[str, str]] = {}
+    for i, info in enumerate(shards):
+        for key in scan_shard(info.path):
+            owner = first.setdefault(key, info.name)
+            if owner != info.name:
+                out.setdefault(i, {})[key] = owner
+    return out
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

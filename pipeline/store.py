@@ -58,6 +58,10 @@ class CacheLayout:
     chunk_rows: int = 0  # C (derived when 0)
 
     def __post_init__(self) -> None:
+        if not self.shards or max(s["samples"] for s in self.shards) == 0:
+            raise StoreError(
+                "no samples in the input shards; check the shard list (an empty index or empty tars)"
+            )
         if self.slot_rows == 0:
             largest = max(s["samples"] for s in self.shards)
             row_bytes = self.views * max(self.dims.values()) * np.dtype(self.dtype).itemsize

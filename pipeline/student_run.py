@@ -27,7 +27,7 @@ from pipeline.manifest import config_to_dict
 from pipeline.provenance import require_same
 from pipeline.shards import write_json_atomic
 from pipeline.sources import source_shard_paths
-from pipeline.store import FeatureStore, open_store
+from pipeline.store import FeatureStore, StoreError, open_store
 from pipeline.teacher import AMP_DTYPES, resolve_amp
 from pipeline.training import (
     LossSpec,
@@ -35,6 +35,7 @@ from pipeline.training import (
     base_lr_for,
     lr_at,
     make_optimizer,
+    make_scaler,
     train_step,
     weight_decay_for,
 )
@@ -50,6 +51,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     projection: object | None  # pipeline.projection.Projection
     base_lr: float
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (None or disabled otherwise)
     losses: list[float] = field(default_factory=list)
 
 
@@ -61,13 +63,14 @@ def train_students(config) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     store = open_store(config.cache)
+    require_complete(store, config.tap)
     shard_paths = source_shard_paths(store, config.shards)
     projections = [load_checked_projection(p, store, config.tap) for p in config.projection] or [None] * len(
         config.student
     )
     resolution = config.resolution or store.provenance["preprocessing"]["resolution"]
     trainees = build_trainees(config, store, projections, resolution, device, job)
-    start, global_step = resume(out, config, trainees, job)
+    start, global_step = resume(out, config, store, trainees, job)
     teacher = online_teacher(store, config.tap, device) if config.online_teacher else None
     loaders = PairLoaders(config, store, tuple(shard_paths), resolution, job, device)
     write_provenance(out, config, store, trainees, resolution, job)
@@ -82,8 +85,20 @@ def train_students(config) -> dict:
             epoch, config, loaders, trainees, teacher, loss_spec, device, amp, job, expected, global_step
         )
         global_step += stats["steps"]
-        finish_epoch(out, epoch, config, trainees, stats, job, global_step)
+        finish_epoch(out, epoch, config, store, trainees, stats, job, global_step)
     return finalize(out, config, trainees, job)
+
+
+def require_complete(store: FeatureStore, tap: str) -> None:
+    """Training reads every shard: refuse an unfinished cache (naming what is missing) or a tap it does not hold."""
+    store.feature_array(tap)  # StoreError naming the taps it has
+    done = store.done()
+    missing = [s["name"] for i, s in enumerate(store.layout.shards) if i not in done]
+    if missing:
+        raise StoreError(
+            f"{store.path} is not complete: {len(missing)} shard(s) not cached yet, e.g. {missing[0]}; "
+            "finish `kdep cache-teacher` (it resumes) before training"
+        )
 
 
 def load_checked_projection(path: str, store: FeatureStore, tap: str):
@@ -105,7 +120,8 @@ def build_trainees(
     config, store: FeatureStore, projections: list, resolution: int, device: torch.device, job: Dist
 ) -> list[Trainee]:
     d_teacher = store.layout.dims[config.tap]
-    global_batch = config.batch_size * job.world
+    per_rank = config.anchors * (1 + config.neighbours) if config.neighbours else config.batch_size
+    global_batch = per_rank * job.world  # the lr scales with the batch actually trained on
     out = []
     for i, (arch, proj) in enumerate(zip(config.student, projections, strict=True)):
         torch.manual_seed(config.seed + 1000 * i)  # deterministic init, the same on every rank
@@ -125,7 +141,10 @@ def build_trainees(
             else weight_decay_for(config.data_fraction, config.epochs)
         )
         name = arch if config.student.count(arch) == 1 else f"{arch}-{i}"
-        out.append(Trainee(name, model, student, make_optimizer(model, lr, wd), proj, lr))
+        amp = resolve_amp(config.amp, device)
+        out.append(
+            Trainee(name, model, student, make_optimizer(model, lr, wd), proj, lr, make_scaler(device, amp))
+        )
     return out
 
 
@@ -170,17 +189,20 @@ def run_epoch(
         disable=config.quiet or not job.is_main,
         mininterval=1.0,
     )
-    images, steps, t0 = 0, 0, time.perf_counter()
+    images, steps, singletons, t0 = 0, 0, 0, time.perf_counter()
     joinables = [t.model for t in trainees if isinstance(t.model, nn.parallel.DistributedDataParallel)]
     with _join(joinables):
         for x, rows, _ids in loader:
+            if len(x) < 2:  # a worker's last batch of one: BatchNorm cannot train on a single sample
+                singletons += 1
+                continue
             x = x.to(device, non_blocking=True)
             if device.type == "cuda" and config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             raw = teacher_rows(rows, x, teacher, config.tap, device, amp)
             for t in trainees:
                 target = t.projection.targets(raw) if t.projection is not None else raw
-                loss, parts = train_step(t.model, t.optimizer, x, target, loss_spec, device, amp)
+                loss, parts = train_step(t.model, t.optimizer, x, target, loss_spec, device, amp, t.scaler)
                 t.losses.append(loss)
                 if steps % config.log_every == 0 and job.is_main:
                     append_metrics(
@@ -201,7 +223,12 @@ def run_epoch(
                 break
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"images": _sum_over_ranks(images), "steps": steps, "seconds": seconds}
+    seen = _sum_over_ranks(images + singletons, device)
+    skipped = (
+        expected - seen if not config.max_steps and config.neighbours == 0 else 0
+    )  # did not join (--skip-bad)
+    return {"images": _sum_over_ranks(images, device), "steps": steps, "seconds": seconds,
+            "singletons_dropped": _sum_over_ranks(singletons, device), "skipped": skipped}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -216,17 +243,17 @@ def _join(models: list):
         yield
 
 
-def _sum_over_ranks(value: int) -> int:
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    """Sum over ranks; the tensor lives on the training device (NCCL has no CPU tensors)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return int(t.item())
 
 
-def finish_epoch(
-    out: Path, epoch: int, config, trainees: list[Trainee], stats: dict, job: Dist, global_step: int
-) -> None:
+def finish_epoch(out: Path, epoch: int, config, store: FeatureStore, trainees: list[Trainee], stats: dict, job: Dist,
+                 global_step: int) -> None:  # fmt: skip
     """Epoch metrics, then an atomic checkpoint (rank 0)."""
     if not job.is_main:
         barrier()
@@ -245,12 +272,22 @@ def finish_epoch(
                 "images": stats["images"],
                 "seconds": stats["seconds"],
                 "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
+                "skipped": stats["skipped"],
+                "singletons_dropped": stats["singletons_dropped"],
             },
+        )
+    if stats["skipped"] and not config.quiet:
+        print(
+            f"epoch {epoch + 1}: skipped {stats['skipped']} samples that did not join the cache (--skip-bad)"
         )
     state = {
         "epoch": epoch,
         "global_step": global_step,
         "config": config_to_dict(config),
+        "inputs": run_inputs(store, trainees),
+        "scalers": {
+            t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None and t.scaler.is_enabled()
+        },
         "students": {t.name: t.student.state_dict() for t in trainees},
         "optimizers": {t.name: t.optimizer.state_dict() for t in trainees},
     }
@@ -258,24 +295,34 @@ def finish_epoch(
     barrier()
 
 
-def resume(out: Path, config, trainees: list[Trainee], job: Dist) -> tuple[int, int]:
-    """Load the newest checkpoint if there is one (same settings required); returns (first epoch, global step)."""
+RESUME_FREE = ("quiet", "workers", "log_every", "shards", "device")  # settings a resumed run may change
+
+
+def run_inputs(store: FeatureStore, trainees: list[Trainee]) -> dict:
+    """The identities a run trains from: the cache fingerprint and each projection's sha256."""
+    projections = [
+        t.projection.meta.get("npz_sha256") if t.projection is not None else None for t in trainees
+    ]
+    return {"cache_fingerprint": store.fingerprint(), "projection_sha256": projections}
+
+
+def resume(out: Path, config, store: FeatureStore, trainees: list[Trainee], job: Dist) -> tuple[int, int]:
+    """Load the newest checkpoint if there is one (same settings and inputs required); returns (first epoch, step)."""
     path = latest_checkpoint(out)
     if path is None:
         return 0, 0
     state = load_checkpoint(path)
-    stored = {
-        k: v for k, v in state["config"].items() if k not in ("epochs", "quiet", "workers", "log_every")
-    }
-    now = {
-        k: v
-        for k, v in config_to_dict(config).items()
-        if k not in ("epochs", "quiet", "workers", "log_every")
-    }
-    require_same(f"the run in {out}", stored, now, "resume with the same settings or choose another --out")
+    stored = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
+    now = {k: v for k, v in config_to_dict(config).items() if k not in RESUME_FREE}
+    hint = "resume with the same settings and inputs, or choose another --out"
+    require_same(
+        f"the run in {out}", {**stored, **state["inputs"]}, {**now, **run_inputs(store, trainees)}, hint
+    )
     for t in trainees:
         t.student.load_state_dict(state["students"][t.name])
         t.optimizer.load_state_dict(state["optimizers"][t.name])
+        if t.scaler is not None and state.get("scalers", {}).get(t.name):
+            t.scaler.load_state_dict(state["scalers"][t.name])
     if job.is_main and not config.quiet:
         print(f"resuming {out} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["global_step"]

@@ -8,6 +8,7 @@ stops at a member boundary without it is truncated (every WebDataset handler wou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -31,7 +32,10 @@ def _octal(field: bytes) -> int:
 def _checksum_ok(header: bytes) -> bool:
     stored = _octal(header[148:156])
     unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored == unsigned
+    if stored == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32  # old writers
+    return stored == signed
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -42,8 +46,9 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_members(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
-    """Yield ``(name, header offset, data)`` for every regular file member, in order."""
+def iter_members(fh: BinaryIO, with_data: bool = True) -> Iterator[tuple[str, int, bytes]]:
+    """Yield ``(name, header offset, data)`` for every regular file member, in order (``data`` is b"" and the file
+    is seeked over when ``with_data`` is False: a key scan reads only the headers)."""
     offset, long_name = 0, None
     while True:
         header = fh.read(BLOCK)
@@ -55,10 +60,15 @@ def iter_members(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
             raise TarFormatError(f"corrupt tar header at byte {offset}")
         size, kind = _octal(header[124:136]), header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        data = fh.read(padded)
-        if len(data) < padded:
-            raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
-        data = data[:size]
+        if with_data or kind in (b"L", b"x"):
+            data = fh.read(padded)
+            if len(data) < padded:
+                raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
+            data = data[:size]
+        else:
+            data = b""
+            if fh.seek(padded, 1) > _size(fh):
+                raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
         name = long_name or _header_name(header)
         long_name = None
         if kind == b"L":
@@ -70,9 +80,13 @@ def iter_members(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
         offset += BLOCK + padded
 
 
+def _size(fh: BinaryIO) -> int:
+    return os.fstat(fh.fileno()).st_size
+
+
 def _header_name(header: bytes) -> str:
     name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-    if header[257:262] == b"ustar":
+    if header[257:263] == b"ustar\0":  # POSIX ustar; GNU ("ustar  ") keeps other fields there
         prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
         if prefix:
             name = f"{prefix}/{name}"

@@ -67,9 +67,8 @@ def cache_shards(
     taps: FeatureTaps,
     spec: ViewSpec,
     rt: Runtime,
-    seen_keys: dict[str, str],
 ) -> dict:
-    """Cache every task's shard into its slot; returns counts and timing. ``seen_keys`` maps key -> shard name."""
+    """Cache every task's shard into its slot; returns counts and timing."""
     loader = DataLoader(
         ShardViews(tasks, spec, rt.skip_bad),
         batch_size=None,
@@ -90,11 +89,7 @@ def cache_shards(
                 raise CacheError(msg["message"])
             assembly = assemblies[msg["shard"]]
             if msg["kind"] == "views":
-                dups = _duplicates(msg["keys"], assembly.task.name, seen_keys, rt.skip_bad)
                 assembly.add(msg, teacher_features(taps, msg["views"], rt))
-                for i, reason in dups:
-                    assembly.skip(msg["positions"][i], reason)
-                skipped += len(dups)
                 images += len(msg["keys"])
                 bar.update(len(msg["keys"]))
             else:
@@ -113,16 +108,3 @@ def cache_shards(
         "seconds": seconds,
         "images_per_s": images / seconds if seconds > 0 else 0.0,
     }
-
-
-def _duplicates(keys: list[str], shard: str, seen: dict[str, str], skip_bad: bool) -> list[tuple[int, str]]:
-    """Batch indices of keys already cached from another shard: an error, or (skip_bad) rows to skip."""
-    out = []
-    for i, key in enumerate(keys):
-        other = seen.setdefault(key, shard)
-        if other != shard:
-            reason = f"key {key!r} appears in shard {other} and in shard {shard}; keys must be unique across shards"
-            if not skip_bad:
-                raise CacheError(f"{reason} (re-make the shards with unique keys, or pass --skip-bad)")
-            out.append((i, reason))
-    return out

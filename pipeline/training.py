@@ -94,22 +94,26 @@ def autocast_for(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    spec: LossSpec,
-    device: torch.device,
-    amp: str,
-) -> tuple[float, dict[str, float]]:
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (bf16 and float32 need none: the scaler is then a pass-through)."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and amp == "fp16")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+               spec: LossSpec, device: torch.device, amp: str, scaler: torch.amp.GradScaler | None = None,
+               ) -> tuple[float, dict[str, float]]:  # fmt: skip
     """One SGD step on (views, targets) already on the device; returns the loss and its parts."""
     with autocast_for(device, amp):
         out = model(x)
     loss, parts = compute_loss(spec, out.float(), target)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return float(loss.detach()), parts
 
 

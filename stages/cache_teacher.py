@@ -15,6 +15,7 @@ on the number of ranks.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from pipeline.errors import KdepError
 from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
 from pipeline.models import TAPS, build_model, tap_dims
 from pipeline.provenance import StoreLock, library_versions, require_same
-from pipeline.shards import ShardInfo, list_shards, shard_record, with_counts
+from pipeline.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
 from pipeline.store import CacheLayout, FeatureStore, create_store, open_store
 from pipeline.teacher import Runtime, cache_shards, prepare_teacher, resolve_amp
 from pipeline.views import RECIPES, describe_preprocessing
@@ -98,7 +99,7 @@ def run(config: CacheTeacherConfig) -> dict:
     )
     shards = with_counts(list_shards(config.shards))
     model, identity = build_model(config.teacher, None if config.weights == "random" else config.weights)
-    dims = tap_dims(model, config.taps)
+    dims = tap_dims(model, config.taps, config.resolution)
     provenance = build_provenance(config, identity, dims, shards, rt.amp)
     layout = CacheLayout(
         shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
@@ -106,7 +107,7 @@ def run(config: CacheTeacherConfig) -> dict:
     lock = StoreLock(config.out)
     store = open_shared_store(config, layout, provenance, job, lock)
     try:
-        tasks, seen = pending_tasks(store, shards, job)
+        tasks = pending_tasks(store, shards, job, config.skip_bad)
         if rt.progress:
             print_banner(store, shards, tasks, job, rt)
         spec = ViewSpec(
@@ -117,7 +118,7 @@ def run(config: CacheTeacherConfig) -> dict:
             config.center_view,
             max(1, config.batch_size // config.views),
         )
-        stats = cache_shards(store, tasks, prepare_teacher(model, config.taps, rt), spec, rt, seen)
+        stats = cache_shards(store, tasks, prepare_teacher(model, config.taps, rt), spec, rt)
         finish_run(store, job, config, stats)
     finally:
         lock.release()
@@ -136,7 +137,7 @@ def build_provenance(
                   "seed": config.seed, "center_first": config.center_view},
         "compute": {"amp": amp, "feature_dtype": config.dtype, "batch_views": max(1, config.batch_size // config.views) * config.views},
         "shards": [shard_record(s) for s in shards],
-        "recorded": {"versions": library_versions(), "source": config.shards,
+        "recorded": {"versions": library_versions(), "source": os.path.abspath(config.shards),
                      "weights_path": str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights},
     }  # fmt: skip
 
@@ -187,22 +188,26 @@ def _lock_and_prepare(
     return job_id
 
 
-def pending_tasks(
-    store: FeatureStore, shards: list[ShardInfo], job: Dist
-) -> tuple[list[ShardTask], dict[str, str]]:
-    """This rank's share of the shards not yet done, and the keys already cached (for the duplicate check)."""
-    done = store.done()
-    todo = [i for i in range(len(shards)) if i not in done]
-    mine = todo[job.rank :: job.world]
-    tasks = [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256) for i in mine]
-    seen: dict[str, str] = {}
-    if done:
-        keys, valid = store.group["keys"][:], store.group["valid"][:]
-        rows = store.layout.slot_rows
-        for i in done:
-            for key in keys[i * rows : (i + 1) * rows][valid[i * rows : (i + 1) * rows]]:
-                seen[str(key)] = shards[i].name
-    return tasks, seen
+def pending_tasks(store: FeatureStore, shards: list[ShardInfo], job: Dist, skip_bad: bool) -> list[ShardTask]:
+    """This rank's share of the shards not yet done. Rank 0 reads the done markers and scans the keys once and
+    broadcasts both, so every rank splits the same list; a key already in an earlier shard is refused up front
+    (or, with --skip-bad, skipped in the later shard: the first occurrence wins, whatever the ranks or timing)."""
+    plan: tuple = ("ok", [], {})
+    if job.is_main:
+        done, dups = sorted(store.done()), duplicate_keys(shards)
+        if dups and not skip_bad:
+            i, found = next(iter(dups.items()))
+            key, owner = next(iter(found.items()))
+            plan = ("error", f"key {key!r} appears in shard {owner} and in shard {shards[i].name}; keys must be unique "
+                             "across shards (re-make the shards with unique keys, or pass --skip-bad)", {})  # fmt: skip
+        else:
+            plan = ("ok", done, dups)
+    status, done, dups = broadcast_object(plan)
+    if status == "error":
+        raise CacheError(done)
+    todo = [i for i in range(len(shards)) if i not in set(done)]
+    return [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256, dups.get(i, {}))
+            for i in todo[job.rank :: job.world]]  # fmt: skip
 
 
 def print_banner(
@@ -222,18 +227,18 @@ def print_banner(
 
 
 def finish_run(store: FeatureStore, job: Dist, config: CacheTeacherConfig, stats: dict) -> None:
-    """Wait for every rank; rank 0 checks key uniqueness across ranks and appends the run log."""
+    """Wait for every rank; rank 0 checks that every shard is durably done and appends the run log."""
     everyone = all_gather_objects(stats)
     barrier()
     if not job.is_main:
         return
-    if job.world > 1:
-        keys = store.group["keys"][:][store.group["valid"][:]]
-        uniq, counts = np.unique(keys, return_counts=True)
-        if (counts > 1).any():
-            raise CacheError(
-                f"{config.out}: key {uniq[counts > 1][0]!r} is cached from two shards; keys must be unique"
-            )
+    done = store.done()
+    missing = [s["name"] for i, s in enumerate(store.layout.shards) if i not in done]
+    if missing:
+        raise CacheError(
+            f"{config.out}: {len(missing)} shard(s) have no done marker after the run (e.g. {missing[0]}); "
+            "re-run cache-teacher to resume them"
+        )
     log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ranks": job.world, "per_rank": everyone}
     with open(Path(config.out) / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(log) + "\n")

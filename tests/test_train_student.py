@@ -118,6 +118,8 @@ def test_the_view_walk_visits_every_view_once_per_k_epochs():
     for key in ("a", "b", "n01440764_10026"):
         assert sorted(scheduled_view(3, key, e, 5, "walk") for e in range(5)) == list(range(5))
         assert sorted(scheduled_view(3, key, e, 5, "walk") for e in range(5, 10)) == list(range(5))
+        assert sorted(scheduled_view(3, key, e, 5, "walk", first=1) for e in range(4)) == [1, 2, 3, 4]
+        assert {scheduled_view(3, key, e, 5, "random", first=1) for e in range(50)} == {1, 2, 3, 4}
 
 
 def _rewrite(src: str, dst: Path, edit) -> str:
@@ -254,3 +256,15 @@ def test_online_teacher_mode_trains_from_the_live_teacher(cached, tmp_path):
     online_run = train_run(_config(cached, tmp_path / "online", epochs=1, online_teacher=True))
     a, b = cached_run["students"]["resnet18"]["loss"], online_run["students"]["resnet18"]["loss"]
     assert np.isfinite(b) and b == pytest.approx(a, rel=0.05)  # float16 storage is the only difference
+
+
+def test_an_unfinished_cache_or_a_missing_tap_is_refused(cached, tmp_path):
+    from pipeline.store import StoreError
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(cached["cache"], partial)
+    (partial / "markers" / "000001.json").unlink()
+    with pytest.raises(StoreError, match=r"not complete: 1 shard\(s\) not cached yet, e.g. train-000001.tar"):
+        train_run(_config(cached, tmp_path / "a", cache=str(partial)))
+    with pytest.raises(StoreError, match="has no tap 'post_relu'"):
+        train_run(_config(cached, tmp_path / "b", tap="post_relu", loss="coss", projection=()))
