@@ -186,6 +186,11 @@ class FeatureStore:
             out[int(p.stem)] = json.loads(p.read_text())
         return out
 
+    def missing_shards(self) -> list[str]:
+        """Names of the source shards whose data is not durably written yet (no done marker)."""
+        done = self.done()
+        return [s["name"] for i, s in enumerate(self.layout.shards) if i not in done]
+
     def write_slot(self, shard_index: int, block: ShardBlock) -> None:
         """Write one shard's rows into its own chunks (one call per array), fsync them, then its done marker."""
         rows, sl, n = self.layout.slot_rows, self.layout.slot(shard_index), len(block.keys)

@@ -92,8 +92,7 @@ def train_students(config) -> dict:
 def require_complete(store: FeatureStore, tap: str) -> None:
     """Training reads every shard: refuse an unfinished cache (naming what is missing) or a tap it does not hold."""
     store.feature_array(tap)  # StoreError naming the taps it has
-    done = store.done()
-    missing = [s["name"] for i, s in enumerate(store.layout.shards) if i not in done]
+    missing = store.missing_shards()
     if missing:
         raise StoreError(
             f"{store.path} is not complete: {len(missing)} shard(s) not cached yet, e.g. {missing[0]}; "

@@ -232,8 +232,7 @@ def finish_run(store: FeatureStore, job: Dist, config: CacheTeacherConfig, stats
     barrier()
     if not job.is_main:
         return
-    done = store.done()
-    missing = [s["name"] for i, s in enumerate(store.layout.shards) if i not in done]
+    missing = store.missing_shards()
     if missing:
         raise CacheError(
             f"{config.out}: {len(missing)} shard(s) have no done marker after the run (e.g. {missing[0]}); "
