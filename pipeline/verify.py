@@ -17,6 +17,7 @@ from pipeline.errors import KdepError
 from pipeline.images import decode_rgb, image_bytes, image_hash
 from pipeline.models import FeatureTaps, build_model
 from pipeline.shards import iter_samples
+from pipeline.sources import source_shard_paths
 from pipeline.store import FeatureStore
 from pipeline.views import replay_view
 
@@ -72,22 +73,20 @@ def rebuild_teacher(store: FeatureStore) -> FeatureTaps:
 
 
 def verify_store(
-    store: FeatureStore, samples: int, seed: int = 0, tolerance: float | None = None
+    store: FeatureStore, samples: int, seed: int = 0, tolerance: float | None = None, shards: str = ""
 ) -> VerifyReport:
-    """Recompute ``samples`` random (key, view) features and compare them with the cache."""
+    """Recompute ``samples`` random (key, view) features and compare them with the cache (``shards``: where the
+    source shards are now, if they moved; default: the recorded source)."""
     taps = rebuild_teacher(store)
     res = store.provenance["preprocessing"]["resolution"]
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[store.provenance["compute"]["amp"]]
-    source = Path(store.provenance["recorded"]["source"])
-    shard_dir = source if source.is_dir() else source.parent
+    paths = source_shard_paths(store, shards)
     worst, max_abs, max_rel = "", 0.0, 0.0
     pairs = pick_pairs(store, samples, seed)
     for shard in sorted({p[0] for p in pairs}):
         block = store.read_slot(shard)
         wanted = {(row, view) for s, row, view in pairs if s == shard}
-        images = _find_images(
-            shard_dir / store.layout.shards[shard]["name"], {block.keys[r] for r, _ in wanted}
-        )
+        images = _find_images(Path(paths[shard]), {block.keys[r] for r, _ in wanted})
         for row, view in sorted(wanted):
             key = block.keys[row]
             data = images[key]

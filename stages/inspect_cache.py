@@ -74,9 +74,12 @@ def verify_command(
     samples: int = typer.Option(16, help="Random (key, view) pairs to recompute."),
     seed: int = typer.Option(0, help="Seed of the sample."),
     tolerance: float = typer.Option(None, help="Max relative error (default from the cache's precision)."),
+    shards: str = typer.Option(
+        "", help="The source shards, if they moved since caching (default: recorded)."
+    ),
 ) -> None:
     """Recompute random cached features with the recorded teacher; exit 1 above tolerance."""
-    report = verify_store(open_store(store), samples, seed, tolerance)
+    report = verify_store(open_store(store), samples, seed, tolerance, shards)
     typer.echo(
         f"verified {report.pairs} (key, view) pairs: max abs error {report.max_abs_error:.3g}, "
         f"max rel error {report.max_rel_error:.3g} (tolerance {report.tolerance:.3g}; worst: {report.worst})"

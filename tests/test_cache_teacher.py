@@ -103,7 +103,7 @@ def test_cached_rows_equal_the_online_teacher_on_the_replayed_view(straight, dem
     assert (pre < 0).any(), "the pre-ReLU tap must have negative values"
 
 
-def test_store_metadata_inspect_and_verify(straight):
+def test_store_metadata_inspect_and_verify(straight, demo_shards):
     store = open_store(straight)
     info = summarize(store)
     assert info["shards_done"] == info["shards_total"] == 3 and info["images_cached"] == 24
@@ -115,6 +115,8 @@ def test_store_metadata_inspect_and_verify(straight):
     assert [s["samples"] for s in prov["shards"]] == [8, 8, 8]
     report = verify_store(store, samples=6, seed=3)
     assert report.pairs == 6 and report.ok and report.max_rel_error < 2e-3
+    moved = verify_store(store, samples=2, seed=4, shards=str(demo_shards["train"] / "index.json"))
+    assert moved.pairs == 2 and moved.ok
 
 
 def test_two_ranks_under_torchrun_give_a_byte_identical_store(straight, demo_shards, teacher_file, tmp_path):
