@@ -119,6 +119,7 @@ def run(config: CacheTeacherConfig) -> dict:
             max(1, config.batch_size // config.views),
         )
         stats = cache_shards(store, tasks, prepare_teacher(model, config.taps, rt), spec, rt)
+        stats["shards_total"] = len(shards)
         finish_run(store, job, config, stats)
     finally:
         lock.release()
@@ -287,6 +288,9 @@ def command(
     )
     config = resolve_config(CacheTeacherConfig, "cache_teacher", manifest, flags, set_)
     stats = run(config)
+    if stats["shards"] == 0:
+        typer.echo(f"nothing to do: all {stats['shards_total']} shards of {config.out} are already cached")
+        return
     typer.echo(
         f"cached {stats['images']} images ({stats['skipped']} skipped) from {stats['shards']} shards "
         f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.1f} img/s) -> {config.out}"
