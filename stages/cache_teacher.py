@@ -288,10 +288,14 @@ def command(
     )
     config = resolve_config(CacheTeacherConfig, "cache_teacher", manifest, flags, set_)
     stats = run(config)
-    if stats["shards"] == 0:
+    if (
+        os.environ.get("RANK", "0") != "0"
+    ):  # under torchrun, rank 0 reports (runs.jsonl has every rank's counts)
+        return
+    if stats["shards"] == 0 and os.environ.get("WORLD_SIZE", "1") == "1":
         typer.echo(f"nothing to do: all {stats['shards_total']} shards of {config.out} are already cached")
         return
     typer.echo(
-        f"cached {stats['images']} images ({stats['skipped']} skipped) from {stats['shards']} shards "
+        f"cached {stats['images']} images{' on rank 0' if os.environ.get('WORLD_SIZE', '1') != '1' else ''} ({stats['skipped']} skipped) from {stats['shards']} shards "
         f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.1f} img/s) -> {config.out}"
     )
