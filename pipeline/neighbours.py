@@ -140,11 +140,21 @@ class RandomAccessPairs(Dataset):
         self._blocks.move_to_end(shard)
         return self._blocks[shard]
 
+    def _locate(self, i: int) -> tuple[int, int]:
+        if self._store is None:
+            self._store = open_store(self.store_path)
+        shard, row = divmod(int(self.rows[i]), self._store.layout.slot_rows)
+        return shard, row
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch, fetched shard by shard (each needed shard block is read once per batch), in batch order."""
+        out: list = [None] * len(indices)
+        for j in sorted(range(len(indices)), key=lambda j: self._locate(indices[j])):
+            out[j] = self[indices[j]]
+        return out
+
     def __getitem__(self, i: int):
-        store_rows = (
-            self._store.layout.slot_rows if self._store else open_store(self.store_path).layout.slot_rows
-        )
-        shard, row = divmod(int(self.rows[i]), store_rows)
+        shard, row = self._locate(i)
         block, path = self._block(shard), self.shard_paths[shard]
         key = block.keys[row]
         if shard not in self._offsets:
