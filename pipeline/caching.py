@@ -12,6 +12,7 @@ workers, or on which run (first or resumed) computed them.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -73,15 +74,21 @@ class ShardViews(IterableDataset):
                 return
 
     def _shard(self, task: ShardTask) -> Iterator[dict]:
-        if task.sha256 and file_sha256(task.path) != task.sha256:
-            raise CacheError(
-                f"{task.path}: content changed since this cache was started (sha256 differs); "
-                "restore the original shard or start a new cache"
-            )
+        """One shard's batches, then its end message. The shard is hashed while it is read (one pass); a hash that
+        differs from the recorded one is reported instead of the end message, so nothing of it is ever written."""
+        digest = hashlib.sha256() if task.sha256 else None
+        try:
+            yield from self._read_shard(task, digest)
+        except (ShardError, DecodeError, CacheError):
+            if task.sha256 and file_sha256(task.path) != task.sha256:  # error path only: say why it failed
+                raise _changed(task) from None
+            raise
+
+    def _read_shard(self, task: ShardTask, digest) -> Iterator[dict]:
         pending: list[dict] = []
         skipped: list[dict] = []
         count = 0
-        for pos, sample in enumerate(iter_samples(task.path)):
+        for pos, sample in enumerate(iter_samples(task.path, digest)):
             count += 1
             item = self._render(task, pos, sample, skipped)
             if item is not None:
@@ -95,6 +102,8 @@ class ShardViews(IterableDataset):
             raise CacheError(
                 f"{task.path}: {count} samples but {task.samples} expected; the shard is truncated or changed"
             )
+        if digest is not None and digest.hexdigest() != task.sha256:
+            raise _changed(task)
         yield {"kind": "end", "shard": task.index, "samples": count, "skipped": skipped}
 
     def _render(self, task: ShardTask, pos: int, sample, skipped: list[dict]) -> dict | None:
@@ -125,6 +134,11 @@ class ShardViews(IterableDataset):
             "hw": (h, w),
             "hash": np.frombuffer(image_hash(data), np.uint8),
         }
+
+
+def _changed(task: ShardTask) -> CacheError:
+    return CacheError(f"{task.path}: content changed since this cache was started (sha256 differs); "
+                      "restore the original shard or start a new cache")  # fmt: skip
 
 
 def _batch(shard: int, items: list[dict]) -> dict:

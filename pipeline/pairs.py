@@ -108,7 +108,7 @@ class PairStream(IterableDataset):
     def _pairs(
         self, store: FeatureStore, shards: list[int], stride_slot: int | None, consumers: int
     ) -> Iterator:
-        counter = 0
+        counter, first = 0, first_training_view(store)
         for shard in shards:
             path = self.spec.shard_paths[shard]
             block = store.read_slot(shard, taps=[self.spec.tap])
@@ -119,13 +119,13 @@ class PairStream(IterableDataset):
                 if stride_slot is not None and (counter - 1) % consumers != stride_slot:
                     seen.add(sample.key)
                     continue
-                pair = self._join(store, shard, path, sample, rows, block, feats)
+                pair = self._join(store, shard, path, sample, rows, block, feats, first)
                 seen.add(sample.key)
                 if pair is not None:
                     yield pair
             self._check_complete(path, block, seen)
 
-    def _join(self, store, shard, path, sample, rows, block, feats):
+    def _join(self, store, shard, path, sample, rows, block, feats, first):
         where = f"{path} key {sample.key!r}"
         row = rows.get(sample.key)
         if row is None:
@@ -135,17 +135,23 @@ class PairStream(IterableDataset):
         if not block.valid[row]:
             self.counts["skipped_cached"] += 1  # skipped (and recorded) when the cache was made
             return None
+        changed = (
+            f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards"
+        )
         try:
             data = image_bytes(sample, path)
+            if image_hash(data) != bytes(
+                block.hashes[row]
+            ):  # before decoding: a changed image may not decode
+                return self._bad(changed)
             image = decode_rgb(data, where)
         except DecodeError as err:
             return self._bad(str(err))
-        if image_hash(data) != bytes(block.hashes[row]) or tuple(image.shape[1:]) != tuple(block.hw[row]):
-            return self._bad(
-                f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards"
-            )
-        view = scheduled_view(self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy,
-                              first_training_view(store))  # fmt: skip
+        if tuple(image.shape[1:]) != tuple(block.hw[row]):
+            return self._bad(changed)
+        view = scheduled_view(
+            self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy, first
+        )
         x = replay_view(image, block.params[row, view], self.spec.resolution)
         self.counts["pairs"] += 1
         return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])

@@ -62,13 +62,36 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def iter_samples(path: str | Path) -> Iterator[Sample]:
-    """Yield the samples of one shard in tar order; raise ShardError on truncation, corruption or duplicate keys."""
+class _HashingReader:
+    """A read-only file wrapper that feeds every byte read into ``digest`` (one pass: parse and hash together)."""
+
+    def __init__(self, fh, digest) -> None:
+        self.fh, self.digest = fh, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.digest.update(data)
+        return data
+
+    def fileno(self) -> int:
+        return self.fh.fileno()
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def iter_samples(path: str | Path, digest=None) -> Iterator[Sample]:
+    """Yield the samples of one shard in tar order; raise ShardError on truncation, corruption or duplicate keys.
+
+    With ``digest`` (e.g. ``hashlib.sha256()``), every byte of the file is fed to it while reading, so the whole
+    file's hash is ready once the last sample is yielded, without a second read of the shard."""
     path = str(path)
     seen: set[str] = set()
     current: Sample | None = None
     try:
-        with open(path, "rb", buffering=1 << 20) as fh:
+        with open(path, "rb", buffering=1 << 20) as raw:
+            fh = _HashingReader(raw, digest) if digest is not None else raw
             for name, offset, data in iter_members(fh):
                 key, ext = split_member_name(name)
                 if current is None or key != current.key:
@@ -83,6 +106,8 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
                 if ext in current.fields:
                     raise ShardError(f"{path}: duplicate member {name!r}; re-make the shard")
                 current.fields[ext] = data
+            if digest is not None:
+                fh.drain()  # the padding after the end-of-archive marker belongs to the file's hash too
     except FileNotFoundError:
         raise ShardError(f"no shard at {path}; check the shard list") from None
     except (TarFormatError, UnicodeDecodeError, OSError) as err:

@@ -226,13 +226,9 @@ class FeatureStore:
             "valid",
         ]
         for name in names:
-            ndim = self.group[name].ndim
+            trailing = ["0"] * (self.array(name).ndim - 1)  # one chunk across the other axes
             for ci in range(shard_index * per_slot, (shard_index + 1) * per_slot):
-                chunk = (
-                    self.path / name / "c" / str(ci) / Path(*(["0"] * (ndim - 1)))
-                    if ndim > 1
-                    else self.path / name / "c" / str(ci)
-                )
+                chunk = self.path.joinpath(name, "c", str(ci), *trailing)
                 if chunk.is_file():
                     with open(chunk, "rb") as fh:
                         os.fsync(fh.fileno())
