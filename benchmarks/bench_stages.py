@@ -11,15 +11,15 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from pipeline.demodata import DemoSpec, write_demo_data
-from pipeline.images import decode_rgb, image_bytes
-from pipeline.pairs import PairStream, StreamSpec
-from pipeline.projection import load_projection
-from pipeline.shards import iter_samples, list_shards
-from pipeline.store import open_store
-from pipeline.teacher import AMP_DTYPES, Runtime, prepare_teacher, resolve_amp, teacher_features
-from pipeline.training import Student, make_optimizer
-from pipeline.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
+from pipeline.cache.store import open_store
+from pipeline.cache.teacher import AMP_DTYPES, Runtime, prepare_teacher, resolve_amp, teacher_features
+from pipeline.data.images import decode_rgb, image_bytes
+from pipeline.data.shards import iter_samples, list_shards
+from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
+from pipeline.demo.shards import DemoSpec, write_demo_data
+from pipeline.projection.artefact import load_projection
+from pipeline.student.pairs import PairStream, StreamSpec
+from pipeline.student.training import Student, make_optimizer
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.fit_svd import FitSvdConfig

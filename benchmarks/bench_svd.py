@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import CacheLayout, ShardBlock, create_store, open_store
+from pipeline.cache.store import CacheLayout, ShardBlock, create_store, open_store
 
 SHARD_ROWS = 10_000  # rows per synthetic shard (ImageNet-like shard size)
 RANK = 64  # rank of the synthetic low-rank signal

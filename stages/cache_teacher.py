@@ -6,7 +6,7 @@
     make cache-teacher MANIFEST=manifests/demo.yaml
 
 Reads the input shards (and their index.json when present) and the teacher weights. Writes the store described in
-``pipeline/store.py`` (features per tap, view parameters, image sizes and hashes, keys, per-shard done markers),
+``pipeline/cache/store.py`` (features per tap, view parameters, image sizes and hashes, keys, per-shard done markers),
 ``config.cache_teacher.json`` and ``runs.jsonl`` inside it. Re-running resumes: done shards are skipped, and the
 result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
 on the number of ranks.
@@ -23,8 +23,16 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pipeline.caching import CacheError, ShardTask, ViewSpec
-from pipeline.distributed import (
+from pipeline.cache.store import CacheLayout, FeatureStore, create_store, open_store
+from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher, resolve_amp
+from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
+from pipeline.data.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
+from pipeline.data.views import RECIPES, describe_preprocessing
+from pipeline.errors import KdepError
+from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
+from pipeline.models import TAPS, build_model, tap_dims
+from pipeline.provenance import StoreLock, library_versions, require_same
+from pipeline.runtime import (
     Dist,
     all_gather_objects,
     barrier,
@@ -32,14 +40,6 @@ from pipeline.distributed import (
     init_distributed,
     pick_device,
 )
-from pipeline.errors import KdepError
-from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
-from pipeline.models import TAPS, build_model, tap_dims
-from pipeline.provenance import StoreLock, library_versions, require_same
-from pipeline.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
-from pipeline.store import CacheLayout, FeatureStore, create_store, open_store
-from pipeline.teacher import Runtime, cache_shards, prepare_teacher, resolve_amp
-from pipeline.views import RECIPES, describe_preprocessing
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
 
 

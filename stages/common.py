@@ -12,9 +12,9 @@ from typing import Any
 
 import typer
 
+from pipeline.data.shards import write_json_atomic
 from pipeline.errors import KdepError
 from pipeline.manifest import config_to_dict
-from pipeline.shards import write_json_atomic
 
 DEMO_MANIFEST = "manifests/demo.yaml"
 MANIFEST_HELP = "Manifest YAML; its section for this stage gives the defaults that flags override."

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import typer
 
-from pipeline.demo_teacher import TeacherRecipe, train_demo_teacher
+from pipeline.data.shards import write_json_atomic
+from pipeline.demo.teacher import TeacherRecipe, train_demo_teacher
 from pipeline.manifest import ConfigError, check_range, parse_overrides, resolve_config
-from pipeline.projection import manifest_path
-from pipeline.shards import write_json_atomic
+from pipeline.projection.artefact import manifest_path
 from stages import cache_teacher, demo_data, evaluate, fit_svd, train_student
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors
 

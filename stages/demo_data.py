@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.demodata import CLASS_NAMES, DemoSpec, write_demo_data
+from pipeline.demo.shards import CLASS_NAMES, DemoSpec, write_demo_data
 from pipeline.manifest import check_range, resolve_config
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
 

@@ -13,8 +13,8 @@ file: a backbone state dict without the classifier (loaded strictly) or a full c
 centre view at ``--resolution`` through ``replay_view``, extracted once per backbone and split, shared by the
 probe and k-NN (``--tap``, default post_relu). Probe: logistic regression on train-standardised features, C
 picked on a 20% per-class held-out part of train, refitted on all of train. k-NN: cosine, k = 20, one vote per
-neighbour, ties to the larger summed similarity (pipeline/probes.py). Fine-tuning: KDEP supplement B.2 recipe,
-epochs as given (pipeline/finetune.py). Agreement, on val views that were never cached (centre views by default,
+neighbour, ties to the larger summed similarity (pipeline/evaluation/probes.py). Fine-tuning: KDEP supplement B.2 recipe,
+epochs as given (pipeline/evaluation/finetune.py). Agreement, on val views that were never cached (centre views by default,
 or seeded views of the recipe ``agreement_views``): mean cosine between the student's tap and the projected
 teacher target, and linear CKA between the student's and the raw teacher's features.
 
@@ -37,7 +37,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from pipeline.evaluation import (
+from pipeline.data.shards import ShardInfo, index_classes, list_shards, write_json_atomic
+from pipeline.data.views import RECIPES
+from pipeline.evaluation.features import (
     BackboneSpec,
     EvalError,
     SplitFeatures,
@@ -51,12 +53,10 @@ from pipeline.evaluation import (
     projected_targets,
     save_features,
 )
-from pipeline.finetune import FinetuneRecipe, finetune
+from pipeline.evaluation.finetune import FinetuneRecipe, finetune
+from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
 from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
 from pipeline.models import TAPS
-from pipeline.probes import agreement, knn_top1, linear_probe
-from pipeline.shards import ShardInfo, index_classes, list_shards, write_json_atomic
-from pipeline.views import RECIPES
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
 
 RESULTS_FORMAT = "kdep-eval/1"

@@ -7,10 +7,10 @@
     make fit-svd
 
 Reads the cache (one pass over the done shards' valid rows; a second pass for the stds after ``pts``). Writes
-``OUT`` (.npz: mean, basis, scale, ... see pipeline/projection.py), ``OUT.json`` (manifest, written last),
+``OUT`` (.npz: mean, basis, scale, ... see pipeline/projection/artefact.py), ``OUT.json`` (manifest, written last),
 ``<stem>.explained_variance.png``, ``<stem>.channel_std.png`` and ``config.fit_svd.json`` beside it.
 Methods: svd, cs-var, cs-rand, interp; transforms: pts (default), sn, sm (= sm-linear), sm-linear, sm-match, none
-(definitions in pipeline/projection_fit.py).
+(definitions in pipeline/projection/fit.py).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import typer
 import zarr
 
 import pipeline
+from pipeline.cache.store import FeatureStore, open_store
 from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
-from pipeline.projection import Projection, manifest_path
-from pipeline.projection_fit import METHODS, SIGN_RULE, TRANSFORM_CHOICES, fit_projection, with_target_std
-from pipeline.projection_plots import write_plots
-from pipeline.store import FeatureStore, open_store
-from pipeline.svd_stats import RowSelection, accumulate_stats, select_rows, target_moments
+from pipeline.projection.artefact import Projection, manifest_path
+from pipeline.projection.fit import METHODS, SIGN_RULE, TRANSFORM_CHOICES, fit_projection, with_target_std
+from pipeline.projection.moments import RowSelection, accumulate_stats, select_rows, target_moments
+from pipeline.projection.plots import write_plots
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
 
 

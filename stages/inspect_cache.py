@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.store import FeatureStore, open_store
-from pipeline.verify import verify_store
+from pipeline.cache.store import FeatureStore, open_store
+from pipeline.cache.verify import verify_store
 from stages.common import one_line_errors
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.folder import FolderResult, folder_to_shards
+from pipeline.data.folder import FolderResult, folder_to_shards
 from pipeline.manifest import ConfigError, check_range, resolve_config
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import typer
 
-from pipeline.losses import LOSSES
 from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
 from pipeline.models import TAPS
-from pipeline.pairs import VIEW_POLICIES
-from pipeline.student_run import train_students
+from pipeline.student.losses import LOSSES
+from pipeline.student.pairs import VIEW_POLICIES
+from pipeline.student.run import train_students
 from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors
 
 

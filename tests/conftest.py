@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.demodata import DemoSpec, write_demo_data
+from pipeline.demo.shards import DemoSpec, write_demo_data
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.caching import CacheError
-from pipeline.images import decode_rgb, image_bytes
+from pipeline.cache.store import FeatureStore, open_store
+from pipeline.cache.verify import verify_store
+from pipeline.cache.workers import CacheError
+from pipeline.data.images import decode_rgb, image_bytes
+from pipeline.data.shards import ShardError, iter_samples, list_shards, write_index, write_shard
+from pipeline.data.views import replay_view, sample_views
 from pipeline.models import FeatureTaps, ModelError
 from pipeline.provenance import ProvenanceError, StoreLock
-from pipeline.shards import ShardError, iter_samples, list_shards, write_index, write_shard
-from pipeline.store import FeatureStore, open_store
-from pipeline.verify import verify_store
-from pipeline.views import replay_view, sample_views
 from stages.cache_teacher import CacheTeacherConfig, run
 from stages.inspect_cache import summarize
 

@@ -19,16 +19,14 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.evaluation import (
+from pipeline.evaluation.features import (
     BackboneSpec,
     EvalError,
     extract_features,
     load_backbone,
     parse_backbone,
 )
-from pipeline.manifest import ConfigError
-from pipeline.models import backbone_state_dict
-from pipeline.probes import (
+from pipeline.evaluation.probes import (
     agreement,
     knn_predict,
     knn_top1,
@@ -37,6 +35,8 @@ from pipeline.probes import (
     mean_cosine,
     split_holdout,
 )
+from pipeline.manifest import ConfigError
+from pipeline.models import backbone_state_dict
 from stages.evaluate import EvalConfig, run
 
 
@@ -217,7 +217,7 @@ def test_run_finetune_one_epoch_and_agreement(demo_shards: dict[str, Path], tmp_
 
 
 def test_run_agreement_with_projection_artefact(demo_shards: dict[str, Path], tmp_path: Path) -> None:
-    projection = pytest.importorskip("pipeline.projection")
+    projection = pytest.importorskip("pipeline.projection.artefact")
     d = 512  # identity basis: targets are the teacher's own pre-ReLU features
     stats = {k: np.zeros(d) for k in projection.STAT_KEYS}
     stats.update(std_ratio_before=np.array(1.0), std_ratio_after=np.array(1.0), n_rows=np.array(1.0))

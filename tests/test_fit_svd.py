@@ -16,11 +16,17 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from pipeline.cache.store import CacheLayout, ShardBlock, StoreError, create_store, open_store
 from pipeline.manifest import ConfigError
-from pipeline.projection import Projection, ProjectionError, load_projection, manifest_path, pts_numpy
-from pipeline.projection_fit import fit_projection, fix_signs
-from pipeline.store import CacheLayout, ShardBlock, StoreError, create_store, open_store
-from pipeline.svd_stats import (
+from pipeline.projection.artefact import (
+    Projection,
+    ProjectionError,
+    load_projection,
+    manifest_path,
+    pts_numpy,
+)
+from pipeline.projection.fit import fit_projection, fix_signs
+from pipeline.projection.moments import (
     EmptyCacheError,
     IncompleteCacheError,
     NonFiniteError,
@@ -328,7 +334,7 @@ def test_distributed_cluster_gives_the_local_result(cache, tmp_path, processes):
 
 @pytest.mark.slow
 def test_unreachable_scheduler_is_a_one_line_error(cache, tmp_path):
-    from pipeline.svd_stats import SchedulerError
+    from pipeline.projection.moments import SchedulerError
 
     path, _ = cache
     cfg = FitSvdConfig(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
+from pipeline.student.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
 
 
 def test_kdep_loss_is_weighted_mean_squared_error():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.folder import ImageError
-from pipeline.shards import iter_samples, list_shards
+from pipeline.data.folder import ImageError
+from pipeline.data.shards import iter_samples, list_shards
 from stages.make_shards import MakeShardsConfig, run
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.neighbours import (
+from pipeline.cache.store import open_store
+from pipeline.data.shards import list_shards
+from pipeline.student.neighbours import (
     NeighbourBatchSampler,
     NeighbourError,
     RandomAccessPairs,
     centre_view_rows,
     mine_neighbours,
 )
-from pipeline.shards import list_shards
-from pipeline.store import open_store
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.train_student import TrainStudentConfig

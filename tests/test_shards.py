@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.demodata import DemoSpec, write_demo_data
-from pipeline.shards import ShardError, count_samples, iter_samples, list_shards, scan_shard, write_shard
+from pipeline.data.shards import ShardError, count_samples, iter_samples, list_shards, scan_shard, write_shard
+from pipeline.demo.shards import DemoSpec, write_demo_data
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -114,7 +114,7 @@ def test_write_shard_refuses_dotted_keys(tmp_path):
 def test_tar_reader_matches_tarfile_for_long_names_and_formats(tmp_path, fmt):
     import io
 
-    from pipeline.tarstream import iter_members
+    from pipeline.data.tarstream import iter_members
 
     path = tmp_path / "t.tar"
     names = [

@@ -14,15 +14,15 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
+from pipeline.cache.sources import SourceError
+from pipeline.cache.store import open_store
+from pipeline.cache.verify import rebuild_teacher
+from pipeline.data.shards import iter_samples, list_shards, write_shard
 from pipeline.models import ModelError
-from pipeline.pairs import JoinError, PairStream, StreamSpec, scheduled_view
-from pipeline.projection import load_projection
+from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
-from pipeline.shards import iter_samples, list_shards, write_shard
-from pipeline.sources import SourceError
-from pipeline.store import open_store
-from pipeline.training import LossSpec, Student, train_step
-from pipeline.verify import rebuild_teacher
+from pipeline.student.pairs import JoinError, PairStream, StreamSpec, scheduled_view
+from pipeline.student.training import LossSpec, Student, train_step
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.fit_svd import FitSvdConfig
@@ -159,7 +159,7 @@ def test_changed_source_shards_are_refused_before_training(cached, tmp_path):
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_weights(cached, tmp_path, monkeypatch):
     straight = train_run(_config(cached, tmp_path / "straight"))
-    import pipeline.student_run as sr
+    import pipeline.student.run as sr
 
     calls = {"n": 0}
     original = sr.train_step
@@ -259,7 +259,7 @@ def test_online_teacher_mode_trains_from_the_live_teacher(cached, tmp_path):
 
 
 def test_an_unfinished_cache_or_a_missing_tap_is_refused(cached, tmp_path):
-    from pipeline.store import StoreError
+    from pipeline.cache.store import StoreError
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(cached["cache"], partial)

@@ -4,7 +4,7 @@ Every stage lists its input with :func:`list_shards`. A shard is a plain tar of 
 key (the key is the member name up to its first dot, as WebDataset splits it). A shard index (``index.json``
 beside the shards) records each shard's name, sample count, byte size and sha256, plus the class names.
 
-Reading uses :mod:`pipeline.tarstream` rather than WebDataset's expander because we need two things it does not
+Reading uses :mod:`pipeline.data.tarstream` rather than WebDataset's expander because we need two things it does not
 give: the end-of-archive check (a tar cut at a member boundary ends silently in every WebDataset handler) and each
 member's byte offset; it is also several times faster than :mod:`tarfile` at parsing headers.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import braceexpand
 
+from pipeline.data.tarstream import TarFormatError, iter_members
 from pipeline.errors import KdepError
-from pipeline.tarstream import TarFormatError, iter_members
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "kdep-shards/1"

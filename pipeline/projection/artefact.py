@@ -1,6 +1,6 @@
 """The projection artefact: a cached teacher feature (D_t) -> a student training target (D_s), in one step.
 
-    from pipeline.projection import load_projection
+    from pipeline.projection.artefact import load_projection
     proj = load_projection("out/demo/proj-r18.npz")  # checks the manifest written beside it by `kdep fit-svd`
     t = proj.targets(feats)  # (B, D_t) any float dtype, any device -> (B, D_s) float32 on that device
 
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.data.shards import write_json_atomic
 from pipeline.errors import KdepError
-from pipeline.shards import write_json_atomic
 
 if TYPE_CHECKING:
     import torch

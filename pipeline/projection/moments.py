@@ -28,10 +28,10 @@ from dask.delayed import Delayed
 from dask.system import CPU_COUNT
 from tqdm import tqdm
 
+from pipeline.cache.store import FeatureStore, StoreError
 from pipeline.errors import KdepError
-from pipeline.projection import Projection
-from pipeline.projection_fit import FeatureStats
-from pipeline.store import FeatureStore, StoreError
+from pipeline.projection.artefact import Projection
+from pipeline.projection.fit import FeatureStats
 
 SLICE_ROWS = 4096  # rows cast to float64 at once (4096 x 2048 x 8 B = 64 MiB)
 FAN_IN = 8  # partials summed per reduction task

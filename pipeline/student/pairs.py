@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.cache.store import FeatureStore, open_store
+from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
+from pipeline.data.shards import iter_samples
+from pipeline.data.views import replay_view
 from pipeline.errors import KdepError
-from pipeline.images import DecodeError, decode_rgb, image_bytes, image_hash
-from pipeline.shards import iter_samples
-from pipeline.store import FeatureStore, open_store
-from pipeline.views import replay_view
 
 VIEW_POLICIES = ("walk", "random")
 

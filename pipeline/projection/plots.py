@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.projection import Projection
+from pipeline.projection.artefact import Projection
 
 
 def _save(fig: Figure, path: Path) -> Path:

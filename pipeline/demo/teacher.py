@@ -14,9 +14,9 @@ import torchvision
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.images import decode_rgb, image_bytes
-from pipeline.shards import iter_samples, list_shards
-from pipeline.views import replay_view, sample_view_params
+from pipeline.data.images import decode_rgb, image_bytes
+from pipeline.data.shards import iter_samples, list_shards
+from pipeline.data.views import replay_view, sample_view_params
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.shards import write_index, write_shard
 from pipeline.errors import KdepError
-from pipeline.shards import write_index, write_shard
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.cache.store import FeatureStore, ShardBlock, open_store
+from pipeline.data.images import decode_rgb, image_hash
+from pipeline.data.shards import IMAGE_EXTS, split_member_name
+from pipeline.data.views import replay_view
 from pipeline.errors import KdepError
-from pipeline.images import decode_rgb, image_hash
-from pipeline.pairs import _stable_int, first_training_view, scheduled_view
-from pipeline.shards import IMAGE_EXTS, split_member_name
-from pipeline.store import FeatureStore, ShardBlock, open_store
-from pipeline.views import replay_view
+from pipeline.student.pairs import _stable_int, first_training_view, scheduled_view
 
 
 class NeighbourError(KdepError):

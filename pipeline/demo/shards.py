@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import write_index, write_shard
+from pipeline.data.shards import write_index, write_shard
 
 Painter = Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray]
 

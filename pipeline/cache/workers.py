@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.cache.store import HASH_BYTES, FeatureStore, ShardBlock
+from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
+from pipeline.data.shards import ShardError, file_sha256, iter_samples
+from pipeline.data.views import N_PARAMS, replay_view, sample_views
 from pipeline.errors import KdepError
-from pipeline.images import DecodeError, decode_rgb, image_bytes, image_hash
-from pipeline.shards import ShardError, file_sha256, iter_samples
-from pipeline.store import HASH_BYTES, FeatureStore, ShardBlock
-from pipeline.views import N_PARAMS, replay_view, sample_views
 
 
 class CacheError(KdepError):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.data.params import COL, N_PARAMS, PARAM_COLUMNS
 from pipeline.errors import KdepError
-from pipeline.params import COL, N_PARAMS, PARAM_COLUMNS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
 from pipeline.models import FeatureTaps, ModelError, build_model, last_linear, tap_dims
+from pipeline.student.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
 
 # Supplement Table S.4: (data fraction, epochs) -> weight decay.
 WEIGHT_DECAY_TABLE = {(0.1, 90): 5e-4, (0.1, 180): 4e-4, (1.0, 9): 5e-4, (1.0, 18): 4e-4, (1.0, 90): 1e-4}

@@ -1,11 +1,11 @@
 """Frozen-backbone features for evaluation: backbone specs, loading, one-pass extraction over shards, .npz cache.
 
-    from pipeline.evaluation import parse_backbone, load_backbone, extract_features
+    from pipeline.evaluation.features import parse_backbone, load_backbone, extract_features
     spec = parse_backbone("kdep=resnet18:out/demo/student/backbone.pt")
     model, identity = load_backbone(spec, seed=0)
     feats = extract_features({"kdep": model}, "out/demo/data/val", resolution=64, batch_size=64)
 
-Every image goes through :func:`pipeline.views.replay_view` (default: the deterministic ``center`` view at the
+Every image goes through :func:`pipeline.data.views.replay_view` (default: the deterministic ``center`` view at the
 evaluation resolution). All backbones are run in the same pass over a split, so each image is decoded once.
 A backbone file may hold the backbone without its classifier (what ``backbone_state_dict`` saves; every other key
 must match) or a full checkpoint with its head (e.g. a teacher): ``pipeline.models.build_model`` loads both.
@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.data.images import decode_rgb, image_bytes
+from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
+from pipeline.data.views import replay_view, sample_view_params
 from pipeline.errors import KdepError
-from pipeline.images import decode_rgb, image_bytes
 from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
-from pipeline.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
-from pipeline.views import replay_view, sample_view_params
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -272,7 +272,7 @@ def agreement_features(
 
 def projected_targets(path: str, teacher_feats: np.ndarray) -> torch.Tensor:
     """(N, D_t) teacher features -> (N, D_s) targets through the projection artefact at ``path``."""
-    from pipeline.projection import load_projection  # lazy: the fit-svd stage's module
+    from pipeline.projection.artefact import load_projection  # lazy: the fit-svd stage's module
 
     with torch.no_grad():
         return load_projection(path).targets(torch.from_numpy(teacher_feats).float()).float()

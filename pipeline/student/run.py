@@ -13,7 +13,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoints import (
+from pipeline.cache.sources import source_shard_paths
+from pipeline.cache.store import FeatureStore, StoreError, open_store
+from pipeline.cache.teacher import AMP_DTYPES, resolve_amp
+from pipeline.data.shards import write_json_atomic
+from pipeline.manifest import config_to_dict
+from pipeline.provenance import require_same
+from pipeline.runtime import Dist, barrier, init_distributed, pick_device
+from pipeline.student.checkpoints import (
     append_metrics,
     export_backbone,
     latest_checkpoint,
@@ -21,15 +28,8 @@ from pipeline.checkpoints import (
     plot_losses,
     save_checkpoint,
 )
-from pipeline.distributed import Dist, barrier, init_distributed, pick_device
-from pipeline.loaders import PairLoaders
-from pipeline.manifest import config_to_dict
-from pipeline.provenance import require_same
-from pipeline.shards import write_json_atomic
-from pipeline.sources import source_shard_paths
-from pipeline.store import FeatureStore, StoreError, open_store
-from pipeline.teacher import AMP_DTYPES, resolve_amp
-from pipeline.training import (
+from pipeline.student.loaders import PairLoaders
+from pipeline.student.training import (
     LossSpec,
     Student,
     base_lr_for,
@@ -49,7 +49,7 @@ class Trainee:
     model: nn.Module  # Student, or DDP(Student)
     student: Student
     optimizer: torch.optim.Optimizer
-    projection: object | None  # pipeline.projection.Projection
+    projection: object | None  # pipeline.projection.artefact.Projection
     base_lr: float
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (None or disabled otherwise)
     losses: list[float] = field(default_factory=list)
@@ -102,7 +102,7 @@ def require_complete(store: FeatureStore, tap: str) -> None:
 
 def load_checked_projection(path: str, store: FeatureStore, tap: str):
     """A projection fitted on this very cache and tap; anything else is refused naming the difference."""
-    from pipeline.projection import load_projection
+    from pipeline.projection.artefact import load_projection
 
     proj = load_projection(path)
     fitted = {"cache_fingerprint": proj.meta.get("cache_fingerprint"), "tap": proj.meta.get("tap")}
@@ -149,7 +149,7 @@ def build_trainees(
 
 def online_teacher(store: FeatureStore, tap: str, device: torch.device):
     """The recorded teacher, live (the ``--online-teacher`` baseline)."""
-    from pipeline.verify import rebuild_teacher
+    from pipeline.cache.verify import rebuild_teacher
 
     taps = rebuild_teacher(store)
     taps.model.to(device).requires_grad_(False)
@@ -367,6 +367,6 @@ def finalize(out: Path, config, trainees: list[Trainee], job: Dist) -> dict:
 
 
 def _epoch_records(out: Path) -> list[dict]:
-    from pipeline.checkpoints import read_metrics
+    from pipeline.student.checkpoints import read_metrics
 
     return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]

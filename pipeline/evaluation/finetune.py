@@ -1,6 +1,6 @@
 """Full fine-tuning of a backbone on a labelled split: the KDEP downstream recipe, scaled down.
 
-    from pipeline.finetune import FinetuneRecipe, finetune
+    from pipeline.evaluation.finetune import FinetuneRecipe, finetune
     top1 = finetune(model, "out/demo/data/train", "out/demo/data/val", num_classes=10, resolution=64,
                     recipe=FinetuneRecipe(epochs=3), seed=0)
 
@@ -11,7 +11,7 @@ supplement does not state the momentum, so 0.9 (the usual value, and KDEP's pre-
 Here the epochs and the resolution are whatever the caller configures (CPU-friendly at low resolution).
 
 Training views are the ``paper`` recipe (RandomResizedCrop 0.08-1 + flip) replayed through
-:func:`pipeline.views.replay_view` with view index = epoch, so a run is reproducible from its seed; the sample
+:func:`pipeline.data.views.replay_view` with view index = epoch, so a run is reproducible from its seed; the sample
 order of each epoch is a seeded permutation. Encoded images are held in memory and decoded per step.
 Evaluation is top-1 on the centre views of the val split.
 """
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.evaluation import (
+from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards
+from pipeline.evaluation.features import (
     head_name,
     iter_view_batches,
     make_view,
@@ -35,7 +36,6 @@ from pipeline.evaluation import (
     sample_label,
     swap_module,
 )
-from pipeline.shards import Sample, ShardInfo, iter_samples, list_shards
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class FinetuneRecipe:
     weight_decay: float = 5e-4  # SGD weight decay
     momentum: float = 0.9  # SGD momentum (not stated in the paper; assumed)
     batch_size: int = 64  # images per step
-    view_recipe: str = "paper"  # training augmentation (pipeline.views.RECIPES)
+    view_recipe: str = "paper"  # training augmentation (pipeline.data.views.RECIPES)
 
 
 def read_labelled(shards: list[ShardInfo]) -> list[tuple[Sample, str, int]]:

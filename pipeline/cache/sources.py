@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cache.store import FeatureStore
+from pipeline.data.shards import ShardError, list_shards
 from pipeline.errors import KdepError
-from pipeline.shards import ShardError, list_shards
-from pipeline.store import FeatureStore
 
 
 class SourceError(KdepError):

@@ -13,8 +13,8 @@ import warnings
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from pipeline.data.shards import IMAGE_EXTS, Sample
 from pipeline.errors import KdepError
-from pipeline.shards import IMAGE_EXTS, Sample
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the recorded decoder here
 # (same libjpeg-turbo/libpng as PIL). The message is silenced once, at import, not per call.

@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.distributed import Dist
-from pipeline.neighbours import NeighbourBatchSampler, RandomAccessPairs, centre_view_rows, mine_neighbours
-from pipeline.pairs import PairStream, StreamSpec
-from pipeline.store import FeatureStore
+from pipeline.cache.store import FeatureStore
+from pipeline.runtime import Dist
+from pipeline.student.neighbours import (
+    NeighbourBatchSampler,
+    RandomAccessPairs,
+    centre_view_rows,
+    mine_neighbours,
+)
+from pipeline.student.pairs import PairStream, StreamSpec
 
 
 class PairLoaders:

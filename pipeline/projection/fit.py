@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.projection import Projection, std_ratio
+from pipeline.projection.artefact import Projection, std_ratio
 
 METHODS = ("svd", "cs-var", "cs-rand", "interp")
 TRANSFORM_CHOICES = ("pts", "sn", "sm", "sm-linear", "sm-match", "none")

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.caching import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
+from pipeline.cache.store import FeatureStore
+from pipeline.cache.workers import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
 from pipeline.models import FeatureTaps
-from pipeline.store import FeatureStore
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

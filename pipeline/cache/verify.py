@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache.sources import source_shard_paths
+from pipeline.cache.store import FeatureStore
+from pipeline.data.images import decode_rgb, image_bytes, image_hash
+from pipeline.data.shards import iter_samples
+from pipeline.data.views import replay_view
 from pipeline.errors import KdepError
-from pipeline.images import decode_rgb, image_bytes, image_hash
 from pipeline.models import FeatureTaps, build_model
-from pipeline.shards import iter_samples
-from pipeline.sources import source_shard_paths
-from pipeline.store import FeatureStore
-from pipeline.views import replay_view
 
 # Expected error of a cached value against a float32 recomputation, relative to the row's largest magnitude:
 # float16 storage rounds at 2^-11 (~5e-4); bf16 / fp16 autocast on the GPU adds its own rounding.

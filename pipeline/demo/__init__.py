@@ -1,0 +1,1 @@
+"""The embedded demo: procedural labelled shards and a small labelled teacher (no download)."""

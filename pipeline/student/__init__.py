@@ -1,0 +1,1 @@
+"""Stage 3 (train-student): students trained from streamed (replayed view, cached row) pairs."""
