@@ -34,8 +34,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.data.params import N_PARAMS
-from pipeline.data.shards import write_json_atomic
 from pipeline.errors import KdepError
+from pipeline.files import write_json_atomic
 
 LAYOUT_VERSION = "kdep-cache/1"
 MAX_CHUNK_BYTES = 64 << 20  # split a slot into several chunks above this size

@@ -24,9 +24,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.cache.store import HASH_BYTES, FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
-from pipeline.data.shards import ShardError, file_sha256, iter_samples
+from pipeline.data.shards import ShardError, iter_samples
 from pipeline.data.views import N_PARAMS, replay_view, sample_views
 from pipeline.errors import KdepError
+from pipeline.files import file_sha256
 
 
 class CacheError(KdepError):

@@ -11,10 +11,8 @@ member's byte offset; it is also several times faster than :mod:`tarfile` at par
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ import braceexpand
 
 from pipeline.data.tarstream import TarFormatError, iter_members
 from pipeline.errors import KdepError
+from pipeline.files import atomic_path, file_sha256, write_json_atomic
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "kdep-shards/1"
@@ -150,15 +149,6 @@ def duplicate_keys(shards: list[ShardInfo]) -> dict[int, dict[str, str]]:
     return out
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
     """Write ``(key, {ext: bytes})`` samples to a tar, byte-identically for the same input, atomically.
 
@@ -166,9 +156,12 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]
     shard's index record: name, samples, bytes, sha256.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as fh,
+        tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for key, fields in samples:
             if "." in key.rpartition("/")[2]:
                 raise ShardError(
@@ -179,7 +172,6 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
                 tar.addfile(info, io.BytesIO(data))
             count += 1
-    os.replace(tmp, path)
     return {"name": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
@@ -189,18 +181,6 @@ def write_index(directory: str | Path, shards: list[dict], classes: list[str], *
     body = {"format": INDEX_FORMAT, "classes": list(classes), "shards": shards, **extra}
     write_json_atomic(path, body)
     return path
-
-
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_index(path: str | Path) -> dict:

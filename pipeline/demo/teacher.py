@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import iter_samples, list_shards
+from pipeline.files import atomic_path
 from pipeline.data.views import replay_view, sample_view_params
 
 
@@ -80,9 +81,8 @@ def train_demo_teacher(train_dir: str, out: Path, recipe: TeacherRecipe, progres
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / max(seen, 1):.2f}")
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        torch.save(model.state_dict(), tmp)
     return {
         "seconds": time.perf_counter() - start,
         "train_top1_last_epoch": correct / max(seen, 1),

@@ -29,6 +29,7 @@ from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
 from pipeline.data.views import replay_view, sample_view_params
 from pipeline.errors import KdepError
+from pipeline.files import atomic_path
 from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
@@ -230,9 +231,10 @@ def save_features(path: Path, feats: SplitFeatures) -> None:
     """Write one backbone's features on one split to an .npz (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"tap_{t}": v for t, v in feats.taps.items()}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, format=np.array(FEATURES_FORMAT), labels=feats.labels, keys=np.array(feats.keys), **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz"
+        np.savez(
+            fh, format=np.array(FEATURES_FORMAT), labels=feats.labels, keys=np.array(feats.keys), **arrays
+        )
 
 
 def load_features(path: Path) -> SplitFeatures | None:

@@ -20,9 +20,7 @@ Files, written by `Projection.save` (npz first, then the manifest, each to a tem
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data.shards import write_json_atomic
 from pipeline.errors import KdepError
+from pipeline.files import atomic_path, file_sha256, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -198,7 +196,7 @@ class Projection:
             missing_ok=True
         )  # no manifest = incomplete: a crash below never leaves an old one beside new data
         _write_npz_atomic(path, self.arrays())
-        record = {"format": FORMAT, "npz": path.name, "npz_sha256": _sha256(path), **self.summary()}
+        record = {"format": FORMAT, "npz": path.name, "npz_sha256": file_sha256(path), **self.summary()}
         write_json_atomic(man, {**record, "provenance": self.meta})
         return man
 
@@ -208,22 +206,10 @@ def _json_float(value: Any) -> float | None:
     return value if np.isfinite(value) else None  # JSON has no inf
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz" to the name
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # a file object: np.savez would otherwise append ".npz" to the name
 
 
 def load_projection(path: str | Path) -> Projection:
@@ -238,7 +224,7 @@ def load_projection(path: str | Path) -> Projection:
             f"{path} has no manifest {man.name}: its fit did not finish; rerun `kdep fit-svd ... --out {path}`"
         )
     record = json.loads(man.read_text())
-    if record.get("npz_sha256") != _sha256(path):
+    if record.get("npz_sha256") != file_sha256(path):
         raise ProjectionError(f"{path} does not match its manifest {man.name} (sha256); rerun `kdep fit-svd`")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}

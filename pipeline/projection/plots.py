@@ -7,21 +7,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.files import atomic_path
 from pipeline.projection.artefact import Projection
 
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # "<name>.png.tmp": the format must be given, not inferred from the name
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.files import atomic_path
 from pipeline.models import backbone_state_dict
 
 KEEP_CHECKPOINTS = 2  # the newest epochs kept on disk
@@ -22,12 +22,8 @@ def save_checkpoint(out: Path, epoch: int, state: dict) -> Path:
     """Write ``state`` for a finished ``epoch`` to a temporary name, fsync, rename; prune older checkpoints."""
     path = checkpoint_path(out, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     for old in sorted(path.parent.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
         old.unlink()
     return path
@@ -45,9 +41,8 @@ def load_checkpoint(path: Path) -> dict:
 def export_backbone(model: nn.Module, path: Path) -> Path:
     """The backbone's state dict without its classifier: loads into the torchvision model with strict=True once the
     classifier is dropped (or with ``strict=False`` and only ``fc``/``classifier`` missing)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(backbone_state_dict(model), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(backbone_state_dict(model), tmp)
     return path
 
 
