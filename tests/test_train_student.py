@@ -14,14 +14,13 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from pipeline.cache.sources import SourceError
+from pipeline.cache.join import JoinError, SourceError, rebuild_teacher
 from pipeline.cache.store import open_store
-from pipeline.cache.verify import rebuild_teacher
 from pipeline.data.shards import iter_samples, list_shards, write_shard
 from pipeline.models import ModelError
 from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
-from pipeline.student.pairs import JoinError, PairStream, StreamSpec, scheduled_view
+from pipeline.student.pairs import PairStream, StreamSpec, scheduled_view
 from pipeline.student.training import LossSpec, Student, train_step
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run

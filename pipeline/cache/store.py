@@ -89,9 +89,14 @@ class ShardBlock:
     hashes: np.ndarray  # (n, 16) uint8
     valid: np.ndarray  # (n,) bool
     skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}]
+    cache: str = ""  # path of the cache it was read from (join errors name it)
+    _rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def row_of(self) -> dict[str, int]:
-        return {k: i for i, k in enumerate(self.keys)}
+        """key -> row in the block, built once (the join looks up every streamed sample by key)."""
+        if self._rows is None:
+            self._rows = {k: i for i, k in enumerate(self.keys)}
+        return self._rows
 
 
 def _codec() -> list:
@@ -251,6 +256,7 @@ class FeatureStore:
             hashes=self.array("image_hash")[sl][:n],
             valid=self.array("valid")[sl][:n],
             skipped=marker["skipped"],
+            cache=str(self.path),
         )
 
 

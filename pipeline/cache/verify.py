@@ -1,8 +1,8 @@
 """Recompute cached features from the store's metadata and the source shards, with torchvision alone.
 
-For a seeded sample of (key, view) pairs: find the sample in its source shard, check the image identity (hash and
-size), replay the stored view parameters, run the teacher rebuilt from the recorded architecture and weights, and
-compare with the cached row. This is DESIGN.md decision 9 as a command.
+For a seeded sample of (key, view) pairs: find the sample in its source shard, join it to its row with the cache's
+one join (image hash and size, then the replay of the stored view parameters), run the teacher rebuilt from the
+recorded architecture and weights, and compare with the cached row. This is DESIGN.md decision 9 as a command.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.sources import source_shard_paths
+from pipeline.cache.join import JoinError, join_row, rebuild_teacher, source_shard_paths
 from pipeline.cache.store import FeatureStore
-from pipeline.data.images import decode_rgb, image_bytes, image_hash
+from pipeline.data.images import image_bytes
 from pipeline.data.shards import iter_samples
-from pipeline.data.views import replay_view
 from pipeline.errors import KdepError
-from pipeline.models import FeatureTaps, build_model
 
 # Expected error of a cached value against a float32 recomputation, relative to the row's largest magnitude:
 # float16 storage rounds at 2^-11 (~5e-4); bf16 / fp16 autocast on the GPU adds its own rounding.
@@ -54,24 +52,6 @@ def pick_pairs(store: FeatureStore, samples: int, seed: int) -> list[tuple[int, 
     return sorted((int(r // rows), int(r % rows), int(rng.integers(store.layout.views))) for r in chosen)
 
 
-def rebuild_teacher(store: FeatureStore) -> FeatureTaps:
-    """The teacher as recorded: architecture + weights (a file must still have the recorded sha256)."""
-    t, rec = store.provenance["teacher"], store.provenance["recorded"]
-    weights = t["weights"]
-    if weights["kind"] == "file":
-        path = Path(rec["weights_path"])
-        model, identity = build_model(t["arch"], str(path))
-        if identity["sha256"] != weights["sha256"]:
-            raise VerifyError(f"weights file {path} changed since the cache was made (sha256 differs)")
-    elif weights["kind"] == "torchvision":
-        model, _ = build_model(t["arch"], weights["name"].split(".")[-1])
-    else:
-        raise VerifyError(
-            f"{store.path} was cached from a randomly initialised teacher; it cannot be rebuilt"
-        )
-    return FeatureTaps(model.eval(), tuple(t["taps"]))
-
-
 def verify_store(
     store: FeatureStore, samples: int, seed: int = 0, tolerance: float | None = None, shards: str = ""
 ) -> VerifyReport:
@@ -89,12 +69,12 @@ def verify_store(
         images = _find_images(Path(paths[shard]), {block.keys[r] for r, _ in wanted})
         for row, view in sorted(wanted):
             key = block.keys[row]
-            data = images[key]
-            if image_hash(data) != bytes(block.hashes[row]):
+            try:
+                x = join_row(block, row, images[key], paths[shard], view, res).image[None]
+            except JoinError:
                 raise VerifyError(
                     f"{key}: image bytes differ from the cached image's hash; the source shard changed"
-                )
-            x = replay_view(decode_rgb(data, key), block.params[row, view], res)[None]
+                ) from None
             with torch.inference_mode():
                 out = taps(x)
             for tap, feats in out.items():

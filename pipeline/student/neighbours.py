@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.cache.join import JoinError, join_row
 from pipeline.cache.store import FeatureStore, ShardBlock, open_store
-from pipeline.data.images import decode_rgb, image_hash
 from pipeline.data.shards import IMAGE_EXTS, split_member_name
-from pipeline.data.views import replay_view
 from pipeline.errors import KdepError
 from pipeline.student.pairs import _stable_int, first_training_view, scheduled_view
 
@@ -164,13 +163,14 @@ class RandomAccessPairs(Dataset):
         offset, size = self._offsets[shard][key]
         with open(path, "rb") as fh:
             data = os.pread(fh.fileno(), size, offset)
-        if image_hash(data) != bytes(block.hashes[row]):
-            raise NeighbourError(
-                f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"
-            )
         feats = block.features[self.tap]
         view = scheduled_view(
             self.seed, key, self.epoch, feats.shape[1], self.view_policy, first_training_view(self._store)
         )
-        x = replay_view(decode_rgb(data, f"{path} key {key!r}"), block.params[row, view], self.resolution)
+        try:
+            x = join_row(block, row, data, path, view, self.resolution).image
+        except JoinError:
+            raise NeighbourError(
+                f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"
+            ) from None
         return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])

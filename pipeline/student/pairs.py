@@ -5,8 +5,8 @@ same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoade
 ``split_by_node`` / ``split_by_worker`` semantics); when there are fewer shards than consumers (ranks x workers),
 every consumer reads every shard and keeps every n-th sample instead, so no rank is ever empty and each scheduled
 (image, view) still appears exactly once. Each shard's cached block is read once (one read per array); each
-sample is joined to its row by key, its image identity (hash, size) is checked, its view for this epoch is chosen,
-and the view is replayed with the shared replay function.
+sample's view for this epoch is chosen here, and the sample is joined to its row and that view replayed by the
+cache's one join (:func:`pipeline.cache.join.join_sample`: key, validity, image hash and size, replay).
 """
 
 from __future__ import annotations
@@ -20,17 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.cache.store import FeatureStore, open_store
-from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
-from pipeline.data.shards import iter_samples
-from pipeline.data.views import replay_view
-from pipeline.errors import KdepError
+from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
+from pipeline.cache.store import FeatureStore, ShardBlock, open_store
+from pipeline.data.shards import Sample, iter_samples
 
 VIEW_POLICIES = ("walk", "random")
-
-
-class JoinError(KdepError):
-    """A sample and the cache disagree (missing key, changed image); the message names shard and key."""
 
 
 @dataclass(frozen=True)
@@ -111,63 +105,52 @@ class PairStream(IterableDataset):
         counter, first = 0, first_training_view(store)
         for shard in shards:
             path = self.spec.shard_paths[shard]
-            block = store.read_slot(shard, taps=[self.spec.tap])
-            rows, seen = block.row_of(), set()
-            feats = block.features[self.spec.tap]
+            block, seen = store.read_slot(shard, taps=[self.spec.tap]), set()
             for sample in iter_samples(path):
                 counter += 1
                 if stride_slot is not None and (counter - 1) % consumers != stride_slot:
                     seen.add(sample.key)
                     continue
-                pair = self._join(store, shard, path, sample, rows, block, feats, first)
+                pair = self._pair(shard, path, sample, block, first)
                 seen.add(sample.key)
                 if pair is not None:
                     yield pair
             self._check_complete(path, block, seen)
 
-    def _join(self, store, shard, path, sample, rows, block, feats, first):
-        where = f"{path} key {sample.key!r}"
-        row = rows.get(sample.key)
-        if row is None:
-            return self._bad(
-                f"{where} is not in the cache {store.path}; the shard changed since caching (re-run cache-teacher)"
-            )
-        if not block.valid[row]:
-            self.counts["skipped_cached"] += 1  # skipped (and recorded) when the cache was made
-            return None
-        changed = (
-            f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards"
-        )
-        try:
-            data = image_bytes(sample, path)
-            if image_hash(data) != bytes(
-                block.hashes[row]
-            ):  # before decoding: a changed image may not decode
-                return self._bad(changed)
-            image = decode_rgb(data, where)
-        except DecodeError as err:
-            return self._bad(str(err))
-        if tuple(image.shape[1:]) != tuple(block.hw[row]):
-            return self._bad(changed)
+    def _pair(self, shard: int, path: str, sample: Sample, block: ShardBlock, first: int):
+        """The sample's (view, target row, ids) triple, or None when it is skipped (and counted)."""
+        feats = block.features[self.spec.tap]
         view = scheduled_view(
             self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy, first
         )
-        x = replay_view(image, block.params[row, view], self.spec.resolution)
+        try:
+            joined = join_sample(block, sample, path, view, self.spec.resolution)
+        except JoinError as err:
+            return self._bad(err)
+        if isinstance(joined, SkippedAtCaching):
+            self.counts["skipped_cached"] += 1  # skipped (and recorded) when the cache was made
+            return None
         self.counts["pairs"] += 1
-        return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])
+        row = joined.row
+        target = torch.from_numpy(np.ascontiguousarray(feats[row, view]))
+        return joined.image, target, torch.tensor([shard, row, view])
 
-    def _bad(self, message: str) -> None:
+    def _bad(self, err: JoinError) -> None:
+        """Raise ``err``, or with ``skip_bad`` count it and go on."""
         if not self.spec.skip_bad:
-            raise JoinError(message)
+            raise err
         self.counts["skipped_bad"] += 1
         return None
 
-    def _check_complete(self, path: str, block, seen: set[str]) -> None:
+    def _check_complete(self, path: str, block: ShardBlock, seen: set[str]) -> None:
         missing = [k for k, v in zip(block.keys, block.valid, strict=True) if v and k not in seen]
         if missing:
             self._bad(
-                f"{path}: cached image {missing[0]!r} is missing from the shard ({len(missing)} missing); "
-                "the shard changed since caching"
+                JoinError(
+                    f"{path}: cached image {missing[0]!r} is missing from the shard ({len(missing)} missing); "
+                    "the shard changed since caching",
+                    "missing",
+                )
             )
 
 

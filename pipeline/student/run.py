@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.cache.sources import source_shard_paths
+from pipeline.cache.join import rebuild_teacher, source_shard_paths
 from pipeline.cache.store import FeatureStore, StoreError, open_store
 from pipeline.cache.teacher import AMP_DTYPES, resolve_amp
 from pipeline.data.shards import write_json_atomic
@@ -149,8 +149,6 @@ def build_trainees(
 
 def online_teacher(store: FeatureStore, tap: str, device: torch.device):
     """The recorded teacher, live (the ``--online-teacher`` baseline)."""
-    from pipeline.cache.verify import rebuild_teacher
-
     taps = rebuild_teacher(store)
     taps.model.to(device).requires_grad_(False)
     return taps

@@ -1,0 +1,168 @@
+"""Reading a feature cache back against its source shards: with ``store.py``, what later stages may import.
+
+- :func:`source_shard_paths` finds the shards a cache was made from again, and refuses ones that changed since.
+- :func:`join_sample` joins one streamed sample to its cached row and replays one stored view of it;
+  :func:`join_row` does the same for a row whose image bytes were found another way (by tar offset, by key).
+
+The join is the one definition of "this image is the one that was cached", shared by stage 3's stream, its
+neighbour batches and ``inspect-cache --verify``: by key (never by position), the row's validity (rows skipped
+while caching have no features), the image hash *before* decoding (a changed image may not decode at all), the
+decoded size, then the replay of the chosen view with :func:`pipeline.data.views.replay_view`::
+
+    from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
+    joined = join_sample(block, sample, shard_path, view=2, resolution=112)  # JoinedView | SkippedAtCaching
+    x, target = joined.image, block.features["pre_relu"][joined.row, joined.view]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.cache.store import FeatureStore, ShardBlock
+from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
+from pipeline.data.shards import Sample, ShardError, list_shards
+from pipeline.data.views import replay_view
+from pipeline.errors import KdepError
+from pipeline.models import FeatureTaps, build_model
+
+JoinReason = Literal["missing", "changed", "undecodable"]
+
+
+class SourceError(KdepError):
+    """The shards or the teacher weights found now are not the ones the cache was made from."""
+
+
+class JoinError(KdepError):
+    """A sample and the cache disagree; the message names shard and key, ``reason`` says how (for counting)."""
+
+    def __init__(self, message: str, reason: JoinReason = "changed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.reason)  # keep the reason when a DataLoader worker pickles it
+
+
+@dataclass(frozen=True)
+class JoinedView:
+    """A sample joined to its cached row: which row, which view, and that view replayed."""
+
+    row: int  # row in the shard's block
+    view: int  # the replayed view, 0..K-1
+    image: torch.Tensor  # (3, r, r) float32, normalised as the teacher's input was
+
+
+@dataclass(frozen=True)
+class SkippedAtCaching:
+    """The sample's row was skipped (and recorded) when the cache was made, so it has no features to pair with."""
+
+    row: int  # row in the shard's block
+
+
+def source_shard_paths(store: FeatureStore, override: str = "") -> list[str]:
+    """Paths of the cache's source shards in the cache's order, from ``override`` or the recorded source.
+
+    Names, byte sizes and (where the listing has them) sample counts and sha256 must match the cache's record;
+    per-image hashes are checked again by the join.
+    """
+    spec = override or store.provenance["recorded"]["source"]
+    try:
+        listed = {s.name: s for s in list_shards(spec)}
+    except ShardError as err:
+        raise SourceError(
+            f"cannot list the source shards of {store.path} ({err}); pass --shards with their new location"
+        ) from None
+    paths = []
+    for rec in store.layout.shards:
+        info = listed.get(rec["name"])
+        if info is None:
+            raise SourceError(
+                f"{store.path} was cached from shard {rec['name']}, which is not in {spec}; pass --shards"
+            )
+        changed = info.nbytes != rec["nbytes"] or (
+            info.samples is not None and info.samples != rec["samples"]
+        )
+        changed = changed or (info.sha256 is not None and rec.get("sha256") and info.sha256 != rec["sha256"])
+        if changed:
+            raise SourceError(
+                f"shard {info.path} changed since {store.path} was cached (size, count or sha256 differs); "
+                "restore it or re-run cache-teacher"
+            )
+        paths.append(str(Path(info.path)))
+    return paths
+
+
+def join_sample(
+    block: ShardBlock, sample: Sample, path: str, view: int, resolution: int
+) -> JoinedView | SkippedAtCaching:
+    """Join a sample of shard ``path`` to its row in the shard's cached ``block`` by key, and replay ``view``.
+
+    Returns :class:`SkippedAtCaching` for a row the cache recorded as skipped; raises :class:`JoinError` when the
+    cache does not hold the key (``missing``), the image is not the cached one (``changed``) or has no decodable
+    image (``undecodable``).
+    """
+    row = block.row_of().get(sample.key)
+    if row is None:
+        raise JoinError(
+            f"{_where(path, sample.key)} is not in the cache {block.cache}; the shard changed since caching "
+            "(re-run cache-teacher)",
+            "missing",
+        )
+    if not block.valid[row]:
+        return SkippedAtCaching(row)
+    try:
+        return join_row(block, row, image_bytes(sample, path), path, view, resolution)
+    except DecodeError as err:
+        raise JoinError(str(err), "undecodable") from None
+
+
+def join_row(block: ShardBlock, row: int, data: bytes, path: str, view: int, resolution: int) -> JoinedView:
+    """Check that ``data`` (encoded bytes) is the image cached at valid ``row``, then replay ``view`` of it.
+
+    The hash is checked before decoding (a changed image may not decode), the decoded size after. Raises
+    :class:`JoinError` (``changed``) when the image is not the cached one, and lets
+    :class:`~pipeline.data.images.DecodeError` through when the bytes do not decode.
+    """
+    where = _where(path, block.keys[row])
+    if image_hash(data) != bytes(block.hashes[row]):
+        raise _changed(where)
+    image = decode_rgb(data, where)
+    if tuple(image.shape[1:]) != tuple(block.hw[row]):
+        raise _changed(where)
+    return JoinedView(row, view, replay_view(image, block.params[row, view], resolution))
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path} key {key!r}"
+
+
+def _changed(where: str) -> JoinError:
+    return JoinError(
+        f"{where}: image differs from the cached one (hash or size); re-run cache-teacher on these shards",
+        "changed",
+    )
+
+
+def rebuild_teacher(store: FeatureStore, taps: tuple[str, ...] | None = None) -> FeatureTaps:
+    """The teacher the cache records (architecture + weights; a weights file must still have the recorded sha256),
+    in eval mode, returning ``taps`` (default: every cached tap): (B, 3, r, r) -> {tap: (B, D_t)}."""
+    teacher, recorded = store.provenance["teacher"], store.provenance["recorded"]
+    weights = teacher["weights"]
+    if weights["kind"] == "file":
+        path = Path(recorded["weights_path"])
+        model, identity = build_model(teacher["arch"], str(path))
+        if identity["sha256"] != weights["sha256"]:
+            raise SourceError(
+                f"weights file {path} changed since the cache was made (sha256 differs); restore it"
+            )
+    elif weights["kind"] == "torchvision":
+        model, _ = build_model(teacher["arch"], weights["name"].split(".")[-1])
+    else:
+        raise SourceError(
+            f"{store.path} was cached from a randomly initialised teacher; it cannot be rebuilt"
+        )
+    return FeatureTaps(model.eval(), tuple(taps or teacher["taps"]))
