@@ -9,7 +9,10 @@ validates the result.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -28,6 +31,8 @@ SECTIONS = (
     "fit_svd",
     "train_student",
     "eval",
+    "inspect",
+    "verify",
     "bench",
 )
 
@@ -196,3 +201,49 @@ def check_choice(name: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"key {name!r}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_choices(config: Any) -> None:
+    """Check every field named in ``config.CHOICES`` (each item, for a tuple field) against its choices."""
+    for name, choices in getattr(config, "CHOICES", {}).items():
+        value = getattr(config, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            check_choice(name, item, choices)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: its trailing comment}`` for a config dataclass: the comment on a field's line is its help text.
+
+    Comments are not kept at run time, so they are read from the module source with ``tokenize`` (once per
+    module); every comment between a field's name and the next field belongs to it, so a wrapped field keeps it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs = _module_field_docs(inspect.getsourcefile(cls)).get(cls.__name__, {})
+    return {k: v for k, v in docs.items() if k in names}
+
+
+@functools.cache
+def _module_field_docs(path: str) -> dict[str, dict[str, str]]:
+    """``{class: {field: comment}}`` for the top-level classes of one source file."""
+    out: dict[str, dict[str, list[str]]] = {}
+    cls = field = None
+    depth, line_start, expect_class = 0, True, False
+    with open(path, encoding="utf-8") as fh:
+        for tok in tokenize.generate_tokens(fh.readline):
+            kind, text, (_, col) = tok.type, tok.string, tok.start
+            if kind == tokenize.OP and text in "([{":
+                depth += 1
+            elif kind == tokenize.OP and text in ")]}":
+                depth -= 1
+            elif kind == tokenize.NAME and expect_class:
+                cls, field, expect_class = text, None, False
+                out.setdefault(cls, {})
+            elif kind == tokenize.NAME and line_start and depth == 0 and col == 0:
+                cls, field, expect_class = None, None, text == "class"
+            elif kind == tokenize.NAME and line_start and depth == 0 and col == 4 and cls is not None:
+                field = None if text in ("def", "class", "@") else text
+            elif kind == tokenize.COMMENT and cls is not None and field is not None:
+                out[cls].setdefault(field, []).append(text.lstrip("# ").strip())
+            line_start = kind in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT) or (
+                line_start and kind == tokenize.COMMENT
+            )
+    return {c: {f: " ".join(parts) for f, parts in fields.items()} for c, fields in out.items()}

@@ -22,9 +22,8 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from pipeline.choices import TAPS
 from pipeline.errors import KdepError
-
-TAPS = ("pre_relu", "post_relu")
 
 
 class ModelError(KdepError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,7 @@ from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
 from pipeline.data.views import RECIPES, describe_preprocessing
 from pipeline.errors import KdepError
-from pipeline.manifest import ConfigError, check_choice, check_range, resolve_config
-from pipeline.models import TAPS, build_model, tap_dims
+from pipeline.models import build_model, tap_dims
 from pipeline.provenance import StoreLock, library_versions, require_same
 from pipeline.runtime import (
     Dist,
@@ -40,49 +39,8 @@ from pipeline.runtime import (
     init_distributed,
     pick_device,
 )
-from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
-
-
-@dataclass(frozen=True)
-class CacheTeacherConfig:
-    shards: str = ""  # brace pattern, shard directory or index.json
-    out: str = ""  # the Zarr store to create or resume
-    teacher: str = "resnet50"  # torchvision model name
-    weights: str = (
-        "IMAGENET1K_V2"  # torchvision weights name, a local file, or "random" (tests/benchmarks only)
-    )
-    taps: tuple[str, ...] = ("pre_relu",)  # pooled feature taps: pre_relu (KDEP) and/or post_relu
-    views: int = 10  # K views cached per image
-    recipe: str = "paper"  # view recipe: paper, kdep-reference, coss, center
-    center_view: bool = False  # view 0 is the deterministic centre view (for neighbour mining / evaluation)
-    resolution: int = 224  # view side in pixels
-    seed: int = 0  # base seed of the view parameters
-    dtype: str = "float16"  # stored feature dtype: float16 or float32
-    batch_size: int = 256  # views per teacher forward
-    workers: int = 2  # DataLoader worker processes per rank (0 = in the main process)
-    device: str = "auto"  # auto, cpu, cuda
-    amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, off; CPU always runs float32
-    channels_last: bool = True  # channels_last memory format on CUDA
-    skip_bad: bool = False  # skip undecodable images / duplicate keys (counted, listed in the markers)
-    quiet: bool = False  # no progress bar or banner
-
-    def __post_init__(self) -> None:
-        if not self.shards or not self.out:
-            raise ConfigError("keys 'shards' and 'out' are required (--shards PATTERN --out STORE)")
-        for tap in self.taps:
-            check_choice("taps", tap, TAPS)
-        if not self.taps or len(set(self.taps)) != len(self.taps):
-            raise ConfigError(
-                f"key 'taps': {list(self.taps)!r} must be one or both of {', '.join(TAPS)}, without repeats"
-            )
-        check_range("views", self.views, 1, 1000)
-        check_choice("recipe", self.recipe, RECIPES)
-        check_range("resolution", self.resolution, 16, 1024)
-        check_choice("dtype", self.dtype, ("float16", "float32"))
-        check_range("batch_size", self.batch_size, 1)
-        check_range("workers", self.workers, 0, 64)
-        check_choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        check_choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
+from stages.common import write_resolved_config
+from stages.config import CacheTeacherConfig
 
 
 def run(config: CacheTeacherConfig) -> dict:
@@ -244,58 +202,15 @@ def finish_run(store: FeatureStore, job: Dist, config: CacheTeacherConfig, stats
         fh.write(json.dumps(log) + "\n")
 
 
-@one_line_errors
-def command(
-    shards: str = typer.Option(None, help="Input shards: brace pattern, directory or index.json."),
-    out: str = typer.Option(None, help="Zarr store to create or resume."),
-    teacher: str = typer.Option(None, help="torchvision model name, e.g. resnet50."),
-    weights: str = typer.Option(
-        None, help="torchvision weights name (IMAGENET1K_V2) or a local weights file."
-    ),
-    tap: list[str] = typer.Option(None, "--tap", help="Feature tap(s): pre_relu, post_relu (repeatable)."),
-    views: int = typer.Option(None, help="Views cached per image (K)."),
-    recipe: str = typer.Option(None, help="View recipe: paper, kdep-reference, coss, center."),
-    center_view: bool = typer.Option(None, "--center-view/--no-center-view", help="View 0 = centre crop."),
-    resolution: int = typer.Option(None, help="View side in pixels."),
-    seed: int = typer.Option(None, help="Base seed of the view parameters."),
-    batch_size: int = typer.Option(None, help="Views per teacher forward."),
-    workers: int = typer.Option(None, help="DataLoader workers per rank."),
-    device: str = typer.Option(None, help="auto, cpu or cuda."),
-    amp: str = typer.Option(None, help="auto, bf16, fp16 or off."),
-    skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip bad images (counted and listed)."),
-    quiet: bool = typer.Option(None, "--quiet", help="No banner or progress bar."),
-    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-) -> None:
-    """Run a frozen teacher once over K views per image and cache its features (resumable, torchrun-ready)."""
-    flags = dict(
-        shards=shards,
-        out=out,
-        teacher=teacher,
-        weights=weights,
-        taps=tap or None,
-        views=views,
-        recipe=recipe,
-        center_view=center_view,
-        resolution=resolution,
-        seed=seed,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        amp=amp,
-        skip_bad=skip_bad,
-        quiet=quiet,
-    )
-    config = resolve_config(CacheTeacherConfig, "cache_teacher", manifest, flags, set_)
-    stats = run(config)
-    if (
-        os.environ.get("RANK", "0") != "0"
-    ):  # under torchrun, rank 0 reports (runs.jsonl has every rank's counts)
+def report(config: CacheTeacherConfig, stats: dict) -> None:
+    """Under torchrun only rank 0 reports (runs.jsonl has every rank's counts)."""
+    if os.environ.get("RANK", "0") != "0":
         return
-    if stats["shards"] == 0 and os.environ.get("WORLD_SIZE", "1") == "1":
+    several = os.environ.get("WORLD_SIZE", "1") != "1"
+    if stats["shards"] == 0 and not several:
         typer.echo(f"nothing to do: all {stats['shards_total']} shards of {config.out} are already cached")
         return
     typer.echo(
-        f"cached {stats['images']} images{' on rank 0' if os.environ.get('WORLD_SIZE', '1') != '1' else ''} ({stats['skipped']} skipped) from {stats['shards']} shards "
-        f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.1f} img/s) -> {config.out}"
+        f"cached {stats['images']} images{' on rank 0' if several else ''} ({stats['skipped']} skipped) from "
+        f"{stats['shards']} shards in {stats['seconds']:.1f} s ({stats['images_per_s']:.1f} img/s) -> {config.out}"
     )

@@ -26,9 +26,7 @@ Reads labelled train/val shards and the backbone files. Writes ``OUT/results.jso
 from __future__ import annotations
 
 import copy
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -37,11 +35,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from pipeline.data.shards import ShardInfo, index_classes, list_shards, write_json_atomic
-from pipeline.data.views import RECIPES
+from pipeline.data.shards import ShardInfo, index_classes, list_shards
+from pipeline.evaluation.backbones import BackboneSpec, EvalError, parse_backbone
 from pipeline.evaluation.features import (
-    BackboneSpec,
-    EvalError,
     SplitFeatures,
     agreement_features,
     extract_features,
@@ -49,98 +45,17 @@ from pipeline.evaluation.features import (
     feature_path,
     load_backbone,
     load_features,
-    parse_backbone,
     projected_targets,
     save_features,
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
 from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
-from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
-from pipeline.models import TAPS
-from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
+from pipeline.files import write_json_atomic
+from pipeline.manifest import config_to_dict
+from stages.common import write_resolved_config
+from stages.config import EvalConfig
 
 RESULTS_FORMAT = "kdep-eval/1"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
-    val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
-    out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
-    backbones: tuple[str, ...] = ()  # "name=arch:weights"; weights: random | torchvision enum name | file
-    resolution: int = 224  # side in pixels of the centre view fed to every backbone
-    tap: str = "post_relu"  # pooled feature for probe and k-NN: post_relu or pre_relu
-    batch_size: int = 64  # images per forward pass during extraction
-    device: str = "cpu"  # cpu or cuda[:N] (bf16 autocast + channels_last on CUDA)
-    seed: int = 0  # seeds random-init backbones, the probe's held-out split and fine-tuning
-    cache_features: bool = True  # keep extracted features in OUT/features/*.npz and reuse them
-    probe_cs: tuple[float, ...] = (
-        0.01,
-        0.1,
-        1.0,
-        10.0,
-    )  # logistic-regression C values swept (one = no sweep)
-    probe_holdout: float = 0.2  # fraction of each train class held out to choose C, (0, 1)
-    probe_max_iter: int = 1000  # lbfgs iterations per fit
-    knn_k: int = 20  # neighbours for cosine k-NN
-    finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
-    finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3
-    finetune_weight_decay: float = 5e-4  # SGD weight decay (paper: 5e-4)
-    finetune_batch_size: int = 64  # images per fine-tuning step (paper: 64)
-    teacher: str | None = None  # teacher arch for agreement, e.g. resnet50 (None = no agreement)
-    teacher_weights: str | None = None  # teacher weights: file, torchvision enum name, or random
-    projection: str | None = (
-        None  # projection artefact (fit-svd) mapping teacher (B, D_t) to targets (B, D_s)
-    )
-    agreement_tap: str = "pre_relu"  # tap compared between student and teacher (KDEP: pre_relu)
-    agreement_views: str = "center"  # val views for agreement: center, or a recipe drawn with agreement_seed
-    agreement_seed: int = (
-        1_000_003  # view seed for non-centre agreement views (keep it unlike the cache seed)
-    )
-
-    def __post_init__(self) -> None:
-        if not self.train or not self.val or not self.out:
-            raise ConfigError("keys 'train', 'val' and 'out' are required (--train DIR --val DIR --out DIR)")
-        check_backbones(self.backbones)
-        check_range("resolution", self.resolution, 16, 1024)
-        check_choice("tap", self.tap, TAPS)
-        check_choice("agreement_tap", self.agreement_tap, TAPS)
-        check_choice("agreement_views", self.agreement_views, RECIPES)
-        check_range("batch_size", self.batch_size, 1)
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"key 'device': {self.device!r} is not cpu, cuda or cuda:N")
-        if not self.probe_cs:
-            raise ConfigError("key 'probe_cs': give at least one C, e.g. --set eval.probe_cs=1.0")
-        for c in self.probe_cs:
-            check_range("probe_cs", c, 0.0, open_lo=True)
-        check_range("probe_holdout", self.probe_holdout, 0.0, 0.9, open_lo=True)
-        check_range("probe_max_iter", self.probe_max_iter, 1)
-        check_range("knn_k", self.knn_k, 1)
-        check_range("finetune_epochs", self.finetune_epochs, 0)
-        check_range("finetune_lr", self.finetune_lr, 0.0, open_lo=True)
-        check_range("finetune_weight_decay", self.finetune_weight_decay, 0.0)
-        check_range("finetune_batch_size", self.finetune_batch_size, 2)
-        if (self.teacher is None) != (self.teacher_weights is None):
-            raise ConfigError(
-                "keys 'teacher' and 'teacher_weights' go together (--teacher ARCH --teacher-weights W)"
-            )
-        if self.projection is not None and self.teacher is None:
-            raise ConfigError("key 'projection' needs a teacher (--teacher ARCH --teacher-weights W)")
-
-
-def check_backbones(items: tuple[str, ...]) -> None:
-    """At least one parseable ``name=arch:weights``, names unique."""
-    if not items:
-        raise ConfigError("key 'backbones': give at least one, e.g. --backbone random=resnet18:random")
-    try:
-        names = [parse_backbone(b).name for b in items]
-    except EvalError as err:
-        raise ConfigError(f"key 'backbones': {err}") from None
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"key 'backbones': name {dupes[0]!r} is used twice; give each backbone its own name"
-        )
 
 
 def run(config: EvalConfig) -> dict:
@@ -336,33 +251,6 @@ def plot_results(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-@one_line_errors
-def command(
-    backbone: list[str] = typer.Option(
-        None, "--backbone", help="name=arch:weights (repeatable); weights: random|file|enum."
-    ),
-    train: str = typer.Option(None, help="Labelled train shards (directory, index.json or pattern)."),
-    val: str = typer.Option(None, help="Labelled val shards."),
-    out: str = typer.Option(None, help="Output folder."),
-    resolution: int = typer.Option(None, help="Centre-view side in pixels (default 224; demo 64)."),
-    tap: str = typer.Option(None, help="Probe/k-NN feature: post_relu (default) or pre_relu."),
-    batch_size: int = typer.Option(None, help="Images per forward pass."),
-    device: str = typer.Option(None, help="cpu (default) or cuda[:N]."),
-    seed: int = typer.Option(None, help="Seed for random init, probe split and fine-tuning."),
-    finetune_epochs: int = typer.Option(None, help="Full fine-tuning epochs (0 = off)."),
-    teacher: str = typer.Option(None, help="Teacher arch for agreement, e.g. resnet50."),
-    teacher_weights: str = typer.Option(None, help="Teacher weights (file, enum name or random)."),
-    projection: str = typer.Option(None, help="Projection artefact for agreement targets."),
-    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-) -> None:
-    """Linear probe, k-NN, optional fine-tuning and teacher agreement; one row per backbone."""
-    flags = dict(
-        backbones=tuple(backbone) if backbone else None, train=train, val=val, out=out, resolution=resolution,
-        tap=tap, batch_size=batch_size, device=device, seed=seed, finetune_epochs=finetune_epochs,
-        teacher=teacher, teacher_weights=teacher_weights, projection=projection,
-    )  # fmt: skip
-    config = resolve_config(EvalConfig, "eval", manifest, flags, set_)
-    results = run(config)
+def report(config: EvalConfig, results: dict) -> None:
     print_table(results)
     typer.echo(f"wrote {Path(config.out) / 'results.json'} and results.png")

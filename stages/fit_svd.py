@@ -26,54 +26,13 @@ import zarr
 
 import pipeline
 from pipeline.cache.store import FeatureStore, open_store
-from pipeline.manifest import ConfigError, check_choice, check_range, config_to_dict, resolve_config
+from pipeline.manifest import ConfigError, config_to_dict
 from pipeline.projection.artefact import Projection, manifest_path
-from pipeline.projection.fit import METHODS, SIGN_RULE, TRANSFORM_CHOICES, fit_projection, with_target_std
+from pipeline.projection.fit import SIGN_RULE, fit_projection, with_target_std
 from pipeline.projection.moments import RowSelection, accumulate_stats, select_rows, target_moments
 from pipeline.projection.plots import write_plots
-from stages.common import MANIFEST_HELP, SET_HELP, one_line_errors, write_resolved_config
-
-
-@dataclass(frozen=True)
-class FitSvdConfig:
-    cache: str = ""  # feature cache (Zarr folder written by `kdep cache-teacher`)
-    out: str = ""  # output .npz; manifest, plots and config.fit_svd.json are written beside it
-    dim: int = 0  # D_s, the student feature width (ResNet-18: 512, MobileNetV2: 1280), 1..D_t
-    method: str = "svd"  # svd | cs-var | cs-rand | interp
-    transform: str = "pts"  # pts | sn | sm (= sm-linear) | sm-linear | sm-match | none
-    pts_t: float = 0.1  # PTS temperature T > 0
-    pts_n: float = 3.0  # PTS root n > 0
-    tap: str = "pre_relu"  # cached feature tap to fit on
-    views: tuple[int, ...] = ()  # view indices to use; empty = all K
-    fraction: float = 1.0  # fraction of the images (cache rows) to fit on, (0, 1]: exact, seeded subset
-    seed: int = 0  # seeds the image fraction and cs-rand
-    allow_partial: bool = False  # fit on the done shards of an unfinished cache (recorded)
-    scheduler: str = ""  # "" = local threaded dask; tcp://host:8786 = a dask.distributed scheduler
-    quiet: bool = False  # no banner, no progress bars
-
-    def __post_init__(self) -> None:
-        if not self.cache or not self.out:
-            raise ConfigError(
-                "keys 'cache' and 'out' are required (kdep fit-svd CACHE --dim 512 --out proj.npz)"
-            )
-        if not self.out.endswith(".npz"):
-            raise ConfigError(f"key 'out': {self.out!r} must end in .npz (e.g. --out proj-r18.npz)")
-        if self.dim == 0:
-            raise ConfigError(
-                "key 'dim': set the student width D_s >= 1 (e.g. --dim 512 for ResNet-18), got 0"
-            )
-        check_range("dim", self.dim, 1)
-        check_choice("method", self.method, METHODS)
-        check_choice("transform", self.transform, TRANSFORM_CHOICES)
-        check_range("pts_t", self.pts_t, 0.0, open_lo=True)
-        check_range("pts_n", self.pts_n, 0.0, open_lo=True)
-        check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
-        for v in self.views:
-            check_range("views", v, 0)
-        if len(set(self.views)) != len(self.views):
-            raise ConfigError(f"key 'views': {list(self.views)} repeats a view; list each view once")
-        if self.scheduler and "://" not in self.scheduler:
-            raise ConfigError(f"key 'scheduler': {self.scheduler!r} is not an address like tcp://host:8786")
+from stages.common import write_resolved_config
+from stages.config import FitSvdConfig
 
 
 @dataclass(frozen=True)
@@ -161,60 +120,7 @@ def run(config: FitSvdConfig) -> FitSvdResult:
     return FitSvdResult(proj, out, proj.save(out), plots)
 
 
-def parse_views(text: str | None) -> list[int] | None:
-    """--views "0,3" -> [0, 3]; "all" or "" -> [] (all views); None -> not given."""
-    if text is None:
-        return None
-    if text.strip().lower() in ("", "all"):
-        return []
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--views {text!r}: expected 'all' or comma-separated view indices, e.g. 0,1"
-        ) from None
-
-
-@one_line_errors
-def command(
-    cache: str = typer.Argument(None, help="Feature cache (Zarr folder from `kdep cache-teacher`)."),
-    out: str = typer.Option(None, help="Output .npz (manifest, plots and config are written beside it)."),
-    dim: int = typer.Option(None, help="Student feature width D_s (ResNet-18: 512, MobileNetV2: 1280)."),
-    method: str = typer.Option(None, help=f"Projection: {', '.join(METHODS)}."),
-    transform: str = typer.Option(None, help=f"Transform after it: {', '.join(TRANSFORM_CHOICES)}."),
-    pts_t: float = typer.Option(None, "--pts-t", help="PTS temperature T (> 0; default 0.1)."),
-    pts_n: float = typer.Option(None, "--pts-n", help="PTS root n (> 0; default 3)."),
-    tap: str = typer.Option(None, help="Cached feature tap (default pre_relu)."),
-    views: str = typer.Option(None, help="Views to use: 'all' or e.g. '0' or '0,1'."),
-    fraction: float = typer.Option(None, help="Fit on this fraction of the images (exact, seeded)."),
-    seed: int = typer.Option(None, help="Seed for --fraction and cs-rand."),
-    allow_partial: bool = typer.Option(
-        None, "--allow-partial", help="Fit on an unfinished cache's done shards."
-    ),
-    scheduler: str = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
-    quiet: bool = typer.Option(None, "--quiet", help="No banner, no progress bars."),
-    manifest: Path = typer.Option(None, help=MANIFEST_HELP),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-) -> None:
-    """Fit SVD / CS.var / CS.rand / interpolation + PTS/SN/SM from the cache: one cache, many student widths."""
-    flags = dict(
-        cache=cache,
-        out=out,
-        dim=dim,
-        method=method,
-        transform=transform,
-        pts_t=pts_t,
-        pts_n=pts_n,
-        tap=tap,
-        views=parse_views(views),
-        fraction=fraction,
-        seed=seed,
-        allow_partial=allow_partial,
-        scheduler=scheduler,
-        quiet=quiet,
-    )
-    config = resolve_config(FitSvdConfig, "fit_svd", manifest, flags, set_)
-    result = run(config)
+def report(config: FitSvdConfig, result: FitSvdResult) -> None:
     s = result.projection.summary()
     typer.echo(
         f"wrote {result.npz} ({s['method']}+{s['transform']}, {s['dim_teacher']} -> {s['dim_student']}, "

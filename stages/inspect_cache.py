@@ -1,12 +1,10 @@
-"""`kdep inspect` and `kdep verify`: what a cache holds, and proof that its numbers can be recomputed.
+"""`kdep inspect`: what a cache holds (`kdep verify`, in verify_cache.py, proves its numbers can be recomputed).
 
     kdep inspect out/demo/cache.zarr
     kdep inspect out/demo/cache.zarr --json
-    kdep verify out/demo/cache.zarr --samples 16
 
-``inspect`` reads the store's metadata and markers: teacher, taps, D, K, images, shards done/total, bytes on disk,
-bytes per view. ``verify`` recomputes N random (key, view) features from the source shards and the recorded
-teacher and exits non-zero when the error is above tolerance.
+Reads the store's metadata and markers: teacher, taps, D, K, images, shards done/total, bytes on disk, bytes per
+view. Writes nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cache.store import FeatureStore, open_store
-from pipeline.cache.verify import verify_store
-from stages.common import one_line_errors
+from stages.config import InspectConfig
 
 
 def _dir_bytes(path: Path) -> int:
@@ -54,36 +51,13 @@ def summarize(store: FeatureStore) -> dict:
     }
 
 
-@one_line_errors
-def inspect_command(
-    store: Path = typer.Argument(..., help="Feature cache (Zarr store)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """Show a cache's teacher, taps, D, K, images, shards done/total and bytes per view."""
-    info = summarize(open_store(store))
-    if as_json:
+def run(config: InspectConfig) -> dict:
+    return summarize(open_store(config.store))
+
+
+def report(config: InspectConfig, info: dict) -> None:
+    if config.json:
         typer.echo(json.dumps(info, indent=1))
         return
     for key, value in info.items():
         typer.echo(f"{key:28s} {value}")
-
-
-@one_line_errors
-def verify_command(
-    store: Path = typer.Argument(..., help="Feature cache (Zarr store)."),
-    samples: int = typer.Option(16, help="Random (key, view) pairs to recompute."),
-    seed: int = typer.Option(0, help="Seed of the sample."),
-    tolerance: float = typer.Option(None, help="Max relative error (default from the cache's precision)."),
-    shards: str = typer.Option(
-        "", help="The source shards, if they moved since caching (default: recorded)."
-    ),
-) -> None:
-    """Recompute random cached features with the recorded teacher; exit 1 above tolerance."""
-    report = verify_store(open_store(store), samples, seed, tolerance, shards)
-    typer.echo(
-        f"verified {report.pairs} (key, view) pairs: max abs error {report.max_abs_error:.3g}, "
-        f"max rel error {report.max_rel_error:.3g} (tolerance {report.tolerance:.3g}; worst: {report.worst})"
-    )
-    if not report.ok:
-        typer.echo("error: cached features do not match the recomputation", err=True)
-        raise typer.Exit(1)

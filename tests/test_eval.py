@@ -19,13 +19,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.evaluation.features import (
-    BackboneSpec,
-    EvalError,
-    extract_features,
-    load_backbone,
-    parse_backbone,
-)
+from pipeline.evaluation.backbones import BackboneSpec, EvalError, parse_backbone
+from pipeline.evaluation.features import extract_features, load_backbone
 from pipeline.evaluation.probes import (
     agreement,
     knn_predict,

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from pipeline.cache.store import CacheLayout, ShardBlock, StoreError, create_store, open_store
@@ -33,7 +32,7 @@ from pipeline.projection.moments import (
     accumulate_stats,
     select_rows,
 )
-from stages import fit_svd
+from stages.cli import app
 from stages.fit_svd import FitSvdConfig, run
 
 K, D = 2, 24  # views, teacher width of the synthetic caches
@@ -238,14 +237,14 @@ def test_run_end_to_end_writes_everything(cache, tmp_path):
 
 def test_command_line_and_one_line_errors(cache, tmp_path):
     path, _ = cache
-    app = typer.Typer()
-    app.command()(fit_svd.command)
     runner = CliRunner()
     out = tmp_path / "p.npz"
-    ok = runner.invoke(app, [str(path), "--dim", "3", "--views", "0", "--out", str(out), "--quiet"])
+    ok = runner.invoke(
+        app, ["fit-svd", str(path), "--dim", "3", "--views", "0", "--out", str(out), "--quiet"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "wrote" in ok.output and load_projection(out).meta["views"] == [0]
-    bad = runner.invoke(app, [str(path), "--dim", "99", "--out", str(out)])
+    bad = runner.invoke(app, ["fit-svd", str(path), "--dim", "99", "--out", str(out)])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1
     assert "key 'dim': 99 is larger than D_t=24" in bad.output
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,27 +27,13 @@ from tqdm import tqdm
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
 from pipeline.data.views import replay_view, sample_view_params
-from pipeline.errors import KdepError
+from pipeline.evaluation.backbones import BackboneSpec, EvalError
 from pipeline.files import atomic_path
 from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 FEATURES_FORMAT = "kdep-eval-features/1"
 TEACHER_KEY = "<teacher>"  # the teacher's slot in a shared extraction pass (not a valid backbone name)
-
-
-class EvalError(KdepError, ValueError):
-    """A backbone spec, label, device or feature file is wrong; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone to evaluate, from ``name=arch:weights``."""
-
-    name: str  # row label in the results (letters, digits, ``_ . -``)
-    arch: str  # torchvision model name, e.g. resnet18
-    weights: str  # "random", a torchvision weights enum name (IMAGENET1K_V1), or a weights file path
 
 
 @dataclass
@@ -58,20 +43,6 @@ class SplitFeatures:
     taps: dict[str, np.ndarray]  # tap -> (N, D) float32
     labels: np.ndarray  # (N,) int64 class indices
     keys: list[str]  # (N,) sample keys
-
-
-def parse_backbone(text: str) -> BackboneSpec:
-    """``"kdep=resnet18:out/student/backbone.pt"`` -> BackboneSpec; the error shows the expected form."""
-    name, eq, rest = text.partition("=")
-    arch, colon, weights = rest.partition(":")
-    if not (eq and colon and name and arch and weights):
-        raise EvalError(
-            f"--backbone {text!r}: expected name=arch:weights, e.g. kdep=resnet18:out/demo/student/backbone.pt "
-            "or random=resnet18:random"
-        )
-    if not NAME_PATTERN.match(name):
-        raise EvalError(f"--backbone {text!r}: name {name!r} may hold only letters, digits and _ . -")
-    return BackboneSpec(name, arch, weights)
 
 
 def head_name(model: nn.Module) -> str:

@@ -29,8 +29,6 @@ import numpy as np
 
 from pipeline.projection.artefact import Projection, std_ratio
 
-METHODS = ("svd", "cs-var", "cs-rand", "interp")
-TRANSFORM_CHOICES = ("pts", "sn", "sm", "sm-linear", "sm-match", "none")
 SM_DEFAULT = "sm-linear"  # what "sm" resolves to
 SIGN_RULE = "largest-|value| entry of each basis column is positive (first on ties)"
 

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("kdep", "cosine", "coss", "linear-pre", "linear-post")
-
 
 def kdep_loss(s: torch.Tensor, t: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     """KDEP (He et al., CVPR 2022, eq. 2 with the reference code's weight): L = w * mean_{b,c} (s_bc - t_bc)^2.

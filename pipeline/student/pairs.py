@@ -24,8 +24,6 @@ from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
 from pipeline.cache.store import FeatureStore, ShardBlock, open_store
 from pipeline.data.shards import Sample, iter_samples
 
-VIEW_POLICIES = ("walk", "random")
-
 
 @dataclass(frozen=True)
 class StreamSpec:

@@ -1,0 +1,17 @@
+"""The names that settings choose from, in one torch-free module.
+
+Stage configs validate against these and the CLI lists them in ``--help`` without importing torch, zarr or dask;
+the modules that implement each name import the tuple from here, so a new loss, tap or recipe is named once.
+"""
+
+from __future__ import annotations
+
+TAPS = ("pre_relu", "post_relu")  # pooled feature taps (pipeline.models)
+LOSSES = ("kdep", "cosine", "coss", "linear-pre", "linear-post")  # pipeline.student.losses
+VIEW_POLICIES = ("walk", "random")  # how stage 3 picks an image's view per epoch (pipeline.student.pairs)
+VIEW_RECIPES = ("paper", "kdep-reference", "coss", "center", "light")  # pipeline.data.views.RECIPES
+PROJECTION_METHODS = ("svd", "cs-var", "cs-rand", "interp")  # pipeline.projection.fit
+PROJECTION_TRANSFORMS = ("pts", "sn", "sm", "sm-linear", "sm-match", "none")  # pipeline.projection.fit
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # autocast on CUDA (pipeline.runtime); CPU runs float32
+DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted where a stage takes a device
+FEATURE_DTYPES = ("float16", "float32")  # stored feature dtype of the cache

@@ -1,0 +1,364 @@
+"""Every stage's settings: typed, frozen dataclasses, the single source of defaults.
+
+One field = one manifest key (``<section>.<field>``), one ``--set section.field=value`` override and one CLI flag
+(``--field-name``), all generated from the field itself: its type, its default, its trailing comment as the help
+text, and its choices (``CHOICES``) where the config validates them. Nothing here imports torch, zarr or dask, so
+``kdep --help`` and a config error answer instantly. ``__post_init__`` names the key, the bad value and the range.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.choices import (
+    AMP_MODES,
+    DEVICES,
+    FEATURE_DTYPES,
+    LOSSES,
+    PROJECTION_METHODS,
+    PROJECTION_TRANSFORMS,
+    TAPS,
+    VIEW_POLICIES,
+    VIEW_RECIPES,
+)
+from pipeline.evaluation.backbones import EvalError, parse_backbone
+from pipeline.manifest import ConfigError, check_choice, check_choices, check_range
+
+DEMO_CLASSES = 10  # classes the demo generator can paint (pipeline.demo.shards.CLASS_NAMES)
+
+
+def _check_device(value: str) -> None:
+    check_choice("device", value.split(":")[0], DEVICES)
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    out: str = "out/demo/data"  # output folder (train/ and val/ are made inside)
+    seed: int = 0  # base seed: the same seed gives byte-identical shards
+    classes: int = 10  # number of classes, 1..10
+    train_per_class: int = 60  # train images per class
+    val_per_class: int = 20  # held-out images per class
+    per_shard: int = 100  # samples per shard
+
+    def __post_init__(self) -> None:
+        check_range("classes", self.classes, 1, DEMO_CLASSES)
+        check_range("train_per_class", self.train_per_class, 1)
+        check_range("val_per_class", self.val_per_class, 1)
+        check_range("per_shard", self.per_shard, 1)
+
+
+@dataclass(frozen=True)
+class MakeShardsConfig:
+    from_folder: str = ""  # ImageFolder root: <root>/<class>/<image>
+    out: str = ""  # output shard folder
+    per_shard: int = 1000  # samples per shard (ImageNet: ~1000 gives ~110 MB shards)
+    fraction: float = 1.0  # fraction of the images of every class to keep, (0, 1]
+    seed: int = 0  # seeds the subset choice and the sample order
+    skip_bad: bool = False  # skip unreadable images (counted and listed) instead of stopping
+    prefix: str = "train"  # shard name prefix
+
+    def __post_init__(self) -> None:
+        if not self.from_folder or not self.out:
+            raise ConfigError("keys 'from_folder' and 'out' are required (--from-folder DIR --out OUTDIR)")
+        check_range("per_shard", self.per_shard, 1)
+        check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    train: str = "out/demo/data/train"  # labelled shards to train on
+    out: str = "out/demo/teacher-r18.pt"  # the teacher's state dict
+    arch: str = "resnet18"  # torchvision model name
+    epochs: int = 30  # supervised epochs
+    batch_size: int = 32  # images per step
+    lr: float = 0.05  # peak SGD learning rate (cosine schedule)
+    resolution: int = 64  # training view side in pixels
+    seed: int = 0  # init and views
+    quiet: bool = False  # no progress bar
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.out:
+            raise ConfigError("keys 'train' and 'out' are required")
+        check_range("epochs", self.epochs, 1)
+        check_range("batch_size", self.batch_size, 2)
+        check_range("lr", self.lr, 0.0, open_lo=True)
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    CHOICES: ClassVar[dict] = {
+        "taps": TAPS,
+        "recipe": VIEW_RECIPES,
+        "dtype": FEATURE_DTYPES,
+        "amp": AMP_MODES,
+    }
+    shards: str = ""  # brace pattern, shard directory or index.json
+    out: str = ""  # the Zarr store to create or resume
+    teacher: str = "resnet50"  # torchvision model name
+    weights: str = "IMAGENET1K_V2"  # torchvision weights name, a local file, or "random" (tests only)
+    taps: tuple[str, ...] = ("pre_relu",)  # pooled feature taps: pre_relu (KDEP) and/or post_relu
+    views: int = 10  # K views cached per image
+    recipe: str = "paper"  # view recipe
+    center_view: bool = False  # view 0 is the deterministic centre view (neighbour mining, evaluation)
+    resolution: int = 224  # view side in pixels
+    seed: int = 0  # base seed of the view parameters
+    dtype: str = "float16"  # stored feature dtype
+    batch_size: int = 256  # views per teacher forward
+    workers: int = 2  # DataLoader worker processes per rank (0 = in the main process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
+    channels_last: bool = True  # channels_last memory format on CUDA
+    skip_bad: bool = False  # skip undecodable images / duplicate keys (counted, listed in the markers)
+    quiet: bool = False  # no progress bar or banner
+
+    def __post_init__(self) -> None:
+        if not self.shards or not self.out:
+            raise ConfigError("keys 'shards' and 'out' are required (--shards PATTERN --out STORE)")
+        check_choices(self)
+        if not self.taps or len(set(self.taps)) != len(self.taps):
+            raise ConfigError(
+                f"key 'taps': {list(self.taps)!r} must be one or both of {', '.join(TAPS)}, without repeats"
+            )
+        check_range("views", self.views, 1, 1000)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("workers", self.workers, 0, 64)
+        _check_device(self.device)
+
+
+@dataclass(frozen=True)
+class FitSvdConfig:
+    CHOICES: ClassVar[dict] = {"method": PROJECTION_METHODS, "transform": PROJECTION_TRANSFORMS, "tap": TAPS}
+    cache: str = ""  # feature cache (Zarr folder written by `kdep cache-teacher`)
+    out: str = ""  # output .npz; manifest, plots and config.fit_svd.json are written beside it
+    dim: int = 0  # D_s, the student feature width (ResNet-18: 512, MobileNetV2: 1280), 1..D_t
+    method: str = "svd"  # projection method
+    transform: str = "pts"  # transform after the projection (sm = sm-linear)
+    pts_t: float = 0.1  # PTS temperature T > 0
+    pts_n: float = 3.0  # PTS root n > 0
+    tap: str = "pre_relu"  # cached feature tap to fit on
+    views: tuple[int, ...] = ()  # view indices to use (repeat the flag or 0,1); empty = all K
+    fraction: float = 1.0  # fraction of the images (cache rows) to fit on, (0, 1]: exact, seeded subset
+    seed: int = 0  # seeds the image fraction and cs-rand
+    allow_partial: bool = False  # fit on the done shards of an unfinished cache (recorded)
+    scheduler: str = ""  # "" = local threaded dask; tcp://host:8786 = a dask.distributed scheduler
+    quiet: bool = False  # no banner, no progress bars
+
+    def __post_init__(self) -> None:
+        if not self.cache or not self.out:
+            raise ConfigError(
+                "keys 'cache' and 'out' are required (kdep fit-svd CACHE --dim 512 --out proj.npz)"
+            )
+        if not self.out.endswith(".npz"):
+            raise ConfigError(f"key 'out': {self.out!r} must end in .npz (e.g. --out proj-r18.npz)")
+        if self.dim == 0:
+            raise ConfigError(
+                "key 'dim': set the student width D_s >= 1 (e.g. --dim 512 for ResNet-18), got 0"
+            )
+        check_range("dim", self.dim, 1)
+        check_choices(self)
+        check_range("pts_t", self.pts_t, 0.0, open_lo=True)
+        check_range("pts_n", self.pts_n, 0.0, open_lo=True)
+        check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
+        for v in self.views:
+            check_range("views", v, 0)
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError(f"key 'views': {list(self.views)} repeats a view; list each view once")
+        if self.scheduler and "://" not in self.scheduler:
+            raise ConfigError(f"key 'scheduler': {self.scheduler!r} is not an address like tcp://host:8786")
+
+
+@dataclass(frozen=True)
+class TrainStudentConfig:
+    CHOICES: ClassVar[dict] = {"loss": LOSSES, "tap": TAPS, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
+                               "amp": AMP_MODES}  # fmt: skip
+    cache: str = ""  # feature cache (Zarr store) from cache-teacher
+    projection: tuple[
+        str, ...
+    ] = ()  # projection(s) from fit-svd, one per student (optional for coss/linear-*)
+    student: tuple[str, ...] = ("resnet18",)  # torchvision model name(s); several train in one data pass
+    out: str = ""  # run folder
+    shards: str = ""  # source shards, if they moved since caching (default: the cache's recorded source)
+    tap: str = "pre_relu"  # cached teacher tap paired with the views
+    student_tap: str = "pre_relu"  # student feature tap (KDEP: pre_relu; CoSS: post_relu)
+    loss: str = "kdep"  # distillation loss
+    loss_weight: float = 3.0  # w in w * MSE (METHOD.md: 3, 20, 1 depending on the teacher)
+    coss_l0: float = 1.0  # CoSS feature-similarity weight
+    coss_l1: float = 1.0  # CoSS space-similarity weight
+    coss_tau_t: float = 0.07  # CoSS teacher temperature
+    coss_tau_s: float = 0.1  # CoSS student temperature
+    neighbours: int = 0  # CoSS neighbour-mined batches: neighbours per anchor (CoSS: 15); 0 = stream order
+    neighbour_pool: int = 31  # draw them from each anchor's top-N cosine neighbours (centre view 0)
+    anchors: int = 16  # anchors per batch (batch = anchors x (1 + neighbours), replacing batch_size)
+    epochs: int = 90  # passes over the data
+    batch_size: int = 512  # per rank
+    lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512
+    weight_decay: float = -1.0  # < 0 = from the supplement's table by data_fraction and epochs
+    data_fraction: float = 0.1  # fraction of ImageNet the shards hold (only for the weight-decay table)
+    resolution: int = 0  # student input side; 0 = the teacher's
+    view_policy: str = (
+        "walk"  # walk: each image walks its K views in a seeded order; random: uniform per epoch
+    )
+    shuffle_buffer: int = 256  # per-worker shuffle buffer (samples)
+    seed: int = 0  # student init, shard order, view schedule, shuffle
+    workers: int = 2  # DataLoader workers per rank
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
+    channels_last: bool = True  # channels_last on CUDA
+    online_teacher: bool = False  # run the teacher live on the same views instead of reading the cache
+    skip_bad: bool = False  # count and skip samples that do not join the cache
+    max_steps: int = 0  # stop each epoch after this many steps (0 = whole epoch; for benchmarks)
+    log_every: int = 10  # steps between metrics records
+    quiet: bool = False  # no progress bar
+
+    def __post_init__(self) -> None:
+        if not self.cache or not self.out:
+            raise ConfigError("keys 'cache' and 'out' are required (--cache STORE --out RUN_DIR)")
+        check_choices(self)
+        if self.loss in ("kdep", "cosine") and len(self.projection) != len(self.student):
+            raise ConfigError(
+                f"key 'projection': the {self.loss} loss needs one projection per student "
+                f"({len(self.student)} students, {len(self.projection)} projections); run kdep fit-svd"
+            )
+        if self.projection and len(self.projection) != len(self.student):
+            raise ConfigError("key 'projection': give one projection per student, in the same order")
+        check_range("neighbours", self.neighbours, 0)
+        if self.neighbours > self.neighbour_pool:
+            raise ConfigError(
+                f"key 'neighbours': {self.neighbours} cannot be drawn from neighbour_pool {self.neighbour_pool}"
+            )
+        check_range("anchors", self.anchors, 1)
+        check_range("epochs", self.epochs, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0.0)
+        check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
+        check_range("resolution", self.resolution, 0, 1024)
+        check_range("workers", self.workers, 0, 64)
+        _check_device(self.device)
+        check_range("max_steps", self.max_steps, 0)
+        check_range("log_every", self.log_every, 1)
+        for name in ("coss_tau_t", "coss_tau_s"):
+            check_range(name, getattr(self, name), 0.0, open_lo=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    CHOICES: ClassVar[dict] = {"tap": TAPS, "agreement_tap": TAPS, "agreement_views": VIEW_RECIPES}
+    train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
+    val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
+    out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
+    backbones: tuple[str, ...] = ()  # "name=arch:weights"; weights: random | torchvision enum name | file
+    resolution: int = 224  # side in pixels of the centre view fed to every backbone
+    tap: str = "post_relu"  # pooled feature for probe and k-NN
+    batch_size: int = 64  # images per forward pass during extraction
+    device: str = "cpu"  # cpu or cuda[:N] (bf16 autocast + channels_last on CUDA)
+    seed: int = 0  # seeds random-init backbones, the probe's held-out split and fine-tuning
+    cache_features: bool = True  # keep extracted features in OUT/features/*.npz and reuse them
+    probe_cs: tuple[float, ...] = (
+        0.01,
+        0.1,
+        1.0,
+        10.0,
+    )  # logistic-regression C values swept (one = no sweep)
+    probe_holdout: float = 0.2  # fraction of each train class held out to choose C, (0, 1)
+    probe_max_iter: int = 1000  # lbfgs iterations per fit
+    knn_k: int = 20  # neighbours for cosine k-NN
+    finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
+    finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3
+    finetune_weight_decay: float = 5e-4  # SGD weight decay (paper: 5e-4)
+    finetune_batch_size: int = 64  # images per fine-tuning step (paper: 64)
+    teacher: str | None = None  # teacher arch for agreement, e.g. resnet50 (None = no agreement)
+    teacher_weights: str | None = None  # teacher weights: file, torchvision enum name, or random
+    projection: str | None = (
+        None  # projection artefact (fit-svd) mapping teacher (B, D_t) to targets (B, D_s)
+    )
+    agreement_tap: str = "pre_relu"  # tap compared between student and teacher (KDEP: pre_relu)
+    agreement_views: str = "center"  # val views for agreement: center, or a recipe drawn with agreement_seed
+    agreement_seed: int = (
+        1_000_003  # view seed for non-centre agreement views (keep it unlike the cache seed)
+    )
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.val or not self.out:
+            raise ConfigError("keys 'train', 'val' and 'out' are required (--train DIR --val DIR --out DIR)")
+        check_backbones(self.backbones)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_choices(self)
+        check_range("batch_size", self.batch_size, 1)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"key 'device': {self.device!r} is not cpu, cuda or cuda:N")
+        if not self.probe_cs:
+            raise ConfigError("key 'probe_cs': give at least one C, e.g. --set eval.probe_cs=1.0")
+        for c in self.probe_cs:
+            check_range("probe_cs", c, 0.0, open_lo=True)
+        check_range("probe_holdout", self.probe_holdout, 0.0, 0.9, open_lo=True)
+        check_range("probe_max_iter", self.probe_max_iter, 1)
+        check_range("knn_k", self.knn_k, 1)
+        check_range("finetune_epochs", self.finetune_epochs, 0)
+        check_range("finetune_lr", self.finetune_lr, 0.0, open_lo=True)
+        check_range("finetune_weight_decay", self.finetune_weight_decay, 0.0)
+        check_range("finetune_batch_size", self.finetune_batch_size, 2)
+        if (self.teacher is None) != (self.teacher_weights is None):
+            raise ConfigError(
+                "keys 'teacher' and 'teacher_weights' go together (--teacher ARCH --teacher-weights W)"
+            )
+        if self.projection is not None and self.teacher is None:
+            raise ConfigError("key 'projection' needs a teacher (--teacher ARCH --teacher-weights W)")
+
+
+def check_backbones(items: tuple[str, ...]) -> None:
+    """At least one parseable ``name=arch:weights``, names unique."""
+    if not items:
+        raise ConfigError("key 'backbones': give at least one, e.g. --backbone random=resnet18:random")
+    try:
+        names = [parse_backbone(b).name for b in items]
+    except EvalError as err:
+        raise ConfigError(f"key 'backbones': {err}") from None
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"key 'backbones': name {dupes[0]!r} is used twice; give each backbone its own name"
+        )
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    store: str = ""  # feature cache (Zarr store) to describe
+    json: bool = False  # print JSON instead of a table
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ConfigError("key 'store' is required (kdep inspect STORE)")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    store: str = ""  # feature cache (Zarr store) to check
+    samples: int = 16  # random (key, view) pairs to recompute
+    seed: int = 0  # seed of the sample
+    tolerance: float | None = None  # max relative error (default: from the cache's precision)
+    shards: str = ""  # the source shards, if they moved since caching (default: recorded)
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ConfigError("key 'store' is required (kdep verify STORE)")
+        check_range("samples", self.samples, 1)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    manifest: str = "manifests/demo.yaml"  # manifest whose sections every step reads
+    sets: tuple[str, ...] = ()  # section.key=value overrides for the steps (repeatable)
+    quiet: bool = False  # no progress bars
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool = False  # small sizes (under 5 minutes on 2 CPU cores)
+    device: str = "cpu"  # cpu or cuda (the GPU profile: ResNet-50/ResNet-18 at 224, AMP)
+    out: str = "benchmarks/results"  # folder for <date>-<host>.json and .png
+
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, ("cpu", "cuda"))
