@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from pipeline.progress import progress_bar
 
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.workers import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
@@ -81,7 +81,7 @@ def cache_shards(
     assemblies = {t.index: ShardAssembly(t, spec.views, dims) for t in tasks}
     writer = SlotWriter(store)
     total = sum(t.samples for t in tasks)
-    bar = tqdm(total=total, unit="img", desc="cache-teacher", disable=not rt.progress, mininterval=1.0)
+    bar = progress_bar(total=total, unit="img", desc="cache-teacher", disable=not rt.progress, mininterval=1.0)
     start, images, skipped = time.perf_counter(), 0, 0
     try:
         for msg in loader:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.shards import write_index, write_shard
 from pipeline.errors import KdepError
+from pipeline.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -82,7 +82,7 @@ def read_image_file(path: Path) -> tuple[str, bytes]:
 def _iter_samples(
     root: Path, items: list[tuple[Path, int, str]], result: FolderResult
 ) -> Iterator[tuple[str, dict]]:
-    for path, label, key in tqdm(items, desc="make-shards", unit="img", mininterval=1.0):
+    for path, label, key in progress_bar(items, desc="make-shards", unit="img", mininterval=1.0):
         rel = str(path.relative_to(root))
         try:
             ext, data = read_image_file(path)

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import torchvision
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import iter_samples, list_shards
-from pipeline.files import atomic_path
 from pipeline.data.views import replay_view, sample_view_params
+from pipeline.files import atomic_path
+from pipeline.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def train_demo_teacher(train_dir: str, out: Path, recipe: TeacherRecipe, progres
     start, correct, seen = time.perf_counter(), 0, 0
     steps_per_epoch = math.ceil(sum(s.samples or 0 for s in list_shards(train_dir)) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
-    bar = tqdm(total=total, desc="demo teacher", unit="step", disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=total, desc="demo teacher", unit="step", disable=not progress, mininterval=1.0)
     step = 0
     for epoch in range(recipe.epochs):
         data.epoch = epoch

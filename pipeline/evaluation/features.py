@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
@@ -30,6 +29,7 @@ from pipeline.data.views import replay_view, sample_view_params
 from pipeline.evaluation.backbones import BackboneSpec, EvalError
 from pipeline.files import atomic_path
 from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
+from pipeline.progress import progress_bar
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
 FEATURES_FORMAT = "kdep-eval-features/1"
@@ -164,7 +164,7 @@ def extract_features(
     rows: dict[str, dict[str, list[np.ndarray]]] = {n: {t: [] for t in tp.taps} for n, tp in taps.items()}
     labels, keys = [], []
     total = sum(s.samples or 0 for s in shards) or None
-    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", leave=False) as bar:
         for x, y, k in iter_view_batches(shards, resolution, batch_size, recipe, seed):
             for name, tap in taps.items():
                 for t, v in forward_taps(tap, x, device).items():

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards
 from pipeline.evaluation.features import (
@@ -36,6 +35,7 @@ from pipeline.evaluation.features import (
     sample_label,
     swap_module,
 )
+from pipeline.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def finetune(
         params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda e: step_factor(e, recipe.epochs))
-    for epoch in tqdm(range(recipe.epochs), desc="fine-tune", unit="epoch", leave=False):
+    for epoch in progress_bar(range(recipe.epochs), desc="fine-tune", unit="epoch", leave=False):
         train_epoch(model, optimiser, data, epoch, recipe, resolution, seed, dev)
         schedule.step()
     return classify_top1(model, val, resolution, recipe.batch_size, dev)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipeline.cache.store import FeatureStore, StoreError
 from pipeline.errors import KdepError
+from pipeline.progress import progress_bar
 from pipeline.projection.artefact import Projection
 from pipeline.projection.fit import FeatureStats
 
@@ -240,7 +241,10 @@ def chunk_pass(
         return _pass_distributed(store, tap, selection, fn, args, name, scheduler, quiet)
     lanes = dask.config.get("num_workers", None) or CPU_COUNT  # one lane per thread
     total, n_chunks = lane_graph(store, tap, selection, fn, args, name, lanes)
-    with tqdm(total=n_chunks, unit="chunk", desc=name, disable=quiet) as bar, _ChunkProgress(bar, name):
+    with (
+        progress_bar(total=n_chunks, unit="chunk", desc=name, disable=quiet) as bar,
+        _ChunkProgress(bar, name),
+    ):
         return dask.compute(total, scheduler="threads")[0]
 
 

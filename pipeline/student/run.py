@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
+from pipeline.progress import progress_bar
 
 from pipeline.cache.join import rebuild_teacher, source_shard_paths
 from pipeline.cache.store import FeatureStore, StoreError, open_store
@@ -179,7 +179,7 @@ def run_epoch(
             group["lr"] = lr_at(epoch, config.epochs, t.base_lr)
         t.model.train()
         t.losses = []
-    bar = tqdm(
+    bar = progress_bar(
         total=expected // job.world,
         unit="img",
         desc=f"epoch {epoch + 1}/{config.epochs}",
