@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,15 +13,28 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from pipeline.cache.store import open_store
-from pipeline.cache.teacher import AMP_DTYPES, Runtime, prepare_teacher, resolve_amp, teacher_features
+from pipeline.cache.join import source_shard_paths
+from pipeline.cache.store import FeatureStore, open_store
+from pipeline.cache.teacher import Runtime, prepare_teacher, teacher_features
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
 from pipeline.demo.shards import DemoSpec, write_demo_data
-from pipeline.projection.artefact import load_projection
-from pipeline.student.pairs import PairStream, StreamSpec
-from pipeline.student.training import Student, make_optimizer
+from pipeline.projection.artefact import Projection, load_projection
+from pipeline.runtime import resolve_amp
+from pipeline.student.loaders import LoaderSpec, PairLoaders
+from pipeline.student.pairs import StreamSpec
+from pipeline.student.run import online_teacher
+from pipeline.student.specs import LossSpec
+from pipeline.student.training import (
+    StepContext,
+    Student,
+    make_optimizer,
+    make_scaler,
+    teacher_targets,
+    train_step,
+    views_on_device,
+)
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.fit_svd import FitSvdConfig
@@ -108,75 +123,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cycle(stream: PairStream, batch: int, workers: int):
+def stage3_loaders(store: FeatureStore, resolution: int, batch: int, workers: int, pin: bool) -> PairLoaders:
+    """Stage 3's loaders (the key-joined stream, seed 0, a 64-sample shuffle buffer) over the cache's shards."""
+    stream = StreamSpec(store=str(store.path), shard_paths=tuple(source_shard_paths(store)), tap="pre_relu",
+                        resolution=resolution, seed=0, shuffle_buffer=64)  # fmt: skip
+    return PairLoaders(LoaderSpec(stream, batch, workers, pin), store)
+
+
+def _batches(loaders: PairLoaders) -> Iterator:
+    """Stage 3's batches, epoch after epoch, for as long as asked."""
     for epoch in itertools.count():
-        stream.set_epoch(epoch)
-        yield from DataLoader(
-            stream,
-            batch_size=batch,
-            num_workers=workers,
-            drop_last=True,
-            pin_memory=torch.cuda.is_available(),
-        )
+        yield from loaders.for_epoch(epoch)
 
 
-def bench_student_steps(cache: Path, data: Path, tmp: Path, prof) -> dict:
-    """Student images/s with (a) no distillation, (b) targets from the cache, (c) the online teacher; same loader."""
+def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
+    """Student images/s with (a) no distillation, (b) targets from the cache, (c) the online teacher: stage 3's
+    loaders, step context and ``train_step`` in each; only where the targets come from differs."""
     device = torch.device(prof.device)
-    amp = resolve_amp("auto", device)
     fit_run(FitSvdConfig(cache=str(cache), out=str(tmp / "proj.npz"), dim=512, quiet=True))
     proj = load_projection(tmp / "proj.npz")
-    paths = tuple(s.path for s in list_shards(data))
-    spec = StreamSpec(str(cache), paths, "pre_relu", prof.resolution, 0, shuffle_buffer=64)
-    rt = Runtime(device, amp, True, 0, False, False)
-    teacher = prepare_teacher(torchvision.models.get_model(prof.teacher).to(device), ("pre_relu",), rt)
-    rates = {}
-    for variant in ("plain", "cached", "online", "cached_again"):
-        torch.manual_seed(0)
-        student = Student(prof.student, "pre_relu", "kdep", 512, prof.resolution).to(device)
-        if device.type == "cuda":
-            student = student.to(memory_format=torch.channels_last)
-        opt = make_optimizer(student, 0.01, 1e-4)
-        batches = _cycle(PairStream(spec), prof.batch, _workers(prof.device))
-        for i, (x, rows, _ids) in enumerate(batches):
-            if i == 2:  # two warm-up steps
-                _sync(device)
-                t0 = time.perf_counter()
-            if i == prof.steps + 2:
-                break
-            x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            ctx = (
-                torch.autocast("cuda", dtype=AMP_DTYPES[amp])
-                if amp in AMP_DTYPES
-                else torch.autocast("cpu", enabled=False)
-            )
-            if variant == "plain":
-                target = None
-            elif variant == "online":
-                with torch.no_grad(), ctx:
-                    raw = teacher(x)["pre_relu"].float()
-                target = proj.targets(raw)  # float32, outside autocast (as in train-student)
-            else:
-                target = proj.targets(rows.to(device, non_blocking=True))
-            with ctx:
-                out = student(x)
-            loss = (
-                (out.float() ** 2).mean()
-                if target is None
-                else 3.0 * torch.nn.functional.mse_loss(out.float(), target)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        _sync(device)
-        rates[variant] = prof.steps * prof.batch / (time.perf_counter() - t0)
+    store = open_store(cache)
+    loaders = stage3_loaders(store, prof.resolution, prof.batch, _workers(prof.device), device.type == "cuda")
+    ctx = StepContext(device, resolve_amp("auto", device), LossSpec("kdep", 3.0), channels_last=True)
+    online = replace(ctx, teacher=online_teacher(store, "pre_relu", device))
+    variants = {"plain": ctx, "cached": ctx, "online": online, "cached_again": ctx}
+    rates = {v: _student_rate(loaders, c, None if v == "plain" else proj, prof) for v, c in variants.items()}
     cached = max(
         rates["cached"], rates["cached_again"]
     )  # the best of two runs, as for the others' single run
     return {"student_images_per_s": rates, "student_cached_vs_plain": cached / rates["plain"],
             "cached_vs_online": cached / rates["online"]}  # fmt: skip
+
+
+def _student_rate(loaders: PairLoaders, ctx: StepContext, proj: Projection | None, prof) -> float:
+    """Images/s over ``prof.steps`` stage 3 steps after two warm-up steps; ``proj`` None: no distillation (the
+    same step against a constant zero target, so no teacher rows are moved or projected)."""
+    torch.manual_seed(0)
+    student = Student(prof.student, "pre_relu", "kdep", 512, prof.resolution).to(ctx.device)
+    if ctx.device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    opt, scaler = make_optimizer(student, 0.01, 1e-4), make_scaler(ctx.device, ctx.amp)
+    steps, images, t0 = 0, 0, time.perf_counter()
+    for x, rows, _ids in _batches(loaders):
+        if len(x) < 2:  # stage 3 drops a worker's last batch of one (BatchNorm)
+            continue
+        if steps == 2:  # two warm-up steps
+            _sync(ctx.device)
+            images, t0 = 0, time.perf_counter()
+        if steps == prof.steps + 2:
+            break
+        x = views_on_device(x, ctx)
+        if proj is None:
+            target = torch.zeros(len(x), student.d_feature, device=ctx.device)
+        else:
+            target = proj.targets(teacher_targets(rows, x, ctx))
+        train_step(student, opt, x, target, ctx, scaler)
+        steps, images = steps + 1, images + len(x)
+    _sync(ctx.device)
+    return images / (time.perf_counter() - t0)
 
 
 def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
@@ -198,12 +202,9 @@ def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
         t0 = time.perf_counter()
         n_tv = sum(len(x) for x, _ in DataLoader(tv, batch_size=32, shuffle=True, num_workers=0))
         tv_rate = n_tv / (time.perf_counter() - t0)
-        paths = tuple(s.path for s in list_shards(data))
-        stream = PairStream(
-            StreamSpec(str(tmp / "cache.zarr"), paths, "pre_relu", prof.resolution, 0, shuffle_buffer=64)
-        )
+        loaders = stage3_loaders(open_store(tmp / "cache.zarr"), prof.resolution, 32, 0, False)
         t0 = time.perf_counter()
-        n_ours = sum(len(x) for x, _r, _i in DataLoader(stream, batch_size=32, num_workers=0))
+        n_ours = sum(len(x) for x, _r, _i in loaders.for_epoch(0))
         ours = n_ours / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)

@@ -1,11 +1,14 @@
-"""torch.distributed plumbing for torchrun: init from the environment, barriers, object broadcasts.
+"""torch.distributed and AMP plumbing shared by the stages: init from the environment, barriers, object
+broadcasts, the device, and autocast.
 
 Under ``torchrun`` (WORLD_SIZE > 1) a process group is created with gloo on CPU and nccl on CUDA; without it every
-helper here is a no-op for a single process, so stages run the same code either way.
+helper here is a no-op for a single process, so stages run the same code either way. AMP is CUDA-only: on CPU the
+resolved mode is always "off".
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import KdepError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each resolved AMP mode
 
 
 @dataclass(frozen=True)
@@ -79,3 +84,19 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU; any mode is "off" on CPU."""
+    if amp != "auto":
+        return amp if device.type == "cuda" else "off"
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """CUDA autocast in the resolved AMP mode's dtype; a no-op context on CPU or with amp "off"."""
+    if device.type == "cuda" and amp in AMP_DTYPES:
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+    return contextlib.nullcontext()

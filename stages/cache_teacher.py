@@ -24,7 +24,7 @@ import numpy as np
 import typer
 
 from pipeline.cache.store import CacheLayout, FeatureStore, create_store, open_store
-from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher, resolve_amp
+from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
 from pipeline.data.views import RECIPES, describe_preprocessing
@@ -38,6 +38,7 @@ from pipeline.runtime import (
     broadcast_object,
     init_distributed,
     pick_device,
+    resolve_amp,
 )
 from stages.common import write_resolved_config
 from stages.config import CacheTeacherConfig

@@ -16,13 +16,38 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.manifest import config_to_dict
 from pipeline.student.run import train_students
+from pipeline.student.specs import (
+    DataSpec,
+    LossSpec,
+    OutputSpec,
+    RecipeSpec,
+    RuntimeSpec,
+    StudentSpec,
+    TrainSpec,
+)
 from stages.config import TrainStudentConfig
 
 
 def run(config: TrainStudentConfig) -> dict:
     """Train every student for ``epochs`` (resuming from the newest checkpoint); returns the final metrics."""
-    return train_students(config)
+    c = config
+    projections = c.projection or (None,) * len(c.student)  # None: the raw teacher rows are the targets
+    students = tuple(StudentSpec(a, c.student_tap, p) for a, p in zip(c.student, projections, strict=True))
+    spec = TrainSpec(
+        students=students,
+        data=DataSpec(cache=c.cache, shards=c.shards, tap=c.tap, resolution=c.resolution, view_policy=c.view_policy,
+                      shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad, neighbours=c.neighbours,
+                      neighbour_pool=c.neighbour_pool, anchors=c.anchors),
+        recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                          data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps),
+        loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0)),
+        runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
+                            online_teacher=c.online_teacher),
+        output=OutputSpec(out=c.out, log_every=c.log_every, quiet=c.quiet),
+    )  # fmt: skip
+    return train_students(spec, settings=config_to_dict(config))  # settings: recorded, compared on resume
 
 
 def report(config: TrainStudentConfig, result: dict) -> None:

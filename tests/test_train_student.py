@@ -21,7 +21,7 @@ from pipeline.models import ModelError
 from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
 from pipeline.student.pairs import PairStream, StreamSpec, scheduled_view
-from pipeline.student.training import LossSpec, Student, train_step
+from pipeline.student.training import LossSpec, StepContext, Student, train_step
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.fit_svd import FitSvdConfig
@@ -81,9 +81,8 @@ def test_a_step_from_the_cache_equals_the_online_teacher_step(cached):
         torch.manual_seed(7)
         student = Student("resnet18", "pre_relu", "kdep", 512, 32)
         opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: compare the gradients, not the update
-        loss, _ = train_step(
-            student, opt, x, proj.targets(raw), LossSpec("kdep", 3.0), torch.device("cpu"), "off"
-        )
+        ctx = StepContext(torch.device("cpu"), "off", LossSpec("kdep", 3.0))
+        loss, _ = train_step(student, opt, x, proj.targets(raw), ctx)
         grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
         results.append((loss, grads))
     (loss_c, g_c), (loss_h, g_h), (loss_o, g_o) = results

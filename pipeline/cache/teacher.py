@@ -10,13 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from pipeline.progress import progress_bar
 
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.workers import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
 from pipeline.models import FeatureTaps
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.progress import progress_bar
+from pipeline.runtime import AMP_DTYPES
 
 
 @dataclass(frozen=True)
@@ -29,15 +28,6 @@ class Runtime:
     workers: int  # DataLoader worker processes
     skip_bad: bool
     progress: bool
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU."""
-    if amp != "auto":
-        return amp if device.type == "cuda" else "off"
-    if device.type != "cuda":
-        return "off"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def prepare_teacher(model: nn.Module, taps: tuple[str, ...], rt: Runtime) -> FeatureTaps:
@@ -81,7 +71,9 @@ def cache_shards(
     assemblies = {t.index: ShardAssembly(t, spec.views, dims) for t in tasks}
     writer = SlotWriter(store)
     total = sum(t.samples for t in tasks)
-    bar = progress_bar(total=total, unit="img", desc="cache-teacher", disable=not rt.progress, mininterval=1.0)
+    bar = progress_bar(
+        total=total, unit="img", desc="cache-teacher", disable=not rt.progress, mininterval=1.0
+    )
     start, images, skipped = time.perf_counter(), 0, 0
     try:
         for msg in loader:

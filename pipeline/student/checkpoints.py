@@ -1,4 +1,5 @@
-"""Stage 3 outputs: atomic per-epoch checkpoints, exact resume, the exported backbone, metrics and the loss plot."""
+"""Stage 3 outputs: atomic per-epoch checkpoints, exact resume (same settings and inputs), provenance.json, the
+exported backbone, metrics and the loss plot."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.files import atomic_path
+from pipeline.cache.store import FeatureStore
+from pipeline.files import atomic_path, write_json_atomic
 from pipeline.models import backbone_state_dict
+from pipeline.provenance import require_same
+from pipeline.runtime import Dist
+from pipeline.student.specs import StudentSpec
+from pipeline.student.training import Trainee
 
 KEEP_CHECKPOINTS = 2  # the newest epochs kept on disk
 
@@ -90,3 +96,58 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+RESUME_FREE = ("quiet", "workers", "log_every", "shards", "device")  # settings a resumed run may change
+
+
+def run_inputs(store: FeatureStore, trainees: list[Trainee]) -> dict:
+    """The identities a run trains from: the cache fingerprint and each projection's sha256."""
+    projections = [
+        t.projection.meta.get("npz_sha256") if t.projection is not None else None for t in trainees
+    ]
+    return {"cache_fingerprint": store.fingerprint(), "projection_sha256": projections}
+
+
+def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Trainee], job: Dist, quiet: bool
+           ) -> tuple[int, int]:  # fmt: skip
+    """Load the newest checkpoint if there is one (same settings and inputs required); returns (first epoch, step)."""
+    path = latest_checkpoint(out)
+    if path is None:
+        return 0, 0
+    state = load_checkpoint(path)
+    stored = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
+    now = {k: v for k, v in settings.items() if k not in RESUME_FREE}
+    hint = "resume with the same settings and inputs, or choose another --out"
+    require_same(
+        f"the run in {out}", {**stored, **state["inputs"]}, {**now, **run_inputs(store, trainees)}, hint
+    )
+    for t in trainees:
+        t.student.load_state_dict(state["students"][t.name])
+        t.optimizer.load_state_dict(state["optimizers"][t.name])
+        if t.scaler is not None and state.get("scalers", {}).get(t.name):
+            t.scaler.load_state_dict(state["scalers"][t.name])
+    if job.is_main and not quiet:
+        print(f"resuming {out} after epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["global_step"]
+
+
+def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...], store: FeatureStore,
+                     trainees: list[Trainee], resolution: int, job: Dist) -> None:  # fmt: skip
+    """provenance.json (inputs, their identities, the students, the settings) and config.train_student.json."""
+    if not job.is_main:
+        return
+    record = {
+        "cache": str(store.path),
+        "cache_fingerprint": store.fingerprint(),
+        "projections": [
+            {"path": s.projection, "sha256": t.projection.meta.get("npz_sha256") if t.projection else None}
+            for s, t in zip(students, trainees, strict=True)
+            if s.projection is not None
+        ],
+        "students": [t.name for t in trainees],
+        "resolution": resolution,
+        "config": settings,
+    }
+    write_json_atomic(out / "provenance.json", record)
+    write_json_atomic(out / "config.train_student.json", {"section": "train_student", "config": settings})

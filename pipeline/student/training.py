@@ -7,15 +7,17 @@ data fraction and epochs. AMP (bf16) and channels_last on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from pipeline.models import FeatureTaps, ModelError, build_model, last_linear, tap_dims
+from pipeline.projection.artefact import Projection
+from pipeline.runtime import Dist, autocast_for
 from pipeline.student.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
+from pipeline.student.specs import LossSpec, TrainSpec
 
 # Supplement Table S.4: (data fraction, epochs) -> weight decay.
 WEIGHT_DECAY_TABLE = {(0.1, 90): 5e-4, (0.1, 180): 4e-4, (1.0, 9): 5e-4, (1.0, 18): 4e-4, (1.0, 90): 1e-4}
@@ -71,15 +73,21 @@ class Student(nn.Module):
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    name: str  # kdep, cosine, coss, linear-pre, linear-post
-    weight: float = 3.0  # w of the KDEP loss (and the baselines' MSE)
-    coss: tuple[float, float, float, float, float] = (1.0, 1.0, 0.07, 0.1, 1.0)  # l0, l1, tau_t, tau_s, beta
+class StepContext:
+    """How every step of a run executes, shared by all its students: device, precision, loss, target source."""
+
+    device: torch.device
+    amp: str  # resolved AMP mode (pipeline.runtime.resolve_amp): off, bf16 or fp16; autocast on CUDA only
+    loss: LossSpec
+    channels_last: bool = False  # channels_last views on CUDA
+    tap: str = "pre_relu"  # teacher tap the targets come from
+    teacher: nn.Module | None = None  # live teacher FeatureTaps (--online-teacher); None: the cached rows
 
 
 def compute_loss(
     spec: LossSpec, out: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(B, D_out)`` student output and ``(B, D_out)`` float32 targets -> (scalar loss, named float parts)."""
     if spec.name == "kdep" or spec.name.startswith("linear"):
         return kdep_loss(out, target, spec.weight)
     if spec.name == "cosine":
@@ -88,24 +96,42 @@ def compute_loss(
     return coss_loss(out, target, l0, l1, tau_t, tau_s, beta)
 
 
-def autocast_for(device: torch.device, amp: str):
-    if device.type == "cuda" and amp in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """Loss scaling for fp16 autocast (bf16 and float32 need none: the scaler is then a pass-through)."""
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and amp == "fp16")
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
-               spec: LossSpec, device: torch.device, amp: str, scaler: torch.amp.GradScaler | None = None,
-               ) -> tuple[float, dict[str, float]]:  # fmt: skip
-    """One SGD step on (views, targets) already on the device; returns the loss and its parts."""
-    with autocast_for(device, amp):
+def views_on_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """(B, 3, r, r) float32 views -> on the context's device (channels_last on CUDA when asked)."""
+    x = x.to(ctx.device, non_blocking=True)
+    if ctx.device.type == "cuda" and ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def teacher_targets(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """(B, D_t) float32 teacher features: the cached rows (B, D_t) float16, or the live teacher on the views ``x``
+    (B, 3, r, r) already on the device."""
+    if ctx.teacher is None:
+        return rows.to(ctx.device, non_blocking=True).float()
+    # no_grad, not inference_mode: the loss's backward saves the targets
+    with torch.no_grad(), autocast_for(ctx.device, ctx.amp):
+        return ctx.teacher(x)[ctx.tap].float()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    ctx: StepContext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, dict[str, float]]:
+    """One SGD step on views ``x`` (B, 3, r, r) and targets (B, D_out) float32, both on ``ctx.device``;
+    returns the loss and its named parts (floats)."""
+    with autocast_for(ctx.device, ctx.amp):
         out = model(x)
-    loss, parts = compute_loss(spec, out.float(), target)
+    loss, parts = compute_loss(ctx.loss, out.float(), target)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -118,5 +144,51 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD, momentum 0.9, over the trainable parameters (the frozen classifier is left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+@dataclass
+class Trainee:
+    """One student with everything that steps it."""
+
+    name: str
+    model: nn.Module  # Student, or DDP(Student)
+    student: Student
+    optimizer: torch.optim.Optimizer
+    projection: Projection | None  # teacher row (B, D_t) -> target (B, D_s); None: the raw row is the target
+    base_lr: float
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (None or disabled otherwise)
+    losses: list[float] = field(default_factory=list)
+
+
+def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teacher: int, resolution: int,
+                   device: torch.device, amp: str, job: Dist) -> list[Trainee]:  # fmt: skip
+    """Each student seeded with ``seed + 1000 i`` (the same init on every rank), with its optimizer and scaler."""
+    recipe = spec.recipe
+    global_batch = spec.batch_per_rank * job.world  # the lr scales with the batch actually trained on
+    wd = (
+        recipe.weight_decay
+        if recipe.weight_decay >= 0
+        else weight_decay_for(recipe.data_fraction, recipe.epochs)
+    )
+    archs = [s.arch for s in spec.students]
+    out = []
+    for i, (s, proj) in enumerate(zip(spec.students, projections, strict=True)):
+        torch.manual_seed(recipe.seed + 1000 * i)
+        d_target = proj.dim_student if proj is not None else d_teacher
+        student = Student(s.arch, s.tap, spec.loss.name, d_target, resolution).to(device)
+        if device.type == "cuda" and spec.runtime.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        model: nn.Module = student
+        if job.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        lr = recipe.lr or base_lr_for(s.arch, global_batch)
+        name = s.arch if archs.count(s.arch) == 1 else f"{s.arch}-{i}"
+        out.append(
+            Trainee(name, model, student, make_optimizer(model, lr, wd), proj, lr, make_scaler(device, amp))
+        )
+    return out
