@@ -217,7 +217,10 @@ def field_docs(cls: type) -> dict[str, str]:
     Comments are not kept at run time, so they are read from the module source with ``tokenize`` (once per
     module); every comment between a field's name and the next field belongs to it, so a wrapped field keeps it."""
     names = {f.name for f in dataclasses.fields(cls)}
-    docs = _module_field_docs(inspect.getsourcefile(cls)).get(cls.__name__, {})
+    source = inspect.getsourcefile(cls)
+    docs = (
+        _module_field_docs(source).get(cls.__name__, {}) if source else {}
+    )  # no source (a .pyc-only install)
     return {k: v for k, v in docs.items() if k in names}
 
 
