@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -331,9 +332,26 @@ def test_distributed_cluster_gives_the_local_result(cache, tmp_path, processes):
     ].startswith("inproc://")
 
 
+def test_cluster_progress_in_a_log_is_lines_counting_every_chunk(cache, tmp_path, capfd, monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.setenv("KDEP_PROGRESS_SECONDS", "0.2")
+    path, _ = cache
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        run(
+            FitSvdConfig(
+                cache=str(path), out=str(tmp_path / "d.npz"), dim=5, scheduler=cluster.scheduler_address
+            )
+        )
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    for name in ("kdep-stats", "kdep-targets"):  # every chunk holding selected rows is counted once
+        assert re.search(rf"^{name}: (\d+)/\1 chunk \(100%\)", err, flags=re.M), err
+
+
 @pytest.mark.slow
 def test_unreachable_scheduler_is_a_one_line_error(cache, tmp_path):
-    from pipeline.projection.moments import SchedulerError
+    from pipeline.projection.passes import SchedulerError
 
     path, _ = cache
     cfg = FitSvdConfig(

@@ -1,41 +1,27 @@
-"""Streaming statistics of cached features with dask: one read of the store's own chunks, memory O(D_t^2).
+"""Streaming statistics of cached features: one read of the store's own chunks, memory O(D_t^2).
 
 Rows used (RowSelection): the rows of done shards (those with a marker) whose ``valid`` flag is set (never padding,
 never skipped samples), with all or some of the K views of each; optionally an exact, seeded fraction of those
 *images* (cache rows, all chosen views of each), drawn with numpy.random.default_rng(seed) from the rows in cache
 order, so the choice does not depend on shard sizes or chunking.
 
-Each store chunk is one dask task that reads exactly that chunk (rows [b*C, (b+1)*C): one read, never dask's
-default blocks), keeps the selected rows, casts them to float64 in slices of SLICE_ROWS and adds partial sums
-(count, column sums, X^T X, ids of rows holding NaN/Inf) to its lane's running total (see lane_graph); chunks
-holding no selected row are never read. Peak memory is, per thread, one chunk, one float64 slice and two
-D_t x D_t float64 matrices, whatever N is.
-``scheduler=""`` runs on the local threaded scheduler with a tqdm bar over chunks; ``tcp://host:port`` runs on a
-dask.distributed cluster (its workers must see the cache at the same path) with distributed's progress bar.
+Each store chunk holding selected rows is read once by one dask task (``pipeline.projection.passes``), which keeps
+the selected rows, casts them to float64 in slices of SLICE_ROWS and adds partial sums (count, column sums, X^T X,
+ids of rows holding NaN/Inf). Peak memory is, per thread, one chunk, one float64 slice and two D_t x D_t float64
+matrices, whatever N is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import dask
 import numpy as np
-import zarr
-from dask.base import tokenize
-from dask.callbacks import Callback
-from dask.delayed import Delayed
-from dask.system import CPU_COUNT
-from tqdm import tqdm
 
 from pipeline.cache.store import FeatureStore, StoreError
-from pipeline.errors import KdepError
-from pipeline.progress import progress_bar
 from pipeline.projection.artefact import Projection
 from pipeline.projection.fit import FeatureStats
+from pipeline.projection.passes import RowSelection, chunk_pass
 
 SLICE_ROWS = 4096  # rows cast to float64 at once (4096 x 2048 x 8 B = 64 MiB)
-FAN_IN = 8  # partials summed per reduction task
 MAX_KEYS_SHOWN = 10  # keys named in a NaN/Inf error
 
 
@@ -49,28 +35,6 @@ class EmptyCacheError(StoreError):
 
 class NonFiniteError(StoreError):
     """Some cached rows hold NaN or Inf."""
-
-
-class SchedulerError(KdepError):
-    """The dask.distributed scheduler could not be reached."""
-
-
-@dataclass(frozen=True)
-class RowSelection:
-    """Which cache rows (images) and views a fit reads."""
-
-    rows: np.ndarray  # (S*R,) bool over cache rows
-    views: tuple[int, ...]  # views used of every selected row
-    shards_done: int  # done shards (the only ones read)
-    shards_total: int  # shards in the cache
-
-    @property
-    def images(self) -> int:
-        return int(self.rows.sum())
-
-    @property
-    def samples(self) -> int:
-        return self.images * len(self.views)
 
 
 def done_rows(store: FeatureStore, allow_partial: bool) -> tuple[np.ndarray, int]:
@@ -143,137 +107,6 @@ def chunk_target_moments(
         total += y.sum(axis=0)
         squares += (y * y).sum(axis=0)
     return {"n": len(x), "sum": total, "sumsq": squares}
-
-
-def merge_partials(*parts: dict) -> dict:
-    """Sum partial dicts key by key (lists are concatenated)."""
-    out = dict(parts[0])
-    for part in parts[1:]:
-        for key, value in part.items():
-            out[key] = out[key] + value
-    return out
-
-
-def tree_sum(items: list[Delayed]) -> Delayed:
-    """One delayed sum of many delayed partials, FAN_IN at a time."""
-    while len(items) > 1:
-        token = tokenize(*items)
-        merge = dask.delayed(merge_partials, pure=True)
-        items = [
-            merge(*items[i : i + FAN_IN], dask_key_name=f"kdep-merge-{i}-{token}")
-            for i in range(0, len(items), FAN_IN)
-        ]
-    return items[0]
-
-
-def read_chunk(path: str, tap: str, index: int, rows: int) -> np.ndarray:
-    """Store chunk ``index`` of ``features/<tap>`` (rows [index*C, (index+1)*C)): one read of one whole chunk."""
-    array = zarr.open_array(f"{path}/features/{tap}", mode="r")  # mode "r": never creates
-    return array[index * rows : (index + 1) * rows]
-
-
-def add_chunk(total: dict | None, fn: Callable, source: tuple, *args: object) -> dict:
-    """One fold step of a lane: ``total`` plus ``fn(read_chunk(*source), *args)``'s partial sums."""
-    part = fn(read_chunk(*source), *args)
-    return part if total is None else merge_partials(total, part)
-
-
-def lane_graph(
-    store: FeatureStore, tap: str, selection: RowSelection, fn: Callable, args: tuple, name: str, lanes: int
-) -> tuple[Delayed, int]:
-    """The delayed total of ``fn(chunk, local_rows, views, first_row, *args)`` over the chunks holding selected
-    rows, and the number of those chunks.
-
-    Chunks are dealt round-robin to ``lanes`` chains; each step of a chain reads its chunk and adds its partial
-    sums to the chain's running total, so at most ``lanes`` totals and chunks are in memory whatever N is. (A tree
-    over per-chunk partials keeps O(log N) partials alive, and separate ``da.from_zarr`` getter tasks are read
-    ahead of their consumers: 67 chunks held at 320 chunks, measured.) The lane totals are summed at the end.
-    """
-    array = store.feature_array(tap)
-    c, path = array.chunks[0], str(store.path)
-    token = tokenize(path, tap, c, selection.rows, selection.views, fn.__name__, *args)
-    totals: list = [None] * lanes
-    count = 0
-    for b in range(array.shape[0] // c):
-        local = np.flatnonzero(selection.rows[b * c : (b + 1) * c])
-        if local.size:
-            step = dask.delayed(add_chunk, pure=True)
-            lane, source = count % lanes, (path, tap, b, c)
-            totals[lane] = step(
-                totals[lane],
-                fn,
-                source,
-                local,
-                selection.views,
-                b * c,
-                *args,
-                dask_key_name=f"{name}-{b}-{token}",
-            )
-            count += 1
-    return tree_sum([t for t in totals if t is not None]), count
-
-
-class _ChunkProgress(Callback):
-    """tqdm bar (rate, ETA) over finished chunk tasks of the local scheduler."""
-
-    def __init__(self, bar: tqdm, prefix: str) -> None:
-        super().__init__()
-        self.bar, self.prefix = bar, prefix
-
-    def _posttask(self, key: object, result: object, dsk: dict, state: dict, worker_id: object) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if str(name).startswith(self.prefix):
-            self.bar.update(1)
-
-
-def chunk_pass(
-    store: FeatureStore,
-    tap: str,
-    selection: RowSelection,
-    fn: Callable,
-    args: tuple,
-    name: str,
-    scheduler: str = "",
-    quiet: bool = True,
-) -> dict:
-    """Sum ``fn``'s partials over the selected chunks, on local threads or on the cluster at ``scheduler``."""
-    if scheduler:
-        return _pass_distributed(store, tap, selection, fn, args, name, scheduler, quiet)
-    lanes = dask.config.get("num_workers", None) or CPU_COUNT  # one lane per thread
-    total, n_chunks = lane_graph(store, tap, selection, fn, args, name, lanes)
-    with (
-        progress_bar(total=n_chunks, unit="chunk", desc=name, disable=quiet) as bar,
-        _ChunkProgress(bar, name),
-    ):
-        return dask.compute(total, scheduler="threads")[0]
-
-
-def _pass_distributed(
-    store: FeatureStore,
-    tap: str,
-    selection: RowSelection,
-    fn: Callable,
-    args: tuple,
-    name: str,
-    address: str,
-    quiet: bool,
-) -> dict:
-    from distributed import Client, progress
-
-    try:
-        client = Client(address, timeout="20s", set_as_default=False)
-    except (OSError, TimeoutError) as err:
-        raise SchedulerError(
-            f"cannot reach the dask scheduler at {address} ({err}); start it (`dask scheduler`) "
-            "or leave --scheduler out to run locally"
-        ) from None
-    with client, client.as_current():  # progress() looks for the current client
-        lanes = max(1, sum(client.nthreads().values()))  # one lane per worker thread
-        total, _ = lane_graph(store, tap, selection, fn, args, name, lanes)
-        future = client.compute(total)
-        if not quiet:
-            progress(future)
-        return future.result()
 
 
 def accumulate_stats(
