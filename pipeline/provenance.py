@@ -61,8 +61,10 @@ def require_same(what: str, stored: dict, new: dict, hint: str) -> None:
 class StoreLock:
     """An exclusive flock on ``<store>/writer.lock`` held by one job's rank 0 for the whole run.
 
-    The lock file holds the job id; other ranks of the same job check that id, so ranks of one job share the store
-    and a second job is refused. A crashed job's flock is released by the OS, so resuming needs no clean-up.
+    The lock file holds the job id for people (and for the refusal message of a second job). Other ranks of the
+    job never read it: on a shared filesystem another node may see a stale copy. They join with the job id rank 0
+    broadcast after taking the flock, which is the truth; a second job's rank 0 cannot take the flock and its
+    ranks are refused. A crashed job's flock is released by the OS, so resuming needs no clean-up.
     """
 
     def __init__(self, store_path: str | Path) -> None:
@@ -90,13 +92,11 @@ class StoreLock:
         self.fh.flush()
         return self.job_id
 
-    def check_member(self, job_id: str) -> None:
-        """On a non-zero rank: the lock must be held by this job."""
-        text = self.path.read_text() if self.path.is_file() else ""
-        if f"job {job_id} " not in text:
-            raise ProvenanceError(
-                f"{self.path.parent} is locked by another job ({text.strip()}); refusing to write"
-            )
+    def join(self, job_id: str) -> None:
+        """On a non-zero rank: write under ``job_id``, the id rank 0 broadcast after taking the flock."""
+        if not job_id:
+            raise ProvenanceError(f"{self.path.parent}: rank 0 holds no writer lock; refusing to write")
+        self.job_id = job_id
 
     def release(self) -> None:
         if self.fh is not None:

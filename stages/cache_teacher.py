@@ -9,7 +9,8 @@ Reads the input shards (and their index.json when present) and the teacher weigh
 ``pipeline/cache/store.py`` (features per tap, view parameters, image sizes and hashes, keys, per-shard done markers),
 ``config.cache_teacher.json`` and ``runs.jsonl`` inside it. Re-running resumes: done shards are skipped, and the
 result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
-on the number of ranks.
+on the number of ranks. A failure on any rank ends every rank with its one-line message; collectives wait at most
+``KDEP_DIST_TIMEOUT_S`` seconds (default 3600), and ``KDEP_DIST_BACKEND=gloo`` lets several ranks share one GPU.
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from torch import nn
 
 from pipeline.cache.store import CacheLayout, FeatureStore, create_store, open_store
 from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
-from pipeline.data.shards import ShardInfo, duplicate_keys, list_shards, shard_record, with_counts
+from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
 from pipeline.data.views import RECIPES, describe_preprocessing
-from pipeline.errors import KdepError
 from pipeline.models import build_model, tap_dims
 from pipeline.provenance import StoreLock, library_versions, require_same
 from pipeline.runtime import (
     Dist,
-    all_gather_objects,
-    barrier,
-    broadcast_object,
+    gather_from_ranks,
     init_distributed,
+    local_leader_first,
+    on_every_rank,
+    on_main_rank,
     pick_device,
     resolve_amp,
+    set_tf32,
+    shutdown,
 )
 from stages.common import write_resolved_config
 from stages.config import CacheTeacherConfig
@@ -48,45 +52,64 @@ def run(config: CacheTeacherConfig) -> dict:
     """Create or resume the cache and fill every shard's slot; returns this rank's counts and timing."""
     device = pick_device(config.device)
     job = init_distributed(str(device))
+    amp = resolve_amp(config.amp, device)
+    tf32 = set_tf32(device, amp)  # off with --amp off on CUDA, so the cache matches a float32 recomputation
     rt = Runtime(
-        device,
-        resolve_amp(config.amp, device),
-        config.channels_last,
-        config.workers,
-        config.skip_bad,
-        progress=not config.quiet and job.is_main,
+        device, amp, config.channels_last, config.workers, config.skip_bad, not config.quiet and job.is_main
     )
-    shards = with_counts(list_shards(config.shards))
-    model, identity = build_model(config.teacher, None if config.weights == "random" else config.weights)
-    dims = tap_dims(model, config.taps, config.resolution)
-    provenance = build_provenance(config, identity, dims, shards, rt.amp)
+    shards, dups = scan_inputs(config.shards, job, config.skip_bad)
+    model, identity, dims = local_leader_first(lambda: load_teacher(config))
+    provenance = build_provenance(config, identity, dims, shards, amp, tf32)
     layout = CacheLayout(
         shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
     )
     lock = StoreLock(config.out)
-    store = open_shared_store(config, layout, provenance, job, lock)
     try:
-        tasks = pending_tasks(store, shards, job, config.skip_bad)
+        store = open_shared_store(config, layout, provenance, job, lock)
+        tasks, done = pending_tasks(store, shards, dups, job)
         if rt.progress:
-            print_banner(store, shards, tasks, job, rt)
-        spec = ViewSpec(
-            config.recipe,
-            config.seed,
-            config.views,
-            config.resolution,
-            config.center_view,
-            max(1, config.batch_size // config.views),
-        )
-        stats = cache_shards(store, tasks, prepare_teacher(model, config.taps, rt), spec, rt)
+            print_banner(store, shards, tasks, len(done), job, rt)
+        spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
+                        max(1, config.batch_size // config.views))  # fmt: skip
+        results = gather_from_ranks(lambda: cache_share(store, tasks, model, config.taps, spec, rt))
+        stats = finish_run(store, job, config, results, done)
         stats["shards_total"] = len(shards)
-        finish_run(store, job, config, stats)
     finally:
         lock.release()
+    shutdown()
     return stats
 
 
+def load_teacher(config: CacheTeacherConfig) -> tuple[nn.Module, dict, dict[str, int]]:
+    """The teacher model, its weights identity and its taps' widths (run on each node's local rank 0 first, so
+    library weights are downloaded once per node and the other ranks load them from that node's cache)."""
+    model, identity = build_model(config.teacher, None if config.weights == "random" else config.weights)
+    return model, identity, tap_dims(model, config.taps, config.resolution)
+
+
+def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], dict[int, dict[str, str]]]:
+    """The shards with counts and hashes, and the keys already in an earlier shard. Each rank reads the tar headers
+    of (and, without an index, hashes) every world-th shard; every rank combines the gathered results the same
+    way. A repeated key is refused (with --skip-bad, skipped in the later shard: the first occurrence wins,
+    whatever the ranks or timing)."""
+
+    def my_share() -> list[tuple]:
+        listed = list_shards(spec)
+        return [(i, *scan_counted(s)) for i, s in enumerate(listed) if i % job.world == job.rank]
+
+    merged = sorted((item for part in gather_from_ranks(my_share) for item in part), key=lambda t: t[0])
+    shards = [info for _, info, _ in merged]
+    dups = find_duplicates([s.name for s in shards], [keys for _, _, keys in merged])
+    if dups and not skip_bad:
+        i, found = next(iter(dups.items()))
+        key, owner = next(iter(found.items()))
+        raise CacheError(f"key {key!r} appears in shard {owner} and in shard {shards[i].name}; keys must be unique "
+                         "across shards (re-make the shards with unique keys, or pass --skip-bad)")  # fmt: skip
+    return shards, dups
+
+
 def build_provenance(
-    config: CacheTeacherConfig, identity: dict, dims: dict, shards: list[ShardInfo], amp: str
+    config: CacheTeacherConfig, identity: dict, dims: dict, shards: list[ShardInfo], amp: str, tf32: bool
 ) -> dict:
     """Everything that determines the cached numbers (compared on resume), plus versions and sources (recorded)."""
     identity = {k: v for k, v in identity.items() if k != "path"}
@@ -95,39 +118,32 @@ def build_provenance(
         "preprocessing": describe_preprocessing(config.resolution),
         "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
                   "seed": config.seed, "center_first": config.center_view},
-        "compute": {"amp": amp, "feature_dtype": config.dtype, "batch_views": max(1, config.batch_size // config.views) * config.views},
+        "compute": {"amp": amp, "tf32": tf32, "feature_dtype": config.dtype,
+                    "batch_views": max(1, config.batch_size // config.views) * config.views},
         "shards": [shard_record(s) for s in shards],
         "recorded": {"versions": library_versions(), "source": os.path.abspath(config.shards),
                      "weights_path": str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights},
     }  # fmt: skip
 
 
-def _compared(provenance: dict) -> dict:
-    return {k: v for k, v in provenance.items() if k != "recorded"}
+def _compared(provenance: dict, stored: dict | None = None) -> dict:
+    """What a resume must match: all but "recorded"; "compute.tf32" only if the ``stored`` cache records it (caches
+    written before it was recorded still resume)."""
+    out = {k: v for k, v in provenance.items() if k != "recorded"}
+    if stored is not None and "tf32" not in stored["compute"]:
+        out["compute"] = {k: v for k, v in out["compute"].items() if k != "tf32"}
+    return out
 
 
 def open_shared_store(
     config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, job: Dist, lock: StoreLock
 ) -> FeatureStore:
-    """Rank 0 locks, then creates or checks the store; the other ranks join under the same job id."""
-    failure: KdepError | None = None
-    job_id = ""
-    if job.is_main:
-        try:
-            job_id = _lock_and_prepare(config, layout, provenance, lock)
-        except KdepError as err:
-            lock.release()
-            failure = err
-    status = broadcast_object(("error", str(failure)) if failure else ("ok", job_id))
-    if failure is not None:
-        raise failure
-    if status[0] == "error":
-        raise CacheError(status[1])
+    """Rank 0 locks, creates or checks the store and broadcasts the job id; the other ranks join under that id
+    (never by reading the lock file, which another node may see stale), then every rank opens the store."""
+    job_id = on_main_rank(lambda: _lock_and_prepare(config, layout, provenance, lock))
     if not job.is_main:
-        lock.check_member(status[1])
-    else:
-        write_resolved_config(config.out, "cache_teacher", config)
-    return open_store(config.out, mode="r+")
+        lock.join(job_id)
+    return on_every_rank(lambda: open_store(config.out, mode="r+"))
 
 
 def _lock_and_prepare(
@@ -135,48 +151,58 @@ def _lock_and_prepare(
 ) -> str:
     Path(config.out).mkdir(parents=True, exist_ok=True)
     job_id = lock.acquire()
-    if (Path(config.out) / "zarr.json").exists():
-        stored = open_store(config.out)
-        require_same(
-            f"the cache at {config.out}",
-            _compared(stored.provenance),
-            _compared(provenance),
-            "resume with the original settings and data, or choose another --out",
-        )
-    else:
-        create_store(config.out, layout, provenance)
+    try:
+        if (Path(config.out) / "zarr.json").exists():
+            stored = open_store(config.out)
+            require_same(
+                f"the cache at {config.out}",
+                _compared(stored.provenance),
+                _compared(provenance, stored.provenance),
+                "resume with the original settings and data, or choose another --out",
+            )
+        else:
+            create_store(config.out, layout, provenance)
+        write_resolved_config(config.out, "cache_teacher", config)
+    except BaseException:
+        lock.release()
+        raise
     return job_id
 
 
-def pending_tasks(store: FeatureStore, shards: list[ShardInfo], job: Dist, skip_bad: bool) -> list[ShardTask]:
-    """This rank's share of the shards not yet done. Rank 0 reads the done markers and scans the keys once and
-    broadcasts both, so every rank splits the same list; a key already in an earlier shard is refused up front
-    (or, with --skip-bad, skipped in the later shard: the first occurrence wins, whatever the ranks or timing)."""
-    plan: tuple = ("ok", [], {})
-    if job.is_main:
-        done, dups = sorted(store.done()), duplicate_keys(shards)
-        if dups and not skip_bad:
-            i, found = next(iter(dups.items()))
-            key, owner = next(iter(found.items()))
-            plan = ("error", f"key {key!r} appears in shard {owner} and in shard {shards[i].name}; keys must be unique "
-                             "across shards (re-make the shards with unique keys, or pass --skip-bad)", {})  # fmt: skip
-        else:
-            plan = ("ok", done, dups)
-    status, done, dups = broadcast_object(plan)
-    if status == "error":
-        raise CacheError(done)
-    todo = [i for i in range(len(shards)) if i not in set(done)]
-    return [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256, dups.get(i, {}))
-            for i in todo[job.rank :: job.world]]  # fmt: skip
+def pending_tasks(
+    store: FeatureStore, shards: list[ShardInfo], dups: dict[int, dict[str, str]], job: Dist
+) -> tuple[list[ShardTask], list[int]]:
+    """This rank's share of the shards not yet done, and the done ones. Each rank checks the done markers of every
+    world-th shard and every rank combines the answers, so all split the same list."""
+    parts = gather_from_ranks(lambda: store.finished(range(job.rank, len(shards), job.world)))
+    done = sorted(i for part in parts for i in part)
+    skip = set(done)
+    todo = [i for i in range(len(shards)) if i not in skip]
+    tasks = [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256, dups.get(i, {}))
+             for i in todo[job.rank :: job.world]]  # fmt: skip
+    return tasks, done
+
+
+def cache_share(
+    store: FeatureStore,
+    tasks: list[ShardTask],
+    model: nn.Module,
+    taps: tuple[str, ...],
+    spec: ViewSpec,
+    rt: Runtime,
+) -> tuple[dict, list[int]]:
+    """This rank's shards through the teacher; returns its counts and the shards whose done marker it sees (it
+    wrote them, so no other node's cache of the directory is involved)."""
+    stats = cache_shards(store, tasks, prepare_teacher(model, taps, rt), spec, rt)
+    return stats, store.finished([t.index for t in tasks])
 
 
 def print_banner(
-    store: FeatureStore, shards: list[ShardInfo], tasks: list[ShardTask], job: Dist, rt: Runtime
+    store: FeatureStore, shards: list[ShardInfo], tasks: list[ShardTask], done: int, job: Dist, rt: Runtime
 ) -> None:
     lay = store.layout
     images = sum(s.samples for s in shards)
     raw = images * lay.views * sum(lay.dims.values()) * np.dtype(lay.dtype).itemsize
-    done = len(store.done())
     taps = ", ".join(f"{t}:{d}" for t, d in lay.dims.items())
     typer.echo(
         f"cache-teacher: {images} images in {len(shards)} shards ({done} done), K={lay.views} views, "
@@ -186,21 +212,27 @@ def print_banner(
     )
 
 
-def finish_run(store: FeatureStore, job: Dist, config: CacheTeacherConfig, stats: dict) -> None:
-    """Wait for every rank; rank 0 checks that every shard is durably done and appends the run log."""
-    everyone = all_gather_objects(stats)
-    barrier()
-    if not job.is_main:
-        return
-    missing = store.missing_shards()
-    if missing:
-        raise CacheError(
-            f"{config.out}: {len(missing)} shard(s) have no done marker after the run (e.g. {missing[0]}); "
-            "re-run cache-teacher to resume them"
-        )
-    log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ranks": job.world, "per_rank": everyone}
-    with open(Path(config.out) / "runs.jsonl", "a") as fh:
-        fh.write(json.dumps(log) + "\n")
+def finish_run(
+    store: FeatureStore, job: Dist, config: CacheTeacherConfig, results: list[tuple], done: list[int]
+) -> dict:
+    """Rank 0 checks that every shard is durably done, from the ranks' own reports (its listing of a shared
+    directory may be stale), and appends the run log; a failure there is raised on every rank."""
+    everyone = [stats for stats, _ in results]
+    finished = set(done).union(*(set(f) for _, f in results))
+
+    def check_and_log() -> None:
+        missing = [s["name"] for i, s in enumerate(store.layout.shards) if i not in finished]
+        if missing:
+            raise CacheError(
+                f"{config.out}: {len(missing)} shard(s) have no done marker after the run (e.g. {missing[0]}); "
+                "re-run cache-teacher to resume them"
+            )
+        log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ranks": job.world, "per_rank": everyone}
+        with open(Path(config.out) / "runs.jsonl", "a") as fh:
+            fh.write(json.dumps(log) + "\n")
+
+    on_main_rank(check_and_log)
+    return everyone[job.rank]
 
 
 def report(config: CacheTeacherConfig, stats: dict) -> None:

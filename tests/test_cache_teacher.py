@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from pipeline.data.shards import ShardError, iter_samples, list_shards, write_in
 from pipeline.data.views import replay_view, sample_views
 from pipeline.models import FeatureTaps, ModelError
 from pipeline.provenance import ProvenanceError, StoreLock
-from stages.cache_teacher import CacheTeacherConfig, run
+from pipeline.runtime import Dist
+from stages.cache_teacher import CacheTeacherConfig, finish_run, run
 from stages.inspect_cache import summarize
 
 
@@ -325,3 +327,67 @@ def test_grayscale_cmyk_and_png_alpha_are_cached(straight, demo_shards):
     for mode in ("L", "CMYK", "RGBA"):
         key = next(k for k, m in modes.items() if m == mode)
         assert valid[keys.index(key)], mode
+
+
+def test_a_bad_shard_on_rank_1_ends_both_ranks_with_one_line_errors(demo_shards, teacher_file, tmp_path):
+    """Rank 1 alone reads shard 1's headers; its error must reach rank 0 (which would otherwise wait for it)."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    for p in list_shards(demo_shards["train"])[:2]:
+        shutil.copy(p.path, d / p.name)
+    (d / "train-000001.tar").write_bytes(b"not a tar " * 200)  # no index: only the scan finds it
+    kdep = Path(sys.executable).parent / "kdep"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "--no-python", str(kdep), "cache-teacher",
+           "--shards", str(d), "--out", str(tmp_path / "c.zarr"), "--teacher", "resnet18", "--weights", str(teacher_file),
+           "--views", "2", "--resolution", "32", "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDEP_DIST_TIMEOUT_S": "120"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert any(line.startswith("error: rank 1 failed: ") and "train-000001.tar" in line for line in errors), (
+        errors
+    )
+    own = [line for line in errors if "train-000001.tar" in line and "failed:" not in line]
+    assert own, errors  # rank 1's own one-line message
+
+
+def test_cpu_cache_records_tf32_off(straight):
+    assert open_store(straight).provenance["compute"]["tf32"] is False
+
+
+def test_final_check_trusts_the_ranks_reports_not_rank_0s_listing(
+    straight, demo_shards, teacher_file, tmp_path
+):
+    """On a shared filesystem rank 0 may not see another node's fresh markers; the ranks' own reports decide."""
+    out = tmp_path / "c.zarr"
+    shutil.copytree(straight, out)
+    store = open_store(out)
+    shutil.rmtree(out / "markers")  # what a stale directory listing on rank 0 would show
+    config = _config(demo_shards["train"], out, teacher_file)
+    stats = {"images": 8, "skipped": 0, "shards": 1, "seconds": 1.0, "images_per_s": 8.0}
+    assert finish_run(store, Dist(), config, [(stats, [1])], done=[0, 2]) == stats
+    with pytest.raises(CacheError, match=r"1 shard\(s\) have no done marker .*train-000002\.tar"):
+        finish_run(store, Dist(), config, [(stats, [1])], done=[0])
+
+
+def test_other_ranks_join_the_lock_by_the_broadcast_job_id(tmp_path):
+    lock = StoreLock(tmp_path)
+    lock.join("abc123")  # no lock file needed: the id rank 0 broadcast is the truth
+    assert lock.job_id == "abc123" and not lock.path.exists()
+    with pytest.raises(ProvenanceError, match="rank 0 holds no writer lock"):
+        lock.join("")
+
+
+def test_a_cache_from_before_tf32_was_recorded_still_resumes(straight, demo_shards, teacher_file, tmp_path):
+    import zarr
+
+    out = tmp_path / "old.zarr"
+    shutil.copytree(straight, out)
+    group = zarr.open_group(str(out), mode="r+")
+    meta = dict(group.attrs["kdep"])
+    del meta["provenance"]["compute"]["tf32"]
+    group.attrs["kdep"] = meta
+    assert run(_config(demo_shards["train"], out, teacher_file))["shards"] == 0

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,12 @@ class FeatureStore:
         for p in sorted((self.path / "markers").glob("*.json")):
             out[int(p.stem)] = json.loads(p.read_text())
         return out
+
+    def finished(self, indices: Iterable[int]) -> list[int]:
+        """Which of ``indices`` have a done marker. Under torchrun each rank asks about its own shards and rank 0
+        combines the answers: a marker another node wrote moments ago may be missing from rank 0's (cached)
+        directory listing on a shared filesystem, but is visible to the node that wrote it."""
+        return [i for i in indices if self.marker_path(i).is_file()]
 
     def missing_shards(self) -> list[str]:
         """Names of the source shards whose data is not durably written yet (no done marker)."""

@@ -136,17 +136,34 @@ def scan_shard(path: str | Path) -> list[str]:
 
 
 def duplicate_keys(shards: list[ShardInfo]) -> dict[int, dict[str, str]]:
-    """Keys that already appear in an earlier shard (in list order): {shard index: {key: earlier shard name}}.
+    """Keys that already appear in an earlier shard (in list order): {shard index: {key: earlier shard name}}."""
+    return find_duplicates([s.name for s in shards], [scan_shard(s.path) for s in shards])
+
+
+def find_duplicates(names: list[str], keys: list[list[str]]) -> dict[int, dict[str, str]]:
+    """:func:`duplicate_keys` from already scanned key lists (``keys[i]``: shard ``names[i]``'s keys in order).
 
     The first occurrence wins, so which copy is kept never depends on ranks, workers or timing."""
     first: dict[str, str] = {}
     out: dict[int, dict[str, str]] = {}
-    for i, info in enumerate(shards):
-        for key in scan_shard(info.path):
-            owner = first.setdefault(key, info.name)
-            if owner != info.name:
+    for i, (name, shard_keys) in enumerate(zip(names, keys, strict=True)):
+        for key in shard_keys:
+            owner = first.setdefault(key, name)
+            if owner != name:
                 out.setdefault(i, {})[key] = owner
     return out
+
+
+def scan_counted(info: ShardInfo) -> tuple[ShardInfo, list[str]]:
+    """One shard's keys (tar headers only) and its info with the sample count and sha256 filled in (hashed only
+    when no index gave it); a count that differs from the index is an error naming the shard."""
+    keys = scan_shard(info.path)
+    if info.samples is not None and len(keys) != info.samples:
+        raise ShardError(
+            f"{info.path}: {len(keys)} samples in the tar but the index says {info.samples}; the shard is truncated or changed"
+        )
+    sha256 = info.sha256 or file_sha256(info.path)
+    return ShardInfo(info.path, info.name, len(keys), info.nbytes, sha256), keys
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
