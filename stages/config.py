@@ -203,7 +203,8 @@ class TrainStudentConfig:
     )
     shuffle_buffer: int = 256  # per-worker shuffle buffer (samples)
     seed: int = 0  # student init, shard order, view schedule, shuffle
-    workers: int = 2  # DataLoader workers per rank
+    workers: int = 2  # DataLoader workers per rank (0 = in the main process, -1 = the CPU cores per rank)
+    prefetch_factor: int = 4  # batches each worker keeps ready (/dev/shm holds about workers x this batches)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
     channels_last: bool = True  # channels_last on CUDA
@@ -211,6 +212,7 @@ class TrainStudentConfig:
     skip_bad: bool = False  # count and skip samples that do not join the cache
     max_steps: int = 0  # stop each epoch after this many steps (0 = whole epoch; for benchmarks)
     log_every: int = 10  # steps between metrics records
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     quiet: bool = False  # no progress bar
 
     def __post_init__(self) -> None:
@@ -235,10 +237,12 @@ class TrainStudentConfig:
         check_range("lr", self.lr, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
         check_range("resolution", self.resolution, 0, 1024)
-        check_range("workers", self.workers, 0, 64)
+        check_range("workers", self.workers, -1, 64)
+        check_range("prefetch_factor", self.prefetch_factor, 1, 64)
         _check_device(self.device)
         check_range("max_steps", self.max_steps, 0)
         check_range("log_every", self.log_every, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
         for name in ("coss_tau_t", "coss_tau_s"):
             check_range(name, getattr(self, name), 0.0, open_lo=True)
 

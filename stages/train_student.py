@@ -44,8 +44,8 @@ def run(config: TrainStudentConfig) -> dict:
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps),
         loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0)),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
-                            online_teacher=c.online_teacher),
-        output=OutputSpec(out=c.out, log_every=c.log_every, quiet=c.quiet),
+                            prefetch_factor=c.prefetch_factor, online_teacher=c.online_teacher),
+        output=OutputSpec(out=c.out, log_every=c.log_every, checkpoint_every=c.checkpoint_every, quiet=c.quiet),
     )  # fmt: skip
     return train_students(spec, settings=config_to_dict(config))  # settings: recorded, compared on resume
 

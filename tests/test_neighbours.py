@@ -15,6 +15,7 @@ from pipeline.student.neighbours import (
     RandomAccessPairs,
     centre_view_rows,
     mine_neighbours,
+    mine_neighbours_once,
 )
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
@@ -33,6 +34,37 @@ def test_mined_neighbours_equal_brute_force_cosine_top_k():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(NeighbourError, match="needs more than 50 images"):
         mine_neighbours(x, pool=50)
+
+
+def test_mining_on_a_device_and_once_for_all_ranks_gives_the_same_table():
+    """``device`` moves the similarity matmuls (the GPU on CUDA runs); without a process group (or on one rank)
+    ``mine_neighbours_once`` is the plain mining, which rank 0 broadcasts under DDP."""
+    x = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
+    plain = mine_neighbours(x, pool=5, chunk=7)
+    np.testing.assert_array_equal(mine_neighbours(x, pool=5, chunk=7, device=torch.device("cpu")), plain)
+    np.testing.assert_array_equal(mine_neighbours_once(x, 5, torch.device("cpu")), mine_neighbours(x, pool=5))
+    with pytest.raises(NeighbourError, match="needs more than 50 images"):
+        mine_neighbours_once(x, 50, torch.device("cpu"))
+    with pytest.raises(NeighbourError, match="50 images make no batch of 30 anchors on 2 rank"):
+        NeighbourBatchSampler(plain, anchors=30, per_anchor=2, seed=0, rank=0, world=2)
+
+
+def _broadcast_worker(rank: int, path: str, x: np.ndarray, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    mine = x if rank == 0 else x[::-1].copy()  # rank 1's own mining would differ: it must get rank 0's table
+    np.save(f"{out}-{rank}.npy", mine_neighbours_once(mine, 5, torch.device("cpu")))
+    dist.destroy_process_group()
+
+
+def test_rank_zero_mines_and_every_rank_gets_its_table(tmp_path):
+    x = np.random.default_rng(4).normal(size=(30, 6)).astype(np.float32)
+    torch.multiprocessing.spawn(
+        _broadcast_worker, args=(str(tmp_path / "pg"), x, str(tmp_path / "nb")), nprocs=2
+    )
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"nb-{rank}.npy"), mine_neighbours(x, pool=5))
 
 
 def test_sampler_groups_anchor_with_neighbours_from_its_pool_and_splits_ranks():

@@ -266,3 +266,158 @@ def test_an_unfinished_cache_or_a_missing_tap_is_refused(cached, tmp_path):
         train_run(_config(cached, tmp_path / "a", cache=str(partial)))
     with pytest.raises(StoreError, match="has no tap 'post_relu'"):
         train_run(_config(cached, tmp_path / "b", tap="post_relu", loss="coss", projection=()))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "center", "kdep-reference", "coss"])
+def test_uint8_views_normalised_on_the_device_equal_todays_float_views_bit_for_bit(recipe):
+    """Workers send uint8 where exact; ``normalize_views`` (what views_on_device and stage 1's teacher input run)
+    reproduces replay_view's normalised float32 exactly, and views with colour ops stay float32."""
+    from pipeline.data.views import (
+        has_colour_ops,
+        normalize_views,
+        replay_for_transport,
+        replay_view,
+        sample_view_params,
+        stack_views,
+    )
+    from pipeline.student.training import views_on_device
+
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 57, 71), dtype=np.uint8))
+    params = [sample_view_params(recipe, 0, f"k{i}", i, 57, 71) for i in range(12)]
+    today = torch.stack([replay_view(image, p, 32) for p in params])
+    sent = [replay_for_transport(image, p, 32) for p in params]
+    assert all((v.dtype == torch.uint8) == (not has_colour_ops(p)) for v, p in zip(sent, params, strict=True))
+    batch = stack_views(sent)
+    ctx = StepContext(torch.device("cpu"), "off", LossSpec("kdep", 3.0))
+    assert torch.equal(views_on_device(batch, ctx), today)
+    assert torch.equal(torch.stack([normalize_views(v) for v in sent]), today)
+    if recipe in ("paper", "center"):
+        assert batch.dtype == torch.uint8  # 4x less /dev/shm and pinned memory
+
+
+def test_the_run_loader_sends_uint8_and_persistent_workers_follow_the_epoch(cached):
+    from pipeline.student.loaders import LoaderSpec, PairLoaders
+    from pipeline.student.training import views_on_device
+
+    store = open_store(cached["cache"])
+    ctx = StepContext(torch.device("cpu"), "off", LossSpec("kdep", 3.0))
+    loaders = PairLoaders(LoaderSpec(_spec(cached), 8, 1, False), store)  # 1 persistent worker
+    for epoch in (0, 1):
+        stream = PairStream(_spec(cached))
+        stream.set_epoch(epoch)
+        reference = list(DataLoader(stream, batch_size=8))
+        got = list(loaders.for_epoch(epoch))
+        assert len(got) == len(reference) == 3 and got[0][0].dtype == torch.uint8
+        for (x, rows, ids), (x_ref, rows_ref, ids_ref) in zip(got, reference, strict=True):
+            assert torch.equal(ids, ids_ref) and torch.equal(rows, rows_ref)
+            assert torch.equal(views_on_device(x, ctx), x_ref)
+    assert loaders.for_epoch(2) is loaders.for_epoch(2)  # one DataLoader for the run
+
+
+@pytest.mark.parametrize("consumers", [4, 5, 8])
+def test_more_consumers_than_shards_stride_in_groups_and_pair_each_view_once(cached, consumers, monkeypatch):
+    """Consumers (ranks x workers; here ranks with no worker processes) > shards: each shard is opened by at
+    most ceil(consumers / shards) consumers, and every scheduled (image, view) still appears exactly once."""
+    import math
+
+    import pipeline.student.pairs as pairs
+
+    store = open_store(cached["cache"])
+    shards, epoch = len(store.layout.shards), 3
+    opened = Counter()
+    original = pairs.iter_samples
+
+    def counting(path, *args, **kwargs):
+        opened[path] += 1
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(pairs, "iter_samples", counting)
+    expected = Counter()
+    for s in range(shards):
+        for row, key in enumerate(store.read_slot(s).keys):
+            expected[(s, row, scheduled_view(0, key, epoch, 3, "walk"))] += 1
+    seen = Counter()
+    for rank in range(consumers):
+        stream = PairStream(_spec(cached, rank=rank, world=consumers, shuffle_buffer=3))
+        stream.set_epoch(epoch)
+        seen.update(tuple(int(v) for v in ids) for _x, _rows, ids in stream)
+    assert seen == expected and max(seen.values()) == 1
+    assert len(opened) == shards and max(opened.values()) <= math.ceil(consumers / shards)
+    for workers in (2, 3):  # the plan for 2 ranks x workers: every consumer reads one shard
+        plans = [pairs.consumer_plan(list(range(shards)), c, 2 * workers) for c in range(2 * workers)]
+        per_shard = Counter(s for shard_list, _m, _g in plans for s in shard_list)
+        assert max(per_shard.values()) <= math.ceil(2 * workers / shards)
+
+
+def test_an_epoch_with_no_batch_is_a_one_line_error_naming_the_numbers(cached, tmp_path):
+    from pipeline.student.run import EmptyEpochError
+
+    with pytest.raises(EmptyEpochError, match=r"^epoch 1 yielded no batch: 24 samples over 1 rank\(s\) x 1 "
+                       r"worker\(s\) gave 24 batch\(es\) of one .* batch_size 1; [^\n]*$"):  # fmt: skip
+        train_run(_config(cached, tmp_path / "run", batch_size=1))
+
+
+def test_running_out_of_shared_memory_says_to_raise_dev_shm_or_lower_workers():
+    from pipeline.student.loaders import LoaderError, LoaderSpec, batches
+
+    def dying():
+        yield 1
+        raise RuntimeError("unable to write to file </torch_12_345_6>: No space left on device (28)")
+
+    stream = StreamSpec(store="", shard_paths=(), tap="pre_relu", resolution=32, seed=0)
+    spec = LoaderSpec(stream, 64, 8, True, prefetch_factor=4)
+    with pytest.raises(LoaderError, match=r"raise /dev/shm \(docker run --shm-size.*lower --workers"):
+        list(batches(dying(), spec))
+    with pytest.raises(RuntimeError, match="something else"):
+        list(batches(iter(_raise(RuntimeError("something else"))), spec))
+
+
+def _raise(err):
+    raise err
+    yield
+
+
+def test_workers_auto_is_the_cores_per_local_rank_and_explicit_values_keep_their_meaning(
+    monkeypatch, tmp_path
+):
+    import os
+
+    from pipeline.manifest import ConfigError
+    from pipeline.student.loaders import resolve_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_workers(-1) == cores and resolve_workers(0) == 0 and resolve_workers(2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert resolve_workers(-1) == 1
+    assert TrainStudentConfig(cache="c", out="o", projection=("p",), workers=-1).workers == -1
+    with pytest.raises(ConfigError, match="workers"):
+        TrainStudentConfig(cache="c", out="o", projection=("p",), workers=-2)
+
+
+def test_checkpoint_every_n_epochs_keeps_the_last_and_resume_stays_exact(cached, tmp_path, monkeypatch):
+    import json
+
+    import pipeline.student.run as sr
+
+    straight = train_run(_config(cached, tmp_path / "straight", epochs=3, checkpoint_every=2))
+    saved = sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("*.pt"))
+    assert saved == ["epoch-0001.pt", "epoch-0002.pt"]
+    calls, original = {"n": 0}, sr.train_step
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # the last step of epoch 3: epochs 1-2 are checkpointed, epoch 3 is trained again
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sr, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_config(cached, tmp_path / "resumed", epochs=3, checkpoint_every=2))
+    monkeypatch.setattr(sr, "train_step", original)
+    resumed = train_run(_config(cached, tmp_path / "resumed", epochs=3, checkpoint_every=2))
+    a = torch.load(straight["students"]["resnet18"]["backbone"])
+    b = torch.load(resumed["students"]["resnet18"]["backbone"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1, 2]  # no duplicate of the re-run

@@ -25,7 +25,7 @@ import torch
 from pipeline.cache.store import FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
 from pipeline.data.shards import Sample, ShardError, list_shards
-from pipeline.data.views import replay_view
+from pipeline.data.views import replay_for_transport, replay_view
 from pipeline.errors import KdepError
 from pipeline.models import FeatureTaps, build_model
 
@@ -53,7 +53,10 @@ class JoinedView:
 
     row: int  # row in the shard's block
     view: int  # the replayed view, 0..K-1
-    image: torch.Tensor  # (3, r, r) float32, normalised as the teacher's input was
+    image: (
+        torch.Tensor
+    )  # (3, r, r) float32, normalised as the teacher's input was (uint8 before normalisation
+    # with ``transport=True`` when exact: pipeline.data.views.normalize_views finishes it, bit-identically)
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,13 @@ def source_shard_paths(store: FeatureStore, override: str = "") -> list[str]:
 
 
 def join_sample(
-    block: ShardBlock, sample: Sample, path: str, view: int, resolution: int
+    block: ShardBlock, sample: Sample, path: str, view: int, resolution: int, transport: bool = False
 ) -> JoinedView | SkippedAtCaching:
     """Join a sample of shard ``path`` to its row in the shard's cached ``block`` by key, and replay ``view``.
 
     Returns :class:`SkippedAtCaching` for a row the cache recorded as skipped; raises :class:`JoinError` when the
     cache does not hold the key (``missing``), the image is not the cached one (``changed``) or has no decodable
-    image (``undecodable``).
+    image (``undecodable``). ``transport``: see :func:`join_row`.
     """
     row = block.row_of().get(sample.key)
     if row is None:
@@ -115,17 +118,20 @@ def join_sample(
     if not block.valid[row]:
         return SkippedAtCaching(row)
     try:
-        return join_row(block, row, image_bytes(sample, path), path, view, resolution)
+        return join_row(block, row, image_bytes(sample, path), path, view, resolution, transport)
     except DecodeError as err:
         raise JoinError(str(err), "undecodable") from None
 
 
-def join_row(block: ShardBlock, row: int, data: bytes, path: str, view: int, resolution: int) -> JoinedView:
+def join_row(
+    block: ShardBlock, row: int, data: bytes, path: str, view: int, resolution: int, transport: bool = False
+) -> JoinedView:
     """Check that ``data`` (encoded bytes) is the image cached at valid ``row``, then replay ``view`` of it.
 
     The hash is checked before decoding (a changed image may not decode), the decoded size after. Raises
     :class:`JoinError` (``changed``) when the image is not the cached one, and lets
-    :class:`~pipeline.data.images.DecodeError` through when the bytes do not decode.
+    :class:`~pipeline.data.images.DecodeError` through when the bytes do not decode. ``transport=True`` keeps the
+    view uint8 when that is exact (:func:`pipeline.data.views.replay_for_transport`), for DataLoader workers.
     """
     where = _where(path, block.keys[row])
     if image_hash(data) != bytes(block.hashes[row]):
@@ -133,7 +139,8 @@ def join_row(block: ShardBlock, row: int, data: bytes, path: str, view: int, res
     image = decode_rgb(data, where)
     if tuple(image.shape[1:]) != tuple(block.hw[row]):
         raise _changed(where)
-    return JoinedView(row, view, replay_view(image, block.params[row, view], resolution))
+    replay = replay_for_transport if transport else replay_view
+    return JoinedView(row, view, replay(image, block.params[row, view], resolution))
 
 
 def _where(path: str, key: str) -> str:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.workers import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
+from pipeline.data.views import normalize_views
 from pipeline.models import FeatureTaps
 from pipeline.progress import progress_bar
 from pipeline.runtime import AMP_DTYPES
@@ -39,8 +40,9 @@ def prepare_teacher(model: nn.Module, taps: tuple[str, ...], rt: Runtime) -> Fea
 
 
 def teacher_features(taps: FeatureTaps, views: torch.Tensor, rt: Runtime) -> dict[str, np.ndarray]:
-    """(N, 3, r, r) normalised views -> {tap: (N, D) float32 numpy}."""
-    x = views.to(rt.device, non_blocking=True)
+    """(N, 3, r, r) uint8 or normalised float32 views -> {tap: (N, D) float32 numpy}; uint8 is normalised on the
+    device (bit-identical to the worker's normalisation)."""
+    x = normalize_views(views.to(rt.device, non_blocking=True))
     if rt.channels_last and rt.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = (

@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.cache.store import HASH_BYTES, FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
 from pipeline.data.shards import ShardError, iter_samples
-from pipeline.data.views import N_PARAMS, replay_view, sample_views
+from pipeline.data.views import N_PARAMS, cat_views, replay_for_transport, sample_views, stack_views
 from pipeline.errors import KdepError
 from pipeline.files import file_sha256
 
@@ -126,7 +125,9 @@ class ShardViews(IterableDataset):
         s = self.spec
         h, w = int(image.shape[1]), int(image.shape[2])
         params = sample_views(s.recipe, s.seed, sample.key, s.views, h, w, s.center_first)
-        views = torch.stack([replay_view(image, p, s.resolution) for p in params])
+        views = stack_views(
+            [replay_for_transport(image, p, s.resolution) for p in params]
+        )  # uint8 where exact
         return {
             "pos": pos,
             "key": sample.key,
@@ -146,7 +147,7 @@ def _batch(shard: int, items: list[dict]) -> dict:
     return {
         "kind": "views", "shard": shard,
         "positions": [it["pos"] for it in items], "keys": [it["key"] for it in items],
-        "views": torch.cat([it["views"] for it in items]),  # (n*K, 3, r, r), each image's K views together
+        "views": cat_views([it["views"] for it in items]),  # (n*K, 3, r, r) uint8 or float32, image-major
         "params": np.stack([it["params"] for it in items]), "hw": np.array([it["hw"] for it in items], np.int32),
         "hashes": np.stack([it["hash"] for it in items]),
     }  # fmt: skip

@@ -8,10 +8,15 @@ stage 1 is exactly what the student sees in stage 3. All pixel work goes through
 Replay order (fixed): crop box -> resize to (res, res) with bilinear antialias on uint8 -> horizontal flip ->
 float in [0, 1] -> colour jitter (brightness, contrast, saturation, hue in the stored order) -> grayscale ->
 Gaussian blur -> PCA lighting -> ImageNet mean/std normalisation.
+
+DataLoader workers send :func:`replay_for_transport`'s output: uint8 before normalisation when the view has no
+colour ops (its pixels are then exactly uint8), which the consumer finishes on its device with
+:func:`normalize_views`, bit-identically to :func:`replay_view`; views with colour ops travel normalised float32.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -152,14 +157,61 @@ def _jitter(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     return x
 
 
-def replay_view(
-    image: torch.Tensor, params: np.ndarray, resolution: int, normalize: bool = True
-) -> torch.Tensor:
-    """(3, H, W) uint8 decoded image + one stored parameter row -> (3, res, res) float32 view.
+def has_colour_ops(params: np.ndarray) -> bool:
+    """True when the view's pixels leave the uint8 grid (jitter, grayscale, blur or lighting work in float)."""
+    return bool(
+        params[COL["jitter"]]
+        or params[COL["gray"]]
+        or params[COL["blur_sigma"]] > 0
+        or np.any(params[COL["light0"] :] != 0)
+    )
 
-    The only function that turns an image into a model input, in every stage. ``normalize=False`` returns the
-    view in [0, 1] (for display and tests).
+
+def normalize_views(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, r, r) uint8 views -> float32 normalised views on ``x``'s device; float32 passes through unchanged.
+
+    Exactly the fast path of :func:`replay_view` (one multiply by 1 / (255 std), one subtract of mean / std, in
+    float32), so normalising on the GPU after a uint8 transfer is bit-identical to normalising in the worker.
+    (``(x / 255 - mean) / std`` is NOT: it differs from the cached views' inputs by up to 1 ulp.)
     """
+    if x.dtype != torch.uint8:
+        return x
+    scale, shift = _constants_on(x.device)
+    return x.to(torch.float32).mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=8)
+def _constants_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) scale and shift on ``device``, copied once (not once per batch)."""
+    return _SCALE.to(device), _SHIFT.to(device)
+
+
+def replay_for_transport(image: torch.Tensor, params: np.ndarray, resolution: int) -> torch.Tensor:
+    """The view as cheaply as it can travel exactly: (3, r, r) uint8 before normalisation when its pixels are on
+    the uint8 grid (no colour ops; 4x smaller through /dev/shm and pinned memory), else today's normalised
+    float32. :func:`normalize_views` (or :func:`stack_views`) turns either into :func:`replay_view`'s output."""
+    if has_colour_ops(params):
+        return replay_view(image, params, resolution)
+    return _crop_flip(image, params, resolution)
+
+
+def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-view tensors from :func:`replay_for_transport`: (B, 3, r, r) uint8 when all are uint8, else
+    float32 normalised (uint8 ones normalised on the CPU exactly as on the device)."""
+    if all(v.dtype == torch.uint8 for v in views):
+        return torch.stack(views)
+    return torch.stack([normalize_views(v) for v in views])
+
+
+def cat_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (n_i, 3, r, r) view batches along dim 0 as :func:`stack_views` stacks single views."""
+    if all(v.dtype == torch.uint8 for v in views):
+        return torch.cat(views)
+    return torch.cat([normalize_views(v) for v in views])
+
+
+def _crop_flip(image: torch.Tensor, params: np.ndarray, resolution: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, res, res) uint8: the stored crop box resized with bilinear antialias, then the flip."""
     top, left, h, w = (int(v) for v in params[:4])
     H, W = image.shape[-2:]
     if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
@@ -169,14 +221,22 @@ def replay_view(
     x = F.resized_crop(image, top, left, h, w, [resolution, resolution], antialias=True)
     if params[COL["flip"]]:
         x = F.horizontal_flip(x)
-    colour_ops = (
-        params[COL["jitter"]]
-        or params[COL["gray"]]
-        or params[COL["blur_sigma"]] > 0
-        or np.any(params[COL["light0"] :] != 0)
-    )
-    if normalize and not colour_ops:  # fast path (paper / center views): one fused scale-and-shift
-        return x.to(torch.float32).mul_(_SCALE).sub_(_SHIFT)
+    return x
+
+
+def replay_view(
+    image: torch.Tensor, params: np.ndarray, resolution: int, normalize: bool = True
+) -> torch.Tensor:
+    """(3, H, W) uint8 decoded image + one stored parameter row -> (3, res, res) float32 view.
+
+    The only function that turns an image into a model input, in every stage. ``normalize=False`` returns the
+    view in [0, 1] (for display and tests).
+    """
+    x = _crop_flip(image, params, resolution)
+    if normalize and not has_colour_ops(
+        params
+    ):  # fast path (paper / center views): one fused scale-and-shift
+        return normalize_views(x)
     x = x.float().div_(255.0)
     if params[COL["jitter"]]:
         x = _jitter(x, params)

@@ -35,6 +35,27 @@ def save_checkpoint(out: Path, epoch: int, state: dict) -> Path:
     return path
 
 
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether finished ``epoch`` (0-based) is checkpointed: every ``every`` epochs, and always the last one."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+def checkpoint_state(epoch: int, global_step: int, settings: dict, store: FeatureStore,
+                     trainees: list[Trainee]) -> dict:  # fmt: skip
+    """Everything an exact resume after finished ``epoch`` needs: students, optimizers, scalers, settings, inputs."""
+    return {
+        "epoch": epoch,
+        "global_step": global_step,
+        "config": settings,
+        "inputs": run_inputs(store, trainees),
+        "scalers": {
+            t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None and t.scaler.is_enabled()
+        },
+        "students": {t.name: t.student.state_dict() for t in trainees},
+        "optimizers": {t.name: t.optimizer.state_dict() for t in trainees},
+    }
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("epoch-*.pt"))
     return found[-1] if found else None
@@ -61,6 +82,16 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_metrics(path: Path, last_epoch: int) -> None:
+    """Keep only the records of epochs <= ``last_epoch`` (those a resumed run does not train again), atomically."""
+    records = read_metrics(path)
+    kept = [r for r in records if r["epoch"] <= last_epoch]
+    if len(kept) == len(records):
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path:
@@ -98,7 +129,15 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     return png
 
 
-RESUME_FREE = ("quiet", "workers", "log_every", "shards", "device")  # settings a resumed run may change
+RESUME_FREE = (
+    "quiet",
+    "workers",
+    "log_every",
+    "shards",
+    "device",
+    "prefetch_factor",
+    "checkpoint_every",
+)  # settings a resumed run may change
 
 
 def run_inputs(store: FeatureStore, trainees: list[Trainee]) -> dict:
@@ -114,6 +153,8 @@ def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Traine
     """Load the newest checkpoint if there is one (same settings and inputs required); returns (first epoch, step)."""
     path = latest_checkpoint(out)
     if path is None:
+        if job.is_main:
+            trim_metrics(out / "metrics.jsonl", -1)  # a run that died before its first checkpoint starts over
         return 0, 0
     state = load_checkpoint(path)
     stored = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
@@ -127,8 +168,10 @@ def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Traine
         t.optimizer.load_state_dict(state["optimizers"][t.name])
         if t.scaler is not None and state.get("scalers", {}).get(t.name):
             t.scaler.load_state_dict(state["scalers"][t.name])
-    if job.is_main and not quiet:
-        print(f"resuming {out} after epoch {state['epoch'] + 1}")
+    if job.is_main:
+        trim_metrics(out / "metrics.jsonl", state["epoch"])  # epochs after the checkpoint are trained again
+        if not quiet:
+            print(f"resuming {out} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["global_step"]
 
 

@@ -11,20 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def kdep_loss(s: torch.Tensor, t: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def kdep_loss(
+    s: torch.Tensor, t: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KDEP (He et al., CVPR 2022, eq. 2 with the reference code's weight): L = w * mean_{b,c} (s_bc - t_bc)^2.
 
     ``t`` is the teacher feature after SVD + PTS (or another non-parametric alignment). w: 3 (MS-R50 -> R18/MNV2),
     20 (standard ImageNet R50 -> R18), 1 (SWSL / MEAL-V2 R50 -> R18), 3 (Swin-B -> R18); METHOD.md.
     """
     mse = F.mse_loss(s.float(), t.float())
-    return weight * mse, {"mse": float(mse.detach())}
+    return weight * mse, {"mse": mse.detach()}
 
 
-def cosine_loss(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def cosine_loss(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cosine baseline: L = 1 - (1/B) sum_b cos(s_b, t_b)."""
     cos = F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-12).mean()
-    return 1.0 - cos, {"cos": float(cos.detach())}
+    return 1.0 - cos, {"cos": cos.detach()}
 
 
 def _unit(v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -40,7 +42,7 @@ def coss_loss(
     tau_t: float = 0.07,
     tau_s: float = 0.1,
     beta: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CoSS (Singh & Wang, NeurIPS 2023, supplement; METHOD.md).
 
     L_co = -(1/B) sum_b <n(T_b,:), n(S_b,:)>     (each sample normalised over D)
@@ -51,7 +53,7 @@ def coss_loss(
     l_co = -(_unit(t, 1) * _unit(s, 1)).sum(1).mean()
     l_ss = -(_unit(t, 0) * _unit(s, 0)).sum(0).mean()
     loss = beta * (l0 * l_co + l1 * l_ss) / (tau_t * tau_s)
-    return loss, {"l_co": float(l_co.detach()), "l_ss": float(l_ss.detach())}
+    return loss, {"l_co": l_co.detach(), "l_ss": l_ss.detach()}
 
 
 class CossHead(nn.Module):

@@ -16,13 +16,14 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.cache.join import JoinError, join_row
 from pipeline.cache.store import FeatureStore, ShardBlock, open_store
 from pipeline.data.shards import IMAGE_EXTS, split_member_name
 from pipeline.errors import KdepError
-from pipeline.student.pairs import _stable_int, first_training_view, scheduled_view
+from pipeline.student.pairs import SharedEpoch, _stable_int, first_training_view, scheduled_view
 
 
 class NeighbourError(KdepError):
@@ -40,20 +41,36 @@ def centre_view_rows(store: FeatureStore, tap: str) -> tuple[np.ndarray, np.ndar
     return valid, feats
 
 
-def mine_neighbours(features: np.ndarray, pool: int, chunk: int = 2048) -> np.ndarray:
-    """(N, D) -> (N, pool) indices of each row's most cosine-similar other rows, most similar first."""
+def mine_neighbours(
+    features: np.ndarray, pool: int, chunk: int = 2048, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """(N, D) -> (N, pool) indices of each row's most cosine-similar other rows, most similar first; the
+    similarities (chunk x N at a time) are computed on ``device``."""
     n = features.shape[0]
     if pool >= n:
         raise NeighbourError(f"neighbour pool {pool} needs more than {n} images")
-    x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
-    out = np.empty((n, pool), np.int64)
+    x = torch.nn.functional.normalize(torch.from_numpy(features).float().to(device), dim=1)
+    out = torch.empty((n, pool), dtype=torch.int64, device=x.device)
     for start in range(0, n, chunk):
         sims = x[start : start + chunk] @ x.T
-        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -float(
-            "inf"
-        )  # not self
-        out[start : start + chunk] = sims.topk(pool, dim=1).indices.numpy()
-    return out
+        rows = torch.arange(sims.shape[0], device=x.device)
+        sims[rows, rows + start] = -float("inf")  # not self
+        out[start : start + chunk] = sims.topk(pool, dim=1).indices
+    return out.cpu().numpy()
+
+
+def mine_neighbours_once(features: np.ndarray, pool: int, device: torch.device) -> np.ndarray:
+    """:func:`mine_neighbours` on rank 0 only (on ``device``: the GPU when training on CUDA), then broadcast to
+    every rank (on ``device``, as NCCL needs), so all ranks batch from one identical table. (N, D) -> (N, pool)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine_neighbours(features, pool, device=device)
+    if pool >= features.shape[0]:  # the same check on every rank, so no rank waits for a failed one
+        raise NeighbourError(f"neighbour pool {pool} needs more than {features.shape[0]} images")
+    table = torch.empty((features.shape[0], pool), dtype=torch.int64, device=device)
+    if dist.get_rank() == 0:
+        table.copy_(torch.from_numpy(mine_neighbours(features, pool, device=device)))
+    dist.broadcast(table, src=0)
+    return table.cpu().numpy()
 
 
 class NeighbourBatchSampler(Sampler[list[int]]):
@@ -67,6 +84,11 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         if per_anchor > neighbours.shape[1]:
             raise NeighbourError(
                 f"{per_anchor} neighbours per anchor cannot be drawn from a pool of {neighbours.shape[1]}"
+            )
+        if len(self) == 0:
+            raise NeighbourError(
+                f"{neighbours.shape[0]} images make no batch of {anchors} anchors on {world} rank(s); "
+                "lower --anchors or use more images"
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -115,16 +137,27 @@ class RandomAccessPairs(Dataset):
         seed: int,
         view_policy: str = "walk",
         cached_blocks: int = 8,
+        uint8_views: bool = False,
     ) -> None:
         self.store_path, self.shard_paths, self.rows, self.tap = store_path, shard_paths, rows, tap
-        self.resolution, self.seed, self.view_policy, self.epoch = resolution, seed, view_policy, 0
-        self.cached_blocks = cached_blocks
+        self.resolution, self.seed, self.view_policy, self._epoch = (
+            resolution,
+            seed,
+            view_policy,
+            SharedEpoch(),
+        )
+        self.cached_blocks, self.uint8_views = cached_blocks, uint8_views
         self._store: FeatureStore | None = None
         self._blocks: OrderedDict[int, ShardBlock] = OrderedDict()
         self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Also seen by persistent DataLoader workers (shared memory)."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,7 +201,7 @@ class RandomAccessPairs(Dataset):
             self.seed, key, self.epoch, feats.shape[1], self.view_policy, first_training_view(self._store)
         )
         try:
-            x = join_row(block, row, data, path, view, self.resolution).image
+            x = join_row(block, row, data, path, view, self.resolution, self.uint8_views).image
         except JoinError:
             raise NeighbourError(
                 f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"

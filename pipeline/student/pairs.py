@@ -3,8 +3,11 @@
 Per epoch, the shard order is a permutation drawn from (seed, epoch) (WebDataset's ``shardshuffle`` repeats the
 same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoader workers (webdataset's
 ``split_by_node`` / ``split_by_worker`` semantics); when there are fewer shards than consumers (ranks x workers),
-every consumer reads every shard and keeps every n-th sample instead, so no rank is ever empty and each scheduled
-(image, view) still appears exactly once. Each shard's cached block is read once (one read per array); each
+consumers are split into one group per shard and the members of a group stride inside its shard (member m of g
+keeps samples m, m + g, ...), so each shard is opened by at most ceil(consumers / shards) consumers, no rank is
+ever empty while a shard has a sample per member, and each scheduled (image, view) still appears exactly once.
+Views travel as uint8 where that is exact (``uint8_views``; normalised on the device by
+:func:`pipeline.data.views.normalize_views`). Each shard's cached block is read once (one read per array); each
 sample's view for this epoch is chosen here, and the sample is joined to its row and that view replayed by the
 cache's one join (:func:`pipeline.cache.join.join_sample`: key, validity, image hash and size, replay).
 """
@@ -12,6 +15,7 @@ cache's one join (:func:`pipeline.cache.join.join_sample`: key, validity, image 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ class StreamSpec:
     skip_bad: bool = False  # count and skip samples that do not join instead of stopping
     rank: int = 0
     world: int = 1
+    uint8_views: bool = False  # uint8 views before normalisation where exact (4x less shared memory)
 
 
 def _stable_int(*parts: object) -> int:
@@ -68,22 +73,48 @@ def shard_order(seed: int, epoch: int, shards: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(_stable_int(seed, "shards", epoch)).permutation(shards)]
 
 
-def consumer_plan(order: list[int], consumer: int, consumers: int) -> tuple[list[int], int | None]:
-    """(shards this consumer reads, sample stride filter): whole shards when there are enough, else every n-th."""
-    if len(order) >= consumers:
-        return order[consumer::consumers], None
-    return list(order), consumer
+def consumer_plan(order: list[int], consumer: int, consumers: int) -> tuple[list[int], int, int]:
+    """(shards this consumer reads, its member index m, the group size g): it keeps samples i of each of its shards
+    with i % g == m. Whole shards (g = 1) when there are at least as many shards as consumers; otherwise consumer c
+    joins the group of shard ``order[c % S]`` (S shards), whose ceil or floor of consumers / S members stride
+    inside that one shard."""
+    shards = len(order)
+    if shards >= consumers:
+        return order[consumer::consumers], 0, 1
+    group = consumer % shards
+    return [order[group]], consumer // shards, len(range(group, consumers, shards))
+
+
+class SharedEpoch:
+    """An epoch number in shared memory: set in the main process, read by (persistent) DataLoader workers."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.RawValue("q", 0)  # passed to workers when they start (inheritance)
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._value.value = epoch
 
 
 class PairStream(IterableDataset):
-    """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch."""
+    """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch;
+    with ``uint8_views`` the view is uint8 before normalisation where that is exact."""
 
     def __init__(self, spec: StreamSpec) -> None:
-        self.spec, self.epoch = spec, 0
+        self.spec, self._epoch = spec, SharedEpoch()
         self.counts = {"pairs": 0, "skipped_cached": 0, "skipped_bad": 0}
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Also seen by persistent DataLoader workers (shared memory), before the epoch's ``iter(loader)``."""
+        self._epoch.value = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -91,22 +122,19 @@ class PairStream(IterableDataset):
         consumer, consumers = self.spec.rank * nw + wid, self.spec.world * nw
         store = open_store(self.spec.store)
         order = shard_order(self.spec.seed, self.epoch, len(self.spec.shard_paths))
-        shards, stride_slot = consumer_plan(order, consumer, consumers)
-        items = self._pairs(store, shards, stride_slot, consumers)
+        shards, member, group = consumer_plan(order, consumer, consumers)
+        items = self._pairs(store, shards, member, group)
         yield from _shuffled(
             items, self.spec.shuffle_buffer, _stable_int(self.spec.seed, "buffer", self.epoch, consumer)
         )
 
-    def _pairs(
-        self, store: FeatureStore, shards: list[int], stride_slot: int | None, consumers: int
-    ) -> Iterator:
-        counter, first = 0, first_training_view(store)
+    def _pairs(self, store: FeatureStore, shards: list[int], member: int, group: int) -> Iterator:
+        first = first_training_view(store)
         for shard in shards:
             path = self.spec.shard_paths[shard]
             block, seen = store.read_slot(shard, taps=[self.spec.tap]), set()
-            for sample in iter_samples(path):
-                counter += 1
-                if stride_slot is not None and (counter - 1) % consumers != stride_slot:
+            for i, sample in enumerate(iter_samples(path)):
+                if i % group != member:  # another member of this shard's group pairs it
                     seen.add(sample.key)
                     continue
                 pair = self._pair(shard, path, sample, block, first)
@@ -122,7 +150,7 @@ class PairStream(IterableDataset):
             self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy, first
         )
         try:
-            joined = join_sample(block, sample, path, view, self.spec.resolution)
+            joined = join_sample(block, sample, path, view, self.spec.resolution, self.spec.uint8_views)
         except JoinError as err:
             return self._bad(err)
         if isinstance(joined, SkippedAtCaching):

@@ -18,23 +18,34 @@ from torch import nn
 
 from pipeline.cache.join import rebuild_teacher, source_shard_paths
 from pipeline.cache.store import FeatureStore, StoreError, open_store
+from pipeline.errors import KdepError
 from pipeline.files import write_json_atomic
 from pipeline.models import FeatureTaps
 from pipeline.progress import progress_bar
 from pipeline.projection.artefact import Projection, load_projection
 from pipeline.provenance import require_same
-from pipeline.runtime import Dist, barrier, init_distributed, pick_device, resolve_amp
+from pipeline.runtime import (
+    Dist,
+    barrier,
+    init_distributed,
+    local_leader_first,
+    pick_device,
+    resolve_amp,
+    set_tf32,
+    shutdown,
+)
 from pipeline.student.checkpoints import (
     append_metrics,
+    checkpoint_due,
+    checkpoint_state,
     export_backbone,
     plot_losses,
     read_metrics,
     resume,
-    run_inputs,
     save_checkpoint,
     write_provenance,
 )
-from pipeline.student.loaders import LoaderSpec, PairLoaders
+from pipeline.student.loaders import LoaderSpec, PairLoaders, batches, resolve_workers
 from pipeline.student.pairs import StreamSpec
 from pipeline.student.specs import TrainSpec
 from pipeline.student.training import (
@@ -72,7 +83,7 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
     JSON-ready dict, written to provenance.json and checkpoints; a resumed run must match them (bar RESUME_FREE)."""
     device = pick_device(spec.runtime.device)
     job = init_distributed(str(device))
-    amp = resolve_amp(spec.runtime.amp, device)
+    amp = configure_numerics(device, spec.runtime.amp)
     out = Path(spec.output.out)
     out.mkdir(parents=True, exist_ok=True)
     store = open_store(spec.data.cache)
@@ -84,7 +95,11 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
         spec, projections, store.layout.dims[spec.data.tap], resolution, device, amp, job
     )
     start, global_step = resume(out, settings, store, trainees, job, spec.output.quiet)
-    teacher = online_teacher(store, spec.data.tap, device) if spec.runtime.online_teacher else None
+    teacher = None
+    if spec.runtime.online_teacher:  # a library weight downloads once per node
+        teacher = local_leader_first(
+            lambda: online_teacher(store, spec.data.tap, device, spec.runtime.channels_last)
+        )
     ctx = StepContext(device, amp, spec.loss, spec.runtime.channels_last, spec.data.tap, teacher)
     loaders = PairLoaders(loader_spec(spec, str(store.path), shard_paths, resolution, job, device), store)
     write_provenance(out, settings, spec.students, store, trainees, resolution, job)
@@ -94,7 +109,19 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
         stats = run_epoch(run, epoch)
         run.global_step += stats["steps"]
         finish_epoch(run, epoch, stats)
-    return finalize(run)
+    result = finalize(run)
+    shutdown()
+    return result
+
+
+def configure_numerics(device: torch.device, amp: str) -> str:
+    """The resolved AMP mode; on CUDA, cuDNN picks the fastest algorithms for the fixed input shapes (not in stage 1,
+    whose cache must be byte-identical across runs) and amp "off" also turns TF32 off (float32 means float32)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = resolve_amp(amp, device)
+    set_tf32(device, amp)
+    return amp
 
 
 def require_complete(store: FeatureStore, tap: str) -> None:
@@ -124,9 +151,15 @@ def load_checked_projection(path: str | None, store: FeatureStore, tap: str) -> 
     return proj
 
 
-def online_teacher(store: FeatureStore, tap: str, device: torch.device) -> FeatureTaps:
-    """The recorded teacher, live on ``device`` for the ``--online-teacher`` baseline: (B, 3, r, r) -> {tap: (B, D_t)}."""
-    return rebuild_teacher(store, (tap,)).to(device).requires_grad_(False)
+def online_teacher(
+    store: FeatureStore, tap: str, device: torch.device, channels_last: bool = False
+) -> FeatureTaps:
+    """The recorded teacher, live on ``device`` for the ``--online-teacher`` baseline: (B, 3, r, r) -> {tap: (B, D_t)};
+    channels_last on CUDA when asked (like the students and the views)."""
+    teacher = rebuild_teacher(store, (tap,)).to(device).requires_grad_(False)
+    if device.type == "cuda" and channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher
 
 
 def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resolution: int, job: Dist,
@@ -136,8 +169,9 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
     stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.tap, resolution=resolution, seed=spec.recipe.seed,
                         view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
                         rank=job.rank, world=job.world)  # fmt: skip
-    return LoaderSpec(stream, spec.recipe.batch_size, spec.runtime.workers, device.type == "cuda", d.neighbours,
-                      d.neighbour_pool, d.anchors)  # fmt: skip
+    return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
+                      d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
+                      mine_device=str(device))  # fmt: skip
 
 
 def run_epoch(run: Run, epoch: int) -> dict:
@@ -149,7 +183,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
                        disable=run.spec.output.quiet or not run.job.is_main, mininterval=1.0)  # fmt: skip
     images, steps, singletons, t0 = 0, 0, 0, time.perf_counter()
     with _join([t.model for t in run.trainees if isinstance(t.model, nn.parallel.DistributedDataParallel)]):
-        for x, rows, _ids in loader:
+        for x, rows, _ids in batches(loader, run.loaders.spec):
             if len(x) < 2:  # a worker's last batch of one: BatchNorm cannot train on a single sample
                 singletons += 1
                 continue
@@ -162,7 +196,23 @@ def run_epoch(run: Run, epoch: int) -> dict:
             if recipe.max_steps and steps >= recipe.max_steps:
                 break
     bar.close()
-    return epoch_stats(run, images, steps, singletons, time.perf_counter() - t0)
+    stats = epoch_stats(run, images, steps, singletons, time.perf_counter() - t0)
+    if stats["total_steps"] == 0:
+        raise EmptyEpochError(empty_epoch_message(run, epoch, stats))
+    return stats
+
+
+class EmptyEpochError(KdepError):
+    """An epoch yielded no batch on any rank (too few samples per worker for one batch of two)."""
+
+
+def empty_epoch_message(run: Run, epoch: int, stats: dict) -> str:
+    """One line naming the numbers: samples seen, singleton batches dropped, batch size, ranks x workers."""
+    s = run.loaders.spec
+    return (f"epoch {epoch + 1} yielded no batch: {stats['images'] + stats['singletons_dropped']} samples over "
+            f"{run.job.world} rank(s) x {max(s.workers, 1)} worker(s) gave {stats['singletons_dropped']} batch(es) "
+            f"of one (dropped: BatchNorm needs 2) with batch_size {s.batch_size}; use fewer --workers or ranks, or "
+            "more images")  # fmt: skip
 
 
 def start_epoch(trainees: list[Trainee], epoch: int, epochs: int) -> None:
@@ -177,17 +227,12 @@ def start_epoch(trainees: list[Trainee], epoch: int, epochs: int) -> None:
 def step_trainee(run: Run, t: Trainee, x: torch.Tensor, raw: torch.Tensor, epoch: int, steps: int) -> None:
     """One student's step on views (B, 3, r, r) and teacher rows (B, D_t); a metrics record every log_every steps."""
     target = t.projection.targets(raw) if t.projection is not None else raw
-    loss, parts = train_step(t.model, t.optimizer, x, target, run.ctx, t.scaler)
-    t.losses.append(loss)
+    loss, parts = train_step(t.model, t.optimizer, x, target, run.ctx, t.scaler, to_host=False)
+    t.losses.append(loss)  # a device scalar: converted only here every log_every steps and at the epoch end
     if steps % run.spec.output.log_every == 0 and run.job.is_main:
-        record = {
-            "kind": "step",
-            "student": t.name,
-            "epoch": epoch,
-            "step": run.global_step + steps,
-            "loss": loss,
-        }
-        append_metrics(run.out / "metrics.jsonl", {**record, **parts})
+        record = {"kind": "step", "student": t.name, "epoch": epoch, "step": run.global_step + steps,
+                  "loss": float(loss)}  # fmt: skip
+        append_metrics(run.out / "metrics.jsonl", {**record, **{k: float(v) for k, v in parts.items()}})
 
 
 def epoch_stats(run: Run, images: int, steps: int, singletons: int, seconds: float) -> dict:
@@ -196,6 +241,7 @@ def epoch_stats(run: Run, images: int, steps: int, singletons: int, seconds: flo
     seen = _sum_over_ranks(images + singletons, device)
     whole_pass = not run.spec.recipe.max_steps and run.spec.data.neighbours == 0
     return {"images": _sum_over_ranks(images, device), "steps": steps, "seconds": seconds,
+            "total_steps": _sum_over_ranks(steps, device),
             "singletons_dropped": _sum_over_ranks(singletons, device),
             "skipped": run.expected - seen if whole_pass else 0}  # fmt: skip
 
@@ -222,12 +268,12 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
 
 
 def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
-    """Epoch metrics, then an atomic checkpoint (rank 0)."""
+    """Epoch metrics, then an atomic checkpoint every ``checkpoint_every`` epochs and after the last (rank 0)."""
     if not run.job.is_main:
         barrier()
         return
     for t in run.trainees:
-        loss = float(np.mean(t.losses)) if t.losses else float("nan")
+        loss = float(np.mean(torch.stack(t.losses).double().cpu().numpy())) if t.losses else float("nan")
         append_metrics(run.out / "metrics.jsonl", {
             "kind": "epoch", "student": t.name, "epoch": epoch, "step": run.global_step, "loss": loss,
             "lr": t.optimizer.param_groups[0]["lr"], "images": stats["images"], "seconds": stats["seconds"],
@@ -238,20 +284,9 @@ def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
         print(
             f"epoch {epoch + 1}: skipped {stats['skipped']} samples that did not join the cache (--skip-bad)"
         )
-    state = {
-        "epoch": epoch,
-        "global_step": run.global_step,
-        "config": run.settings,
-        "inputs": run_inputs(run.store, run.trainees),
-        "scalers": {
-            t.name: t.scaler.state_dict()
-            for t in run.trainees
-            if t.scaler is not None and t.scaler.is_enabled()
-        },
-        "students": {t.name: t.student.state_dict() for t in run.trainees},
-        "optimizers": {t.name: t.optimizer.state_dict() for t in run.trainees},
-    }
-    save_checkpoint(run.out, epoch, state)
+    if checkpoint_due(epoch, run.spec.recipe.epochs, run.spec.output.checkpoint_every):
+        state = checkpoint_state(epoch, run.global_step, run.settings, run.store, run.trainees)
+        save_checkpoint(run.out, epoch, state)
     barrier()
 
 

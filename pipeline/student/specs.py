@@ -63,7 +63,8 @@ class RuntimeSpec:
     device: str  # auto, cpu, cuda or cuda:N
     amp: str  # auto (bf16 on CUDA), bf16, fp16 or off; CPU always runs float32
     channels_last: bool  # channels_last views and students on CUDA
-    workers: int  # DataLoader worker processes per rank
+    workers: int  # DataLoader worker processes per rank; -1 = the CPU cores available per rank (auto)
+    prefetch_factor: int  # batches each DataLoader worker keeps ready (shared memory: workers x this x batch)
     online_teacher: bool  # run the recorded teacher live on the same views instead of reading the cache
 
 
@@ -72,7 +73,8 @@ class OutputSpec:
     """Where the run writes and how much it says."""
 
     out: str  # run folder (checkpoints, backbones, metrics.jsonl, loss.png, provenance.json, done.json)
-    log_every: int  # steps between per-step metrics records
+    log_every: int  # steps between per-step metrics records (the only per-step host syncs)
+    checkpoint_every: int  # epochs between checkpoints; the last epoch is always checkpointed
     quiet: bool  # no progress bar or messages
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.data.views import normalize_views
 from pipeline.models import FeatureTaps, ModelError, build_model, last_linear, tap_dims
 from pipeline.projection.artefact import Projection
 from pipeline.runtime import Dist, autocast_for
@@ -86,8 +87,9 @@ class StepContext:
 
 def compute_loss(
     spec: LossSpec, out: torch.Tensor, target: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(B, D_out)`` student output and ``(B, D_out)`` float32 targets -> (scalar loss, named float parts)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(B, D_out)`` student output and ``(B, D_out)`` float32 targets -> (scalar loss, named detached scalar
+    parts, on the device)."""
     if spec.name == "kdep" or spec.name.startswith("linear"):
         return kdep_loss(out, target, spec.weight)
     if spec.name == "cosine":
@@ -102,8 +104,10 @@ def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 
 def views_on_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """(B, 3, r, r) float32 views -> on the context's device (channels_last on CUDA when asked)."""
-    x = x.to(ctx.device, non_blocking=True)
+    """(B, 3, r, r) uint8 (before normalisation) or float32 normalised views -> float32 normalised views on the
+    context's device (channels_last on CUDA when asked). uint8 is normalised there in one fused multiply-subtract,
+    bit-identical to the worker's normalisation (:func:`pipeline.data.views.normalize_views`)."""
+    x = normalize_views(x.to(ctx.device, non_blocking=True))
     if ctx.device.type == "cuda" and ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -126,9 +130,11 @@ def train_step(
     target: torch.Tensor,
     ctx: StepContext,
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, dict[str, float]]:
+    to_host: bool = True,
+) -> tuple[float | torch.Tensor, dict[str, float | torch.Tensor]]:
     """One SGD step on views ``x`` (B, 3, r, r) and targets (B, D_out) float32, both on ``ctx.device``;
-    returns the loss and its named parts (floats)."""
+    returns the loss and its named parts as floats, or with ``to_host=False`` as detached scalar tensors on the
+    device (no host sync per step on CUDA: the loop converts them only when it logs)."""
     with autocast_for(ctx.device, ctx.amp):
         out = model(x)
     loss, parts = compute_loss(ctx.loss, out.float(), target)
@@ -140,7 +146,9 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
-    return float(loss.detach()), parts
+    if to_host:
+        return float(loss.detach()), {k: float(v) for k, v in parts.items()}
+    return loss.detach(), parts
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
@@ -160,7 +168,7 @@ class Trainee:
     projection: Projection | None  # teacher row (B, D_t) -> target (B, D_s); None: the raw row is the target
     base_lr: float
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (None or disabled otherwise)
-    losses: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)  # this epoch's detached scalar losses (device)
 
 
 def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teacher: int, resolution: int,
@@ -183,8 +191,11 @@ def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teac
             student = student.to(memory_format=torch.channels_last)
         model: nn.Module = student
         if job.world > 1:
+            # broadcast_buffers=False: no per-step broadcast of BatchNorm running stats from rank 0. Training
+            # uses batch statistics, so gradients and the (identically replicated) parameters never depend on
+            # the buffers; rank 0's own running stats are what is checkpointed and exported.
             model = nn.parallel.DistributedDataParallel(
-                student, device_ids=[device.index] if device.type == "cuda" else None
+                student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
         lr = recipe.lr or base_lr_for(s.arch, global_batch)
         name = s.arch if archs.count(s.arch) == 1 else f"{s.arch}-{i}"
