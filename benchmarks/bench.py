@@ -1,9 +1,13 @@
 """`make bench` / `kdep bench`: every benchmark figure of the three stages, side by side in one run.
 
     make bench                 # full CPU profile
-    make bench QUICK=1         # under 5 minutes on 2 CPU cores
+    make bench QUICK=1         # about 2 minutes on 2 CPU cores
     kdep bench --device cuda   # GPU profile: same ratios plus absolute images/s (ResNet-50 caching and ResNet-18
-                               # training at 224, AMP bf16 + channels_last)
+                               # training at 224, AMP bf16 + channels_last, 20k images)
+
+The images are ImageNet-sized JPEGs (375-500 px, benchmarks/bench_data.py), made once into
+``benchmarks/results/bench-data/`` and reused. The student figures time stage 3's own loaders and ``train_step``
+over one epoch's batches; a profile whose epoch is too short for them is refused up front (KdepError).
 
 Each ratio compares two runs made in this process on the same inputs, one after the other. Writes
 ``benchmarks/results/<date>-<host>.json`` (stable keys, see RESULT_KEYS) and a PNG of the ratios.
@@ -22,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_data import bench_shards, shard_ranges
 from benchmarks.bench_stages import (
     bench_cache_vs_inference,
+    bench_data_spec,
     bench_decode_once,
     bench_loader_vs_torchvision,
     bench_student_steps,
-    make_bench_data,
+    check_student_epoch,
 )
 
 RESULT_KEYS = (
@@ -50,25 +56,23 @@ class Profile:
     steps: int  # timed student steps per variant
     svd_rows: tuple[int, ...]
     svd_dim: int
+    workers: int = -1  # DataLoader workers for caching and stage 3 (-1: 8 on CUDA, 2 on CPU)
+    min_side: int = 375  # generated JPEGs' smallest side in pixels (ImageNet-like: 375-500)
+    max_side: int = 500  # generated JPEGs' largest side in pixels
+    loader_images: int = 1000  # images (whole shards) in the one-core loader comparison
 
 
 def profile_for(device: str, quick: bool) -> Profile:
+    """Sizes per device; ``images`` is large enough that one stage 3 epoch holds the warm-up and timed steps."""
     if device.startswith("cuda"):
+        if quick:
+            return Profile(device, "resnet50", "resnet18", 224, 10, 6_000, 256, 20, (5_000, 20_000), 256)
         return Profile(
-            device,
-            "resnet50",
-            "resnet18",
-            224,
-            10,
-            2000 if not quick else 500,
-            256,
-            60 if not quick else 20,
-            (50_000, 200_000, 800_000) if not quick else (5_000, 20_000),
-            2048 if not quick else 256,
+            device, "resnet50", "resnet18", 224, 10, 20_000, 256, 60, (50_000, 200_000, 800_000), 2048
         )
     if quick:
-        return Profile(device, "resnet50", "resnet18", 64, 4, 160, 32, 6, (5_000, 20_000), 256)
-    return Profile(device, "resnet50", "resnet18", 112, 8, 400, 64, 12, (50_000, 200_000, 800_000), 2048)
+        return Profile(device, "resnet50", "resnet18", 64, 4, 320, 32, 6, (5_000, 20_000), 256)
+    return Profile(device, "resnet50", "resnet18", 112, 8, 800, 64, 10, (50_000, 200_000, 800_000), 2048)
 
 
 def machine() -> dict:
@@ -94,8 +98,11 @@ def run_bench(
         "machine": machine(),
         "quick": quick,
     }
+    out = Path(out_dir)
+    spec = bench_data_spec(prof)
+    check_student_epoch(prof, [len(r) for r in shard_ranges(spec.images, spec.shards)])  # before any work
+    data = bench_shards(spec, out / "bench-data")  # made once, reused by later runs
     with tempfile.TemporaryDirectory(prefix="kdep-bench-") as tmp:
-        data = make_bench_data(Path(tmp), prof.images)
         results.update(bench_cache_vs_inference(data, Path(tmp), prof))
         results.update(bench_decode_once(data, prof))
         results.update(bench_student_steps(Path(tmp) / "cache.zarr", Path(tmp), prof))
@@ -105,7 +112,6 @@ def run_bench(
     missing = [k for k in RESULT_KEYS if k not in results]
     if missing:
         raise RuntimeError(f"benchmark result lacks {missing}")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}{'-quick' if quick else ''}{'-cuda' if device != 'cpu' else ''}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -13,17 +13,18 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from benchmarks.bench_data import BenchData
 from pipeline.cache.join import source_shard_paths
 from pipeline.cache.store import FeatureStore, open_store
 from pipeline.cache.teacher import Runtime, prepare_teacher, teacher_features
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
-from pipeline.demo.shards import DemoSpec, write_demo_data
+from pipeline.errors import KdepError
 from pipeline.projection.artefact import Projection, load_projection
 from pipeline.runtime import resolve_amp
 from pipeline.student.loaders import LoaderSpec, PairLoaders
-from pipeline.student.pairs import StreamSpec
+from pipeline.student.pairs import StreamSpec, consumer_plan, shard_order
 from pipeline.student.run import online_teacher
 from pipeline.student.specs import LossSpec
 from pipeline.student.training import (
@@ -41,31 +42,65 @@ from stages.fit_svd import FitSvdConfig
 from stages.fit_svd import run as fit_run
 from stages.inspect_cache import summarize
 
-
-def make_bench_data(tmp: Path, images: int) -> Path:
-    """Demo train shards with about ``images`` images (10 classes); returns the train shard folder."""
-    per_class = max(2, images // 10)
-    return write_demo_data(
-        DemoSpec(seed=11, train_per_class=per_class, val_per_class=1, per_shard=max(10, images // 4)),
-        tmp / "data",
-    )["train"]
+WARMUP_STEPS = 2  # untimed steps before each timed student run (first-step allocation, cuDNN autotuning)
 
 
-def _workers(device: str) -> int:
-    return 8 if device.startswith("cuda") else 2
+def bench_workers(prof) -> int:
+    """DataLoader workers of the caching and stage 3 loaders: the profile's, else 8 on CUDA and 2 on CPU."""
+    if prof.workers >= 0:
+        return prof.workers
+    return 8 if prof.device.startswith("cuda") else 2
+
+
+def bench_data_spec(prof) -> BenchData:
+    """Train shards for ``prof``: two per worker (whole shards per worker, as on a real data set)."""
+    shards = max(1, min(prof.images, 2 * max(1, bench_workers(prof))))
+    return BenchData(prof.images, shards, prof.min_side, prof.max_side)
+
+
+def student_batches_per_epoch(shard_sizes: list[int], workers: int, batch: int) -> int:
+    """Batches of >= 2 images stage 3's stream gives in epoch 0 (seed 0): each worker batches only its own share
+    (pipeline.student.pairs.consumer_plan: whole shards, or every g-th sample of a shard shared by g workers)."""
+    consumers, total = max(1, workers), 0
+    order = shard_order(0, 0, len(shard_sizes))
+    for c in range(consumers):
+        shards, member, group = consumer_plan(order, c, consumers)
+        n = sum(len(range(member, shard_sizes[s], group)) for s in shards)
+        total += n // batch + (n % batch >= 2)
+    return total
+
+
+def check_student_epoch(prof, shard_sizes: list[int]) -> None:
+    """The student benchmark times one epoch's batches (never a second loader): refuse a profile whose epoch is
+    too short for the warm-up plus the timed steps, before anything is generated or cached."""
+    have = student_batches_per_epoch(shard_sizes, bench_workers(prof), prof.batch)
+    if have < WARMUP_STEPS + prof.steps:
+        raise KdepError(_short_epoch(have, prof))
+
+
+def _short_epoch(have: int, prof) -> str:
+    workers = bench_workers(prof)
+    return (f"bench: stage 3's epoch gives {have} batches of >= 2 images ({prof.images} images, {workers} workers, "
+            f"batch {prof.batch}: each worker batches only its own ~{prof.images // max(1, workers)} samples) but "
+            f"the student benchmark needs {WARMUP_STEPS + prof.steps} ({WARMUP_STEPS} warm-up + {prof.steps} timed) "
+            "from one epoch; use more images, fewer workers, a smaller batch or fewer steps")  # fmt: skip
 
 
 def _encoded(data: Path, limit: int) -> list[tuple[str, bytes]]:
+    """The first ``limit`` (key, encoded image) pairs of the shards (reading no further)."""
     out = []
     for info in list_shards(data):
-        out += [(s.key, image_bytes(s, info.path)) for s in iter_samples(info.path)]
-    return out[:limit]
+        for s in iter_samples(info.path):
+            if len(out) == limit:
+                return out
+            out.append((s.key, image_bytes(s, info.path)))
+    return out
 
 
 def bench_cache_vs_inference(data: Path, tmp: Path, prof) -> dict:
     """Caching (decode + K replays + teacher + write) vs bare teacher inference on batches of the same views."""
     device = torch.device(prof.device)
-    rt = Runtime(device, resolve_amp("auto", device), True, _workers(prof.device), False, False)
+    rt = Runtime(device, resolve_amp("auto", device), True, bench_workers(prof), False, False)
     model = torchvision.models.get_model(prof.teacher)
     taps = prepare_teacher(model, ("pre_relu",), rt)
     views = []
@@ -89,7 +124,7 @@ def bench_cache_vs_inference(data: Path, tmp: Path, prof) -> dict:
     torch.save(model.state_dict(), tmp / "teacher.pt")
     cfg = CacheTeacherConfig(shards=str(data), out=str(tmp / "cache.zarr"), teacher=prof.teacher, weights=str(tmp / "teacher.pt"),
                              views=prof.views, resolution=prof.resolution, batch_size=prof.batch,
-                             workers=_workers(prof.device), device=prof.device, quiet=True)  # fmt: skip
+                             workers=bench_workers(prof), device=prof.device, quiet=True)  # fmt: skip
     stats = cache_run(cfg)
     cached = stats["images_per_s"] * prof.views
     info = summarize(open_store(cfg.out))
@@ -123,27 +158,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def stage3_loaders(store: FeatureStore, resolution: int, batch: int, workers: int, pin: bool) -> PairLoaders:
-    """Stage 3's loaders (the key-joined stream, seed 0, a 64-sample shuffle buffer) over the cache's shards."""
-    stream = StreamSpec(store=str(store.path), shard_paths=tuple(source_shard_paths(store)), tap="pre_relu",
-                        resolution=resolution, seed=0, shuffle_buffer=64)  # fmt: skip
+def stage3_loaders(
+    store: FeatureStore, resolution: int, batch: int, workers: int, pin: bool, shards: int | None = None
+) -> PairLoaders:
+    """Stage 3's loaders (the key-joined stream, seed 0, a 64-sample shuffle buffer) over the cache's shards (the
+    first ``shards`` of them when given)."""
+    paths = tuple(source_shard_paths(store))[:shards]
+    stream = StreamSpec(store=str(store.path), shard_paths=paths, tap="pre_relu", resolution=resolution, seed=0,
+                        shuffle_buffer=64)  # fmt: skip
     return PairLoaders(LoaderSpec(stream, batch, workers, pin), store)
-
-
-def _batches(loaders: PairLoaders) -> Iterator:
-    """Stage 3's batches, epoch after epoch, for as long as asked."""
-    for epoch in itertools.count():
-        yield from loaders.for_epoch(epoch)
 
 
 def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
     """Student images/s with (a) no distillation, (b) targets from the cache, (c) the online teacher: stage 3's
-    loaders, step context and ``train_step`` in each; only where the targets come from differs."""
+    loaders, step context and ``train_step`` in each; only where the targets come from differs. Also the loader
+    alone over the same batches (when it is the slowest part, every variant runs at its rate)."""
     device = torch.device(prof.device)
     fit_run(FitSvdConfig(cache=str(cache), out=str(tmp / "proj.npz"), dim=512, quiet=True))
     proj = load_projection(tmp / "proj.npz")
     store = open_store(cache)
-    loaders = stage3_loaders(store, prof.resolution, prof.batch, _workers(prof.device), device.type == "cuda")
+    loaders = stage3_loaders(store, prof.resolution, prof.batch, bench_workers(prof), device.type == "cuda")
     ctx = StepContext(device, resolve_amp("auto", device), LossSpec("kdep", 3.0), channels_last=True)
     online = replace(ctx, teacher=online_teacher(store, "pre_relu", device))
     variants = {"plain": ctx, "cached": ctx, "online": online, "cached_again": ctx}
@@ -152,42 +186,63 @@ def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
         rates["cached"], rates["cached_again"]
     )  # the best of two runs, as for the others' single run
     return {"student_images_per_s": rates, "student_cached_vs_plain": cached / rates["plain"],
-            "cached_vs_online": cached / rates["online"]}  # fmt: skip
+            "cached_vs_online": cached / rates["online"],
+            "student_loader_images_per_s": _timed(_usable_batches(loaders), lambda x, rows: None, device, prof)}  # fmt: skip
+
+
+def _usable_batches(loaders: PairLoaders) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch 0's (views, rows) batches, one loader, leaving out a worker's last batch of one as stage 3 does."""
+    return ((x, rows) for x, rows, _ids in loaders.for_epoch(0) if len(x) >= 2)
+
+
+def _timed(batches: Iterator, step, device: torch.device, prof) -> float:
+    """Images/s of ``step(x, rows)`` over ``prof.steps`` batches after ``WARMUP_STEPS``, all from the one epoch
+    iterator ``batches`` (no loader is built in the timed region); an epoch too short is an error, not a wrap."""
+    done = 0
+    for x, rows in itertools.islice(batches, WARMUP_STEPS):
+        step(x, rows)
+        done += 1
+    _sync(device)
+    images, t0 = 0, time.perf_counter()
+    for x, rows in itertools.islice(batches, prof.steps):
+        step(x, rows)
+        images, done = images + len(x), done + 1
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if done < WARMUP_STEPS + prof.steps:
+        raise KdepError(_short_epoch(done, prof))
+    return images / seconds
 
 
 def _student_rate(loaders: PairLoaders, ctx: StepContext, proj: Projection | None, prof) -> float:
-    """Images/s over ``prof.steps`` stage 3 steps after two warm-up steps; ``proj`` None: no distillation (the
-    same step against a constant zero target, so no teacher rows are moved or projected)."""
+    """Images/s of stage 3's ``train_step`` on one epoch's batches; ``proj`` None: no distillation (the same
+    step against a constant zero target, so no teacher rows are moved or projected)."""
     torch.manual_seed(0)
     student = Student(prof.student, "pre_relu", "kdep", 512, prof.resolution).to(ctx.device)
     if ctx.device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     opt, scaler = make_optimizer(student, 0.01, 1e-4), make_scaler(ctx.device, ctx.amp)
-    steps, images, t0 = 0, 0, time.perf_counter()
-    for x, rows, _ids in _batches(loaders):
-        if len(x) < 2:  # stage 3 drops a worker's last batch of one (BatchNorm)
-            continue
-        if steps == 2:  # two warm-up steps
-            _sync(ctx.device)
-            images, t0 = 0, time.perf_counter()
-        if steps == prof.steps + 2:
-            break
+
+    def step(x: torch.Tensor, rows: torch.Tensor) -> None:
         x = views_on_device(x, ctx)
         if proj is None:
             target = torch.zeros(len(x), student.d_feature, device=ctx.device)
         else:
             target = proj.targets(teacher_targets(rows, x, ctx))
         train_step(student, opt, x, target, ctx, scaler)
-        steps, images = steps + 1, images + len(x)
-    _sync(ctx.device)
-    return images / (time.perf_counter() - t0)
+
+    return _timed(_usable_batches(loaders), step, ctx.device, prof)
 
 
 def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
     """Per core (no workers): our replay loader (join + decode + crop + resize + normalise) vs torchvision's
-    ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize on the same images."""
+    ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize on the same images (the first shards, at least
+    ``prof.loader_images`` images)."""
+    shards = list_shards(data)
+    counts = itertools.accumulate(s.samples or 0 for s in shards)
+    used = next((i + 1 for i, n in enumerate(counts) if n >= prof.loader_images), len(shards))
     folder = tmp / "imagefolder"
-    for info in list_shards(data):
+    for info in shards[:used]:
         for s in iter_samples(info.path):
             ext = next(e for e in s.fields if e != "cls")
             d = folder / s.fields["cls"].decode()
@@ -202,7 +257,7 @@ def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
         t0 = time.perf_counter()
         n_tv = sum(len(x) for x, _ in DataLoader(tv, batch_size=32, shuffle=True, num_workers=0))
         tv_rate = n_tv / (time.perf_counter() - t0)
-        loaders = stage3_loaders(open_store(tmp / "cache.zarr"), prof.resolution, 32, 0, False)
+        loaders = stage3_loaders(open_store(tmp / "cache.zarr"), prof.resolution, 32, 0, False, used)
         t0 = time.perf_counter()
         n_ours = sum(len(x) for x, _r, _i in loaders.for_epoch(0))
         ours = n_ours / (time.perf_counter() - t0)

@@ -22,6 +22,8 @@ SUMMARY_KEYS = (
     "decode_once_speedup",
     "student_cached_vs_plain",
     "cached_vs_online",
+    "student_images_per_s",
+    "student_loader_images_per_s",
     "loader_vs_torchvision",
     "svd_seconds_per_million_rows",
     "svd_peak_rss_mb",

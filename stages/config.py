@@ -258,6 +258,7 @@ class EvalConfig:
     tap: str = "post_relu"  # pooled feature for probe and k-NN
     batch_size: int = 64  # images per forward pass during extraction
     device: str = "cpu"  # cpu or cuda[:N] (bf16 autocast + channels_last on CUDA)
+    workers: int = 2  # DataLoader processes decoding views (0 = in the main process; same features)
     seed: int = 0  # seeds random-init backbones, the probe's held-out split and fine-tuning
     cache_features: bool = True  # keep extracted features in OUT/features/*.npz and reuse them
     probe_cs: tuple[float, ...] = (
@@ -291,6 +292,7 @@ class EvalConfig:
         check_range("resolution", self.resolution, 16, 1024)
         check_choices(self)
         check_range("batch_size", self.batch_size, 1)
+        check_range("workers", self.workers, 0, 64)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"key 'device': {self.device!r} is not cpu, cuda or cuda:N")
         if not self.probe_cs:
@@ -360,9 +362,9 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    quick: bool = False  # small sizes (under 5 minutes on 2 CPU cores)
-    device: str = "cpu"  # cpu or cuda (the GPU profile: ResNet-50/ResNet-18 at 224, AMP)
-    out: str = "benchmarks/results"  # folder for <date>-<host>.json and .png
+    quick: bool = False  # small sizes (about 2 minutes on 2 CPU cores)
+    device: str = "cpu"  # cpu or cuda (GPU profile: R50 -> R18 at 224, AMP, 20k 375-500 px JPEGs)
+    out: str = "benchmarks/results"  # folder for the JSON and PNG; generated images go to OUT/bench-data/
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("cpu", "cuda"))

@@ -20,7 +20,8 @@ teacher target, and linear CKA between the student's and the raw teacher's featu
 
 Reads labelled train/val shards and the backbone files. Writes ``OUT/results.json`` (one row per backbone),
 ``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone), ``OUT/features/<name>.<split>.<key>.npz``
-(reused when the backbone, data and view are unchanged) and ``OUT/config.eval.json``.
+(reused when the backbone, data, view, device type and autocast are unchanged) and ``OUT/config.eval.json``.
+Views are decoded by ``--workers`` DataLoader processes (the same features for any count).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from pipeline.evaluation.backbones import BackboneSpec, EvalError, parse_backbon
 from pipeline.evaluation.features import (
     SplitFeatures,
     agreement_features,
+    eval_numerics,
     extract_features,
     feature_key,
     feature_path,
     load_backbone,
     load_features,
     projected_targets,
+    resolve_device,
     save_features,
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
@@ -86,7 +89,7 @@ def features_per_split(
     specs: list[BackboneSpec], loaded: dict, splits: dict[str, list[ShardInfo]], config: EvalConfig
 ) -> dict[str, dict[str, SplitFeatures]]:
     """{backbone: {split: features}}: from OUT/features/*.npz when present, else one extraction pass per split."""
-    folder = Path(config.out) / "features"
+    folder, numerics = Path(config.out) / "features", eval_numerics(resolve_device(config.device))
     out: dict[str, dict[str, SplitFeatures]] = {s.name: {} for s in specs}
     for split, shards in splits.items():
         paths = {
@@ -94,14 +97,22 @@ def features_per_split(
                 folder,
                 s.name,
                 split,
-                feature_key(loaded[s.name][1], s.arch, shards, config.resolution, "center", 0),
+                feature_key(loaded[s.name][1], s.arch, shards, config.resolution, "center", 0, numerics),
             )
             for s in specs
         }
         cached = {n: load_features(p) for n, p in paths.items()} if config.cache_features else {}
         todo = {n: loaded[n][0] for n in paths if cached.get(n) is None}
         fresh = (
-            extract_features(todo, shards, config.resolution, config.batch_size, config.device, desc=split)
+            extract_features(
+                todo,
+                shards,
+                config.resolution,
+                config.batch_size,
+                config.device,
+                desc=split,
+                workers=config.workers,
+            )
             if todo
             else {}
         )
@@ -159,7 +170,7 @@ def finetune_backbone(
     )
     return finetune(
         copy.deepcopy(model), splits["train"], splits["val"], classes, config.resolution, recipe, config.seed,
-        config.device,
+        config.device, config.workers,
     )  # fmt: skip
 
 
@@ -170,7 +181,7 @@ def score_agreement(models: dict[str, nn.Module], val: list[ShardInfo], config: 
     )
     students, t = agreement_features(
         models, teacher, val, config.agreement_tap, config.resolution, config.batch_size, config.device,
-        config.agreement_views, config.agreement_seed,
+        config.agreement_views, config.agreement_seed, config.workers,
     )  # fmt: skip
     targets = projected_targets(config.projection, t) if config.projection else None
     rows = {}

@@ -79,3 +79,69 @@ def _check_bench(results: dict, keys: tuple[str, ...]) -> None:
         if key != "machine":
             assert all(v is not None and math.isfinite(float(v)) for v in values), key
     assert Path(results["written"]).with_suffix(".png").is_file()
+
+
+def test_bench_refuses_an_epoch_too_short_for_the_timed_steps(tmp_path):
+    """Issue 14's `--device cuda` hang in small: more workers than each can fill one batch (20 images, 4 workers,
+    batch 8: ~5 samples each, one short batch per worker) and more steps than the epoch has. The student
+    benchmark times one epoch and never starts another loader, so this is an error naming the numbers, raised
+    before any image is generated."""
+    from benchmarks.bench import Profile, run_bench
+    from pipeline.errors import KdepError
+
+    degenerate = Profile("cpu", "resnet18", "resnet18", 32, 2, 20, 8, 4, (2_000,), 64, workers=4)
+    with pytest.raises(KdepError, match=r"gives 4 batches .*20 images, 4 workers, batch 8.* needs 6"):
+        run_bench("cpu", quick=True, out_dir=tmp_path, profile=degenerate)
+    assert not (tmp_path / "bench-data").exists()
+
+
+class _Loaders:
+    """Stands in for PairLoaders: every epoch gives the same fixed batches."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def for_epoch(self, epoch: int) -> list:
+        import torch
+
+        return [(torch.zeros(n, 3, 32, 32), torch.zeros(n, 512, dtype=torch.float16), torch.zeros(n, 3, dtype=torch.int64))
+                for n in self.sizes]  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes", [[], [1, 1, 1, 1], [8, 1, 8]])
+def test_student_timing_ends_with_an_error_when_the_epoch_runs_out(sizes):
+    """An epoch with no usable batch (empty, or every worker's batch a singleton that stage 3 leaves out) or too
+    few: a KdepError, never a wrap into further epochs (which used to spin forever on singletons)."""
+    import torch
+
+    from benchmarks.bench import Profile
+    from benchmarks.bench_stages import _student_rate
+    from pipeline.errors import KdepError
+    from pipeline.student.specs import LossSpec
+    from pipeline.student.training import StepContext
+
+    prof = Profile("cpu", "resnet18", "resnet18", 32, 2, 20, 8, 2, (2_000,), 64, workers=4)
+    ctx = StepContext(torch.device("cpu"), "off", LossSpec("kdep", 3.0))
+    with pytest.raises(KdepError, match=f"gives {sum(n >= 2 for n in sizes)} batches"):
+        _student_rate(_Loaders(sizes), ctx, None, prof)
+
+
+def test_bench_images_are_imagenet_sized_jpegs_made_once(tmp_path):
+    """The bench's generated shards: 375-500 px RGB JPEGs, byte-identical for the same spec, reused when present."""
+    from benchmarks.bench_data import BenchData, bench_shards
+    from pipeline.data.images import decode_rgb, image_bytes
+    from pipeline.data.shards import iter_samples, list_shards
+
+    spec = BenchData(images=6, shards=2, val_images=2)
+    train = bench_shards(spec, tmp_path / "a")
+    shards = list_shards(train)
+    assert [s.samples for s in shards] == [3, 3]
+    for info in shards:
+        for s in iter_samples(info.path):
+            assert "jpg" in s.fields
+            assert all(375 <= side <= 500 for side in decode_rgb(image_bytes(s, info.path)).shape[1:])
+    again = bench_shards(spec, tmp_path / "b")
+    assert [s.sha256 for s in list_shards(again)] == [s.sha256 for s in shards]
+    stamp = Path(shards[0].path).stat().st_mtime_ns
+    assert bench_shards(spec, tmp_path / "a") == train
+    assert Path(shards[0].path).stat().st_mtime_ns == stamp  # reused, not rewritten

@@ -6,6 +6,9 @@
 - A backbone saved without its classifier loads with strict=True and equals the source weights.
 - ``run(config)`` on tiny demo shards (4 classes x 6 train / 3 val, 32 px, random ResNet-18): results.json keys,
   accuracies in [0, 1], the feature cache reused, fine-tuning for 1 epoch.
+- Features and fine-tuning read through DataLoader workers equal, bit for bit, the in-process run and a direct
+  decode + replay + forward; the feature-file key changes with device type and autocast, and a CPU key is the
+  one computed before those were keyed (so existing CPU caches are reused).
 """
 
 from __future__ import annotations
@@ -243,3 +246,86 @@ def test_cuda_features_match_cpu_within_bf16(demo_shards: dict[str, Path]) -> No
     cpu = extract_features({"a": model}, str(demo_shards["val"]), 32, 8, "cpu")["a"].taps["pre_relu"]
     gpu = extract_features({"a": model}, str(demo_shards["val"]), 32, 8, "cuda")["a"].taps["pre_relu"]
     assert mean_cosine(cpu, gpu) > 0.99  # bf16 autocast + channels_last vs float32
+
+
+def test_extract_features_bit_identical_with_workers(demo_shards: dict[str, Path]) -> None:
+    """Batches of 5 over 12 val images (5, 5, 2): any worker count gives the same rows, bit for bit, as a direct
+    decode + replay + forward over the samples in shard order."""
+    from pipeline.data.shards import iter_samples, list_shards
+    from pipeline.evaluation.batches import make_view
+    from pipeline.models import FeatureTaps
+
+    model, _ = load_backbone(BackboneSpec("a", "resnet18", "random"), seed=0)
+    runs = {
+        w: extract_features({"a": model}, str(demo_shards["val"]), 32, 5, workers=w)["a"] for w in (0, 1, 2)
+    }
+    shards = list_shards(str(demo_shards["val"]))
+    samples = [(s, info.name) for info in shards for s in iter_samples(info.path)]
+    with torch.no_grad():
+        views = torch.stack([make_view(s, where, 32, "center", 0, 0) for s, where in samples[:5]])
+        direct = FeatureTaps(model.eval(), ("pre_relu",))(views)["pre_relu"].numpy()
+    for feats in runs.values():
+        assert feats.keys == [s.key for s, _ in samples] == runs[0].keys
+        assert np.array_equal(feats.labels, runs[0].labels)
+        for tap, rows in feats.taps.items():
+            assert np.array_equal(rows, runs[0].taps[tap]), tap
+        assert np.array_equal(feats.taps["pre_relu"][:5], direct)
+
+
+def test_finetune_same_weights_with_workers(demo_shards: dict[str, Path]) -> None:
+    from pipeline.evaluation.finetune import FinetuneRecipe, finetune
+
+    recipe = FinetuneRecipe(epochs=2, batch_size=10)  # 24 train images: batches 10, 10, 4 per epoch
+    tuned = []
+    for workers in (0, 2):
+        model, _ = load_backbone(BackboneSpec("a", "resnet18", "random"), seed=0)
+        top1 = finetune(
+            model, str(demo_shards["train"]), str(demo_shards["val"]), 4, 32, recipe, 0, "cpu", workers
+        )
+        tuned.append((top1, model.state_dict()))
+    (top_a, a), (top_b, b) = tuned
+    assert top_a == top_b and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _key_before_numerics(identity: dict, arch: str, split: list, resolution: int) -> str:
+    """feature_key as computed before the device type and autocast were keyed (centre view)."""
+    import hashlib
+
+    from pipeline.data.shards import shard_record
+
+    body = {"arch": arch, "weights": identity, "shards": [{**shard_record(s), "path": s.path} for s in split],
+            "resolution": resolution, "recipe": "center", "seed": None}  # fmt: skip
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_feature_key_covers_device_and_autocast(demo_shards: dict[str, Path]) -> None:
+    from pipeline.data.shards import list_shards
+    from pipeline.evaluation.features import eval_numerics, feature_key
+
+    split, identity = list_shards(str(demo_shards["val"])), {"arch": "resnet18", "seed": 0}
+    cpu, cuda = eval_numerics(torch.device("cpu")), eval_numerics(torch.device("cuda"))
+    assert cpu == {"device": "cpu", "amp": "off"} and cuda == {"device": "cuda", "amp": "bf16"}
+    keys = {
+        name: feature_key(identity, "resnet18", split, 32, "center", 0, numerics)
+        for name, numerics in {"cpu": cpu, "cuda": cuda, "cuda-fp16": {"device": "cuda", "amp": "fp16"},
+                               "cuda-fp32": {"device": "cuda", "amp": "off"}}.items()
+    }  # fmt: skip
+    assert len(set(keys.values())) == 4
+    assert keys["cpu"] == feature_key(identity, "resnet18", split, 32, "center", 0)
+    assert keys["cpu"] == _key_before_numerics(identity, "resnet18", split, 32)
+
+
+def test_cpu_feature_cache_is_reused_on_cpu(demo_shards: dict[str, Path], tmp_path: Path) -> None:
+    """A CPU run's feature files carry the key of before (files made then are found) and a second run reads them."""
+    from pipeline.data.shards import list_shards
+
+    config = tiny_config(demo_shards, tmp_path, workers=0)
+    first = run(config)
+    identity = first["backbones"][0]["identity"]
+    for split in ("train", "val"):
+        key = _key_before_numerics(identity, "resnet18", list_shards(str(demo_shards[split])), 32)
+        assert (tmp_path / "features" / f"random.{split}.{key}.npz").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("*.npz")}
+    again = run(config)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 2
+    assert again["backbones"][0]["probe_top1"] == first["backbones"][0]["probe_top1"]

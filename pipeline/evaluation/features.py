@@ -6,7 +6,9 @@
     feats = extract_features({"kdep": model}, "out/demo/data/val", resolution=64, batch_size=64)
 
 Every image goes through :func:`pipeline.data.views.replay_view` (default: the deterministic ``center`` view at the
-evaluation resolution). All backbones are run in the same pass over a split, so each image is decoded once.
+evaluation resolution), decoded by DataLoader workers (pipeline/evaluation/batches.py). All backbones are run in
+the same pass over a split, so each image is decoded once. On CUDA the pass runs under bf16 autocast with
+channels_last; the device type and autocast are part of a saved feature file's key (:func:`eval_numerics`).
 A backbone file may hold the backbone without its classifier (what ``backbone_state_dict`` saves; every other key
 must match) or a full checkpoint with its head (e.g. a teacher): ``pipeline.models.build_model`` loads both.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.images import decode_rgb, image_bytes
-from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards, shard_record
-from pipeline.data.views import replay_view, sample_view_params
+from pipeline.data.shards import ShardInfo, list_shards, shard_record
 from pipeline.evaluation.backbones import BackboneSpec, EvalError
+from pipeline.evaluation.batches import iter_view_batches
 from pipeline.files import atomic_path
 from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
 from pipeline.progress import progress_bar
+from pipeline.runtime import autocast_for
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
 FEATURES_FORMAT = "kdep-eval-features/1"
 TEACHER_KEY = "<teacher>"  # the teacher's slot in a shared extraction pass (not a valid backbone name)
+CUDA_AMP = "bf16"  # evaluation's autocast on CUDA (pipeline.runtime AMP mode); float32 on CPU
+CPU_FLOAT32 = {"device": "cpu", "amp": "off"}  # the numerics of keys made before numerics were keyed
 
 
 @dataclass
@@ -94,40 +98,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def sample_label(sample: Sample, where: str) -> int:
-    """The integer class of a sample from its ASCII ``cls`` field."""
-    raw = sample.fields.get("cls")
-    try:
-        return int(raw.decode("ascii").strip())
-    except (AttributeError, UnicodeDecodeError, ValueError):
-        raise EvalError(
-            f"{where}: sample {sample.key!r} has no integer 'cls' label ({raw!r}); evaluation needs labelled "
-            "shards (kdep make-shards --from-folder)"
-        ) from None
-
-
-def make_view(sample: Sample, where: str, resolution: int, recipe: str, seed: int, view: int) -> torch.Tensor:
-    """Decode one sample and replay its view ``view`` of ``recipe``: (3, res, res) normalised float32."""
-    image = decode_rgb(image_bytes(sample, where), f"{where}:{sample.key}")
-    params = sample_view_params(recipe, seed, sample.key, view, *image.shape[-2:])
-    return replay_view(image, params, resolution)
-
-
-def iter_view_batches(
-    shards: list[ShardInfo], resolution: int, batch_size: int, recipe: str = "center", seed: int = 0
-) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-    """Batches of (B, 3, res, res) views, (B,) labels and keys, in shard order (view index 0 of ``recipe``)."""
-    views, labels, keys = [], [], []
-    for info in shards:
-        for sample in iter_samples(info.path):
-            views.append(make_view(sample, info.name, resolution, recipe, seed, 0))
-            labels.append(sample_label(sample, info.name))
-            keys.append(sample.key)
-            if len(views) == batch_size:
-                yield torch.stack(views), np.asarray(labels, np.int64), keys
-                views, labels, keys = [], [], []
-    if views:
-        yield torch.stack(views), np.asarray(labels, np.int64), keys
+def eval_numerics(device: torch.device) -> dict:
+    """What makes a forward pass give other numbers for the same weights and views: the device type and the
+    autocast mode. channels_last (used exactly when on CUDA) is left out: like the batch size or the GPU model it
+    only changes which kernel runs, hence float rounding, not the computation."""
+    return {"device": device.type, "amp": CUDA_AMP if device.type == "cuda" else "off"}
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -138,11 +113,11 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def forward_taps(taps: FeatureTaps, x: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
-    """One batch through the taps (bf16 autocast on CUDA) -> {tap: (B, D) float32 numpy}."""
+    """One batch through the taps (autocast per :func:`eval_numerics`) -> {tap: (B, D) float32 numpy}."""
     x = x.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast_for(device, eval_numerics(device)["amp"]):
         out = taps(x)
     return {t: v.float().cpu().numpy() for t, v in out.items()}
 
@@ -156,8 +131,10 @@ def extract_features(
     recipe: str = "center",
     seed: int = 0,
     desc: str = "features",
+    workers: int = 0,
 ) -> dict[str, SplitFeatures]:
-    """Every model's pooled taps on every image of ``split`` (one decode per image), keyed like ``models``."""
+    """Every model's pooled taps on every image of ``split`` (one decode per image, by ``workers`` DataLoader
+    processes; the same numbers for any count), keyed like ``models``."""
     device = resolve_device(str(device))
     shards = list_shards(split) if isinstance(split, str) else split
     taps = {n: FeatureTaps(prepare_model(m, device), model_taps(m)) for n, m in models.items()}
@@ -165,7 +142,7 @@ def extract_features(
     labels, keys = [], []
     total = sum(s.samples or 0 for s in shards) or None
     with progress_bar(total=total, desc=desc, unit="img", leave=False) as bar:
-        for x, y, k in iter_view_batches(shards, resolution, batch_size, recipe, seed):
+        for x, y, k in iter_view_batches(shards, resolution, batch_size, recipe, seed, workers, device):
             for name, tap in taps.items():
                 for t, v in forward_taps(tap, x, device).items():
                     rows[name][t].append(v)
@@ -179,10 +156,18 @@ def extract_features(
 
 
 def feature_key(
-    identity: dict, arch: str, split: list[ShardInfo], resolution: int, recipe: str, seed: int
+    identity: dict,
+    arch: str,
+    split: list[ShardInfo],
+    resolution: int,
+    recipe: str,
+    seed: int,
+    numerics: dict | None = None,
 ) -> str:
-    """16-hex digest naming one backbone's features on one split (weights, data, view, precision)."""
-    body = {
+    """16-hex digest naming one backbone's features on one split (weights, data, view, and the device type and
+    autocast of :func:`eval_numerics`). CPU float32 (or ``numerics`` None) leaves the key as it was before the
+    numerics were keyed, so CPU feature caches made then are still reused."""
+    body: dict = {
         "arch": arch,
         "weights": identity,
         "shards": [{**shard_record(s), "path": s.path} for s in split],
@@ -190,6 +175,8 @@ def feature_key(
         "recipe": recipe,
         "seed": seed if recipe != "center" else None,
     }
+    if numerics is not None and numerics != CPU_FLOAT32:
+        body["numerics"] = numerics
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -229,6 +216,7 @@ def agreement_features(
     device: str,
     recipe: str,
     seed: int,
+    workers: int = 0,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """({student: (N, D_s)}, (N, D_t)): ``tap`` of the students that define it and of the teacher, same views."""
     if tap not in model_taps(teacher):
@@ -237,7 +225,7 @@ def agreement_features(
         )
     capable = {n: m for n, m in students.items() if tap in model_taps(m)}
     feats = extract_features(
-        {**capable, TEACHER_KEY: teacher}, val, resolution, batch_size, device, recipe, seed
+        {**capable, TEACHER_KEY: teacher}, val, resolution, batch_size, device, recipe, seed, workers=workers
     )
     teacher_feats = feats.pop(TEACHER_KEY).taps[tap]
     return {n: f.taps[tap] for n, f in feats.items()}, teacher_feats

@@ -12,30 +12,31 @@ Here the epochs and the resolution are whatever the caller configures (CPU-frien
 
 Training views are the ``paper`` recipe (RandomResizedCrop 0.08-1 + flip) replayed through
 :func:`pipeline.data.views.replay_view` with view index = epoch, so a run is reproducible from its seed; the sample
-order of each epoch is a seeded permutation. Encoded images are held in memory and decoded per step.
+order of each epoch is a seeded permutation. Encoded images are held in memory and decoded by DataLoader workers
+(one loader for the whole run, pipeline/evaluation/batches.py), so the batches do not depend on the worker count.
 Evaluation is top-1 on the centre views of the val split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.shards import Sample, ShardInfo, iter_samples, list_shards
+from pipeline.data.shards import ShardInfo, iter_samples, list_shards
+from pipeline.evaluation.batches import EpochBatches, Labelled, batch_loader, iter_view_batches, sample_label
 from pipeline.evaluation.features import (
+    eval_numerics,
     head_name,
-    iter_view_batches,
-    make_view,
     prepare_model,
     resolve_device,
-    sample_label,
     swap_module,
 )
 from pipeline.progress import progress_bar
+from pipeline.runtime import autocast_for
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class FinetuneRecipe:
     view_recipe: str = "paper"  # training augmentation (pipeline.data.views.RECIPES)
 
 
-def read_labelled(shards: list[ShardInfo]) -> list[tuple[Sample, str, int]]:
+def read_labelled(shards: list[ShardInfo]) -> list[Labelled]:
     """Every sample of ``shards`` with its shard name and label, encoded bytes kept in memory."""
     return [(s, info.name, sample_label(s, info.name)) for info in shards for s in iter_samples(info.path)]
 
@@ -69,37 +70,24 @@ def step_factor(epoch: int, epochs: int) -> float:
     return 0.1 ** ((epoch >= epochs / 3) + (epoch >= 2 * epochs / 3))
 
 
-def train_batches(
-    data: list[tuple[Sample, str, int]], epoch: int, recipe: FinetuneRecipe, resolution: int, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (B, 3, res, res) augmented views and (B,) labels for one epoch, in a seeded order."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(data))
-    for start in range(0, len(order), recipe.batch_size):
-        chunk = [data[i] for i in order[start : start + recipe.batch_size]]
-        if len(chunk) < 2:
-            continue  # BatchNorm cannot train on one image at 1x1 spatial size
-        views = [make_view(s, where, resolution, recipe.view_recipe, seed, epoch) for s, where, _ in chunk]
-        yield torch.stack(views), torch.tensor([y for _, _, y in chunk])
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, r, r) views on ``device`` (channels_last on CUDA, from pinned memory without blocking)."""
+    x = x.to(device, non_blocking=True)
+    return x.to(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def train_epoch(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
-    data: list[tuple[Sample, str, int]],
-    epoch: int,
-    recipe: FinetuneRecipe,
-    resolution: int,
-    seed: int,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
 ) -> float:
-    """One epoch of cross-entropy training; returns the mean loss."""
+    """One epoch of cross-entropy training on (B, 3, r, r) views and (B,) labels; returns the mean loss."""
     model.train()
     losses = []
-    for x, y in train_batches(data, epoch, recipe, resolution, seed):
-        x, y = x.to(device), y.to(device)
-        if device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    for x, y in batches:
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        with autocast_for(device, eval_numerics(device)["amp"]):
             loss = nn.functional.cross_entropy(model(x), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,17 +98,19 @@ def train_epoch(
 
 @torch.no_grad()
 def classify_top1(
-    model: nn.Module, shards: list[ShardInfo], resolution: int, batch_size: int, device: torch.device
+    model: nn.Module,
+    shards: list[ShardInfo],
+    resolution: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
 ) -> float:
     """Top-1 of ``model``'s logits on the centre views of ``shards``."""
     model.eval()
     correct = total = 0
-    for x, y, _ in iter_view_batches(shards, resolution, batch_size):
-        x = x.to(device)
-        if device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x).argmax(1).cpu().numpy()
+    for x, y, _ in iter_view_batches(shards, resolution, batch_size, workers=workers, device=device):
+        with autocast_for(device, eval_numerics(device)["amp"]):
+            pred = model(to_device(x, device)).argmax(1).cpu().numpy()
         correct += int((pred == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -135,8 +125,10 @@ def finetune(
     recipe: FinetuneRecipe,
     seed: int = 0,
     device: str = "cpu",
+    workers: int = 0,
 ) -> float:
-    """Fine-tune ``model`` (all layers, new head) on ``train``; returns val top-1. ``model`` is modified."""
+    """Fine-tune ``model`` (all layers, new head) on ``train``; returns val top-1. ``model`` is modified.
+    ``workers`` DataLoader processes decode the views (the same batches for any count)."""
     dev = resolve_device(device)
     train = list_shards(train) if isinstance(train, str) else train
     val = list_shards(val) if isinstance(val, str) else val
@@ -147,7 +139,18 @@ def finetune(
         params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda e: step_factor(e, recipe.epochs))
+    epochs = EpochBatches(data, recipe.epochs, recipe.batch_size, resolution, recipe.view_recipe, seed)
+    loader = iter(batch_loader(epochs, workers, dev))  # one loader, its workers kept for the whole run
     for epoch in progress_bar(range(recipe.epochs), desc="fine-tune", unit="epoch", leave=False):
-        train_epoch(model, optimiser, data, epoch, recipe, resolution, seed, dev)
+        train_epoch(model, optimiser, epoch_items(loader, epoch, epochs.per_epoch), dev)
         schedule.step()
-    return classify_top1(model, val, resolution, recipe.batch_size, dev)
+    return classify_top1(model, val, resolution, recipe.batch_size, dev, workers)
+
+
+def epoch_items(loader: Iterator, epoch: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The next ``count`` (views, labels) batches of ``loader``, which must belong to ``epoch``."""
+    for _ in range(count):
+        got, x, y = next(loader)
+        if got != epoch:
+            raise RuntimeError(f"fine-tune loader gave a batch of epoch {got} during epoch {epoch}")
+        yield x, y
