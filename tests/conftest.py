@@ -18,3 +18,13 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """4 classes x 6 train / 3 val images, 8 per shard: 3 train shards, 2 val shards."""
     out = tmp_path_factory.mktemp("demo")
     return write_demo_data(DemoSpec(seed=3, classes=4, train_per_class=6, val_per_class=3, per_shard=8), out)
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a feature store except the run log, the lock and the resolved config (times, pids, hosts)."""
+    skip = {"runs.jsonl", "writer.lock", "config.cache_teacher.json"}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }

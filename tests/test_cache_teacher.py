@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import store_bytes
 
 from pipeline.cache.store import FeatureStore, open_store
 from pipeline.cache.verify import verify_store
@@ -54,16 +55,6 @@ def _config(shards, out, weights, **kw) -> CacheTeacherConfig:
     )
     base.update(kw)
     return CacheTeacherConfig(**base)
-
-
-def _store_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of the store except the run log and the lock (they hold times, pids and hosts)."""
-    skip = {"runs.jsonl", "writer.lock", "config.cache_teacher.json"}
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name not in skip
-    }
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +123,7 @@ def test_two_ranks_under_torchrun_give_a_byte_identical_store(straight, demo_sha
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _store_bytes(out) == _store_bytes(straight)
+    assert store_bytes(out) == store_bytes(straight)
 
 
 def test_interrupted_then_resumed_equals_a_straight_run(
@@ -155,7 +146,7 @@ def test_interrupted_then_resumed_equals_a_straight_run(
     assert len(open_store(out).done()) == 1
     stats = run(_config(demo_shards["train"], out, teacher_file))
     assert stats["shards"] == 2
-    assert _store_bytes(out) == _store_bytes(straight)
+    assert store_bytes(out) == store_bytes(straight)
     assert run(_config(demo_shards["train"], out, teacher_file))["shards"] == 0  # nothing left to do
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import store_bytes
 
 from pipeline.cache.store import open_store
 from pipeline.cache.verify import verify_store
@@ -50,15 +51,6 @@ def _cache(shards, out, weights, **kw) -> Path:
     return Path(out)
 
 
-def _store_bytes(path: Path) -> dict[str, bytes]:
-    skip = {"runs.jsonl", "writer.lock", "config.cache_teacher.json"}
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name not in skip
-    }
-
-
 @pytest.fixture(scope="module")
 def gpu_cache(demo_shards, teacher_file, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("gc")
@@ -80,14 +72,14 @@ def test_a_cache_made_on_cuda_verifies_on_cpu(demo_shards, teacher_file, tmp_pat
 def test_the_cuda_store_does_not_depend_on_workers_or_an_interruption(demo_shards, teacher_file, tmp_path):
     a = _cache(demo_shards["train"], tmp_path / "w0.zarr", teacher_file, workers=0)
     b = _cache(demo_shards["train"], tmp_path / "w3.zarr", teacher_file, workers=3)
-    assert _store_bytes(a) == _store_bytes(b)
+    assert store_bytes(a) == store_bytes(b)
     c = tmp_path / "resumed.zarr"
     _cache(demo_shards["train"], c, teacher_file, workers=3)
     sorted((c / "markers").glob("*.json"))[
         -1
     ].unlink()  # as if the run died before the last shard was durable
     _cache(demo_shards["train"], c, teacher_file, workers=3)
-    assert _store_bytes(c) == _store_bytes(a)
+    assert store_bytes(c) == store_bytes(a)
 
 
 def test_three_training_steps_make_no_host_sync_and_keep_fp32_targets(gpu_cache):
@@ -197,7 +189,7 @@ def test_nccl_world_of_one_runs_stage_1_and_a_stage_3_epoch(gpu_cache, demo_shar
                      "resnet18", "--weights", str(teacher_file), "--views", "3", "--resolution", "64",
                      "--batch-size", "12", "--amp", "bf16", "--device", "cuda", "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _store_bytes(cache) == _store_bytes(gpu_cache["cache"])
+    assert store_bytes(cache) == store_bytes(gpu_cache["cache"])
     proc = _torchrun(1, "train-student", "--cache", str(gpu_cache["cache"]), "--projection", str(gpu_cache["proj"]),
                      "--out", str(tmp_path / "s"), "--epochs", "1", "--batch-size", "8", "--device", "cuda", "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -214,7 +206,7 @@ def test_two_ranks_on_one_gpu_with_gloo(gpu_cache, demo_shards, teacher_file, tm
                      "resnet18", "--weights", str(teacher_file), "--views", "3", "--resolution", "64",
                      "--batch-size", "12", "--amp", "bf16", "--device", "cuda", "--quiet", env=gloo)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _store_bytes(cache) == _store_bytes(gpu_cache["cache"])
+    assert store_bytes(cache) == store_bytes(gpu_cache["cache"])
     proc = _torchrun(2, "train-student", "--cache", str(gpu_cache["cache"]), "--student", "resnet18",
                      "--student", "resnet18", "--projection", str(gpu_cache["proj"]), "--projection",
                      str(gpu_cache["proj"]), "--amp", "fp16", "--out", str(tmp_path / "s"), "--epochs", "1",
