@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 from tqdm import tqdm
@@ -29,12 +30,16 @@ class LineBar(tqdm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["mininterval"] = max(kwargs.get("mininterval", 0.0), _seconds())
         kwargs["leave"], kwargs["dynamic_ncols"] = False, False
-        self._closing = False
+        self._closing, self._last_line, self._last_n = False, float("-inf"), -1
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if msg == "" or self.disable:  # tqdm clears a bar with an empty message: nothing to clear in a log
             return True
+        now = time.monotonic()  # tqdm's monitor thread also refreshes: keep one line per interval all the same
+        if (now - self._last_line < self.mininterval and not self._closing) or self._last_n == self.n > 0:
+            return True
+        self._last_line, self._last_n = now, self.n
         meter = dict(self.format_dict)
         meter["bar_format"] = LINE_FORMAT if meter.get("total") else LINE_FORMAT_NO_TOTAL
         self.fp.write(self.format_meter(**meter) + "\n")
