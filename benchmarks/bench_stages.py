@@ -165,7 +165,7 @@ def stage3_loaders(
     first ``shards`` of them when given)."""
     paths = tuple(source_shard_paths(store))[:shards]
     stream = StreamSpec(store=str(store.path), shard_paths=paths, tap="pre_relu", resolution=resolution, seed=0,
-                        shuffle_buffer=64)  # fmt: skip
+                        shuffle_buffer=64, uint8_views=True)  # fmt: skip
     return PairLoaders(LoaderSpec(stream, batch, workers, pin), store)
 
 

@@ -36,7 +36,9 @@ class LineBar(tqdm):
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if msg == "" or self.disable:  # tqdm clears a bar with an empty message: nothing to clear in a log
             return True
-        now = time.monotonic()  # tqdm's monitor thread also refreshes: keep one line per interval all the same
+        now = (
+            time.monotonic()
+        )  # tqdm's monitor thread also refreshes: keep one line per interval all the same
         if (now - self._last_line < self.mininterval and not self._closing) or self._last_n == self.n > 0:
             return True
         self._last_line, self._last_n = now, self.n

@@ -116,7 +116,12 @@ def test_loader_batches_arrive_pinned_as_uint8(gpu_cache):
 
     paths = tuple(s.path for s in list_shards(gpu_cache["shards"]))
     stream = StreamSpec(
-        store=str(gpu_cache["cache"]), shard_paths=paths, tap="pre_relu", resolution=64, seed=0
+        store=str(gpu_cache["cache"]),
+        shard_paths=paths,
+        tap="pre_relu",
+        resolution=64,
+        seed=0,
+        uint8_views=True,
     )
     loaders = PairLoaders(LoaderSpec(stream, 8, 2, True), open_store(gpu_cache["cache"]))
     x, rows, _ = next(iter(loaders.for_epoch(0)))

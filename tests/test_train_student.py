@@ -301,7 +301,9 @@ def test_the_run_loader_sends_uint8_and_persistent_workers_follow_the_epoch(cach
 
     store = open_store(cached["cache"])
     ctx = StepContext(torch.device("cpu"), "off", LossSpec("kdep", 3.0))
-    loaders = PairLoaders(LoaderSpec(_spec(cached), 8, 1, False), store)  # 1 persistent worker
+    loaders = PairLoaders(
+        LoaderSpec(_spec(cached, uint8_views=True), 8, 1, False), store
+    )  # 1 persistent worker
     for epoch in (0, 1):
         stream = PairStream(_spec(cached))
         stream.set_epoch(epoch)

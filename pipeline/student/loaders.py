@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -45,7 +45,6 @@ class LoaderSpec:
     neighbour_pool: int = 31  # neighbours are drawn from each anchor's top-N cosine neighbours
     anchors: int = 16  # anchors per neighbour-mined batch
     prefetch_factor: int = 4  # batches each worker keeps ready
-    uint8_views: bool = True  # views as uint8 where exact; views_on_device normalises them (bit-identically)
     mine_device: str = "cpu"  # where rank 0 mines CoSS neighbours (the training device); then broadcast
 
 
@@ -73,7 +72,7 @@ class PairLoaders:
     ids (B, 3))`` batches for this rank."""
 
     def __init__(self, spec: LoaderSpec, store: FeatureStore) -> None:
-        self.spec, s = spec, replace(spec.stream, uint8_views=spec.uint8_views)
+        self.spec, s = spec, spec.stream
         self.sampler: NeighbourBatchSampler | None = None
         self._loader: DataLoader | None = None
         if spec.neighbours > 0:

@@ -168,7 +168,7 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
     d = spec.data
     stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.tap, resolution=resolution, seed=spec.recipe.seed,
                         view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
-                        rank=job.rank, world=job.world)  # fmt: skip
+                        rank=job.rank, world=job.world, uint8_views=True)  # fmt: skip
     return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
                       d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
                       mine_device=str(device))  # fmt: skip
