@@ -15,3 +15,4 @@ PROJECTION_TRANSFORMS = ("pts", "sn", "sm", "sm-linear", "sm-match", "none")  # 
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # autocast on CUDA (pipeline.runtime); CPU runs float32
 DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted where a stage takes a device
 FEATURE_DTYPES = ("float16", "float32")  # stored feature dtype of the cache
+OUT_OF_RANGE = ("error", "skip")  # features the stored dtype cannot hold: stop, or skip the image (counted)

@@ -3,6 +3,7 @@
     make bench
     make bench QUICK=1
     kdep bench --device cuda
+    kdep bench --scale          # the ImageNet-shaped cache simulation (benchmarks/bench_scale.py, ~5 GB on disk)
 
 Writes ``OUT/<date>-<host>.json`` (the stable keys below plus every detail) and a PNG beside it.
 """
@@ -10,6 +11,9 @@ Writes ``OUT/<date>-<host>.json`` (the stable keys below plus every detail) and 
 from __future__ import annotations
 
 import json
+import socket
+import time
+from pathlib import Path
 
 import typer
 
@@ -31,9 +35,24 @@ SUMMARY_KEYS = (
 
 
 def run(config: BenchConfig) -> dict:
+    if config.scale:
+        return run_scale_bench(config)
     return run_bench(config.device, config.quick, config.out)
 
 
+def run_scale_bench(config: BenchConfig) -> dict:
+    from benchmarks.bench_scale import run_scale
+
+    results = run_scale(shards=config.scale_shards, root=config.scale_dir)
+    out = Path(config.out) / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return {**results, "written": str(out)}
+
+
 def report(config: BenchConfig, results: dict) -> None:
+    if config.scale:
+        typer.echo(json.dumps(results, indent=1, default=float))
+        return
     typer.echo(json.dumps({k: results.get(k) for k in SUMMARY_KEYS}, indent=1, default=float))
     typer.echo(f"written: {results['written']}")

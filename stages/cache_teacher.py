@@ -1,13 +1,14 @@
 """Stage 1 `cache-teacher`: a frozen teacher over K augmented views per image -> a Zarr feature cache.
 
     kdep cache-teacher --shards 'train-{000000..000146}.tar' --teacher resnet50 --weights IMAGENET1K_V2 \\
-        --views 10 --resolution 224 --out cache.zarr
+        --views 10 --resolution 224 --out cache
     torchrun --nproc_per_node 8 --no-python kdep cache-teacher --manifest manifests/imagenet10p-r50.yaml
     make cache-teacher MANIFEST=manifests/demo.yaml
 
-Reads the input shards (and their index.json when present) and the teacher weights. Writes the store described in
-``pipeline/cache/store.py`` (features per tap, view parameters, image sizes and hashes, keys, per-shard done markers),
-``config.cache_teacher.json`` and ``runs.jsonl`` inside it. Re-running resumes: done shards are skipped, and the
+Reads the input shards (and their index.json when present) and the teacher weights. Writes the cache folder
+described in ``pipeline/cache/store.py``: ``store.zarr`` (features per tap, view parameters, image sizes and hashes,
+keys) and, beside it, per-shard done markers, ``config.cache_teacher.json`` and ``runs.jsonl``. Checks every teacher
+batch against the stored dtype (``--out-of-range``). Re-running resumes: done shards are skipped, and the
 result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
 on the number of ranks. A failure on any rank ends every rank with its one-line message; collectives wait at most
 ``KDEP_DIST_TIMEOUT_S`` seconds (default 3600), and ``KDEP_DIST_BACKEND=gloo`` lets several ranks share one GPU.
@@ -25,7 +26,7 @@ import numpy as np
 import typer
 from torch import nn
 
-from pipeline.cache.store import CacheLayout, FeatureStore, create_store, open_store
+from pipeline.cache.store import CacheLayout, FeatureStore, create_store, encode_keys, open_store, zarr_path
 from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
@@ -54,9 +55,8 @@ def run(config: CacheTeacherConfig) -> dict:
     job = init_distributed(str(device))
     amp = resolve_amp(config.amp, device)
     tf32 = set_tf32(device, amp)  # off with --amp off on CUDA, so the cache matches a float32 recomputation
-    rt = Runtime(
-        device, amp, config.channels_last, config.workers, config.skip_bad, not config.quiet and job.is_main
-    )
+    rt = Runtime(device, amp, config.channels_last, config.workers, config.skip_bad,
+                 not config.quiet and job.is_main, config.out_of_range)  # fmt: skip
     shards, dups = scan_inputs(config.shards, job, config.skip_bad)
     model, identity, dims = local_leader_first(lambda: load_teacher(config))
     provenance = build_provenance(config, identity, dims, shards, amp, tf32)
@@ -99,6 +99,8 @@ def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], 
 
     merged = sorted((item for part in gather_from_ranks(my_share) for item in part), key=lambda t: t[0])
     shards = [info for _, info, _ in merged]
+    for info, (_, _, keys) in zip(shards, merged, strict=True):
+        encode_keys(keys, where=f"shard {info.path}")  # refuse a key the store cannot hold, up front
     dups = find_duplicates([s.name for s in shards], [keys for _, _, keys in merged])
     if dups and not skip_bad:
         i, found = next(iter(dups.items()))
@@ -126,13 +128,9 @@ def build_provenance(
     }  # fmt: skip
 
 
-def _compared(provenance: dict, stored: dict | None = None) -> dict:
-    """What a resume must match: all but "recorded"; "compute.tf32" only if the ``stored`` cache records it (caches
-    written before it was recorded still resume)."""
-    out = {k: v for k, v in provenance.items() if k != "recorded"}
-    if stored is not None and "tf32" not in stored["compute"]:
-        out["compute"] = {k: v for k, v in out["compute"].items() if k != "tf32"}
-    return out
+def _compared(provenance: dict) -> dict:
+    """What a resume must match: everything but "recorded" (versions, paths)."""
+    return {k: v for k, v in provenance.items() if k != "recorded"}
 
 
 def open_shared_store(
@@ -152,12 +150,12 @@ def _lock_and_prepare(
     Path(config.out).mkdir(parents=True, exist_ok=True)
     job_id = lock.acquire()
     try:
-        if (Path(config.out) / "zarr.json").exists():
+        if (zarr_path(config.out) / "zarr.json").exists():
             stored = open_store(config.out)
             require_same(
                 f"the cache at {config.out}",
                 _compared(stored.provenance),
-                _compared(provenance, stored.provenance),
+                _compared(provenance),
                 "resume with the original settings and data, or choose another --out",
             )
         else:

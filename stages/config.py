@@ -17,6 +17,7 @@ from pipeline.choices import (
     DEVICES,
     FEATURE_DTYPES,
     LOSSES,
+    OUT_OF_RANGE,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
     TAPS,
@@ -93,9 +94,10 @@ class CacheTeacherConfig:
         "recipe": VIEW_RECIPES,
         "dtype": FEATURE_DTYPES,
         "amp": AMP_MODES,
+        "out_of_range": OUT_OF_RANGE,
     }
     shards: str = ""  # brace pattern, shard directory or index.json
-    out: str = ""  # the Zarr store to create or resume
+    out: str = ""  # the cache folder to create or resume (its store.zarr is the Zarr hierarchy)
     teacher: str = "resnet50"  # torchvision model name
     weights: str = "IMAGENET1K_V2"  # torchvision weights name, a local file, or "random" (tests only)
     taps: tuple[str, ...] = ("pre_relu",)  # pooled feature taps: pre_relu (KDEP) and/or post_relu
@@ -105,6 +107,7 @@ class CacheTeacherConfig:
     resolution: int = 224  # view side in pixels
     seed: int = 0  # base seed of the view parameters
     dtype: str = "float16"  # stored feature dtype
+    out_of_range: str = "error"  # float16 overflow or a row below its normal range: stop, or skip the image
     batch_size: int = 256  # views per teacher forward
     workers: int = 2  # DataLoader worker processes per rank (0 = in the main process)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -131,7 +134,7 @@ class CacheTeacherConfig:
 @dataclass(frozen=True)
 class FitSvdConfig:
     CHOICES: ClassVar[dict] = {"method": PROJECTION_METHODS, "transform": PROJECTION_TRANSFORMS, "tap": TAPS}
-    cache: str = ""  # feature cache (Zarr folder written by `kdep cache-teacher`)
+    cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     out: str = ""  # output .npz; manifest, plots and config.fit_svd.json are written beside it
     dim: int = 0  # D_s, the student feature width (ResNet-18: 512, MobileNetV2: 1280), 1..D_t
     method: str = "svd"  # projection method
@@ -174,7 +177,7 @@ class FitSvdConfig:
 class TrainStudentConfig:
     CHOICES: ClassVar[dict] = {"loss": LOSSES, "tap": TAPS, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
                                "amp": AMP_MODES}  # fmt: skip
-    cache: str = ""  # feature cache (Zarr store) from cache-teacher
+    cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     projection: tuple[
         str, ...
     ] = ()  # projection(s) from fit-svd, one per student (optional for coss/linear-*)
@@ -202,6 +205,7 @@ class TrainStudentConfig:
         "walk"  # walk: each image walks its K views in a seeded order; random: uniform per epoch
     )
     shuffle_buffer: int = 256  # per-worker shuffle buffer (samples)
+    views_used: int = 0  # train on the first k views of the cache (a k-view cache); 0 = all K
     seed: int = 0  # student init, shard order, view schedule, shuffle
     workers: int = 2  # DataLoader workers per rank (0 = in the main process, -1 = the CPU cores per rank)
     prefetch_factor: int = 4  # batches each worker keeps ready (/dev/shm holds about workers x this batches)
@@ -365,6 +369,10 @@ class BenchConfig:
     quick: bool = False  # small sizes (about 2 minutes on 2 CPU cores)
     device: str = "cpu"  # cpu or cuda (GPU profile: R50 -> R18 at 224, AMP, 20k 375-500 px JPEGs)
     out: str = "benchmarks/results"  # folder for the JSON and PNG; generated images go to OUT/bench-data/
+    scale: bool = False  # run the ImageNet-shaped cache simulation instead (benchmarks/bench_scale.py)
+    scale_shards: int = 128  # simulated shards of 1000 rows, K=10, D=2048 (128 = 10% ImageNet, ~5 GB)
+    scale_dir: str = ""  # folder for the simulation's synthetic cache (default: temp folder; deleted after)
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("cpu", "cuda"))
+        check_range("scale_shards", self.scale_shards, 1)

@@ -1,7 +1,7 @@
 """Stage 2 `fit-svd`: fit a projection (teacher D_t -> student D_s) from the feature cache, out of core.
 
-    kdep fit-svd out/demo/cache.zarr --dim 512 --method svd --transform pts --out out/demo/proj-r18.npz
-    kdep fit-svd out/demo/cache.zarr --dim 1280 --out out/demo/proj-mnv2.npz          # same cache, other student
+    kdep fit-svd out/demo/cache --dim 512 --method svd --transform pts --out out/demo/proj-r18.npz
+    kdep fit-svd out/demo/cache --dim 1280 --out out/demo/proj-mnv2.npz          # same cache, other student
     kdep fit-svd CACHE --dim 512 --views 0 --fraction 0.1 --seed 0 --out proj.npz      # one view, 10% of images
     kdep fit-svd CACHE --dim 512 --scheduler tcp://host:8786 --out proj.npz           # on a dask cluster
     make fit-svd
@@ -60,13 +60,13 @@ def check_against_cache(config: FitSvdConfig, store: FeatureStore) -> None:
 def describe(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> str:
     """Start-up banner: what is read and what is fitted."""
     array = store.feature_array(config.tap)
-    chunk_bytes = array.nbytes // array.shape[0] * store.layout.chunk_rows
-    n_chunks = np.unique(np.flatnonzero(sel.rows) // store.layout.chunk_rows).size
+    chunk_bytes = array.nbytes // (array.shape[0] * array.shape[1]) * store.layout.slot_rows * len(sel.views)
+    n_chunks = np.unique(np.flatnonzero(sel.rows) // store.layout.slot_rows).size
     where = config.scheduler or "local threads"
     return (
         f"fit-svd: {store.path} tap {config.tap} D_t={array.shape[-1]} | shards {sel.shards_done}/"
         f"{sel.shards_total} done | {sel.images} images x {len(sel.views)} views = {sel.samples} rows | "
-        f"{n_chunks} chunks, {n_chunks * chunk_bytes / 2**20:.0f} MiB to read | {config.method} -> "
+        f"{n_chunks} slots, {n_chunks * chunk_bytes / 2**20:.0f} MiB to read | {config.method} -> "
         f"D_s={config.dim}, {config.transform} | dask: {where}"
     )
 

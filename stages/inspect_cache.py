@@ -1,10 +1,10 @@
 """`kdep inspect`: what a cache holds (`kdep verify`, in verify_cache.py, proves its numbers can be recomputed).
 
-    kdep inspect out/demo/cache.zarr
-    kdep inspect out/demo/cache.zarr --json
+    kdep inspect out/demo/cache
+    kdep inspect out/demo/cache --json
 
-Reads the store's metadata and markers: teacher, taps, D, K, images, shards done/total, bytes on disk, bytes per
-view. Writes nothing.
+Reads the store's metadata and markers: layout version, teacher, taps, D, K, images, shards done/total, bytes on
+disk, bytes per view, the chunking. Writes nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def summarize(store: FeatureStore) -> dict:
     done = store.done()
     images = sum(m["samples"] for m in done.values())
     written = sum(m["written"] for m in done.values())
-    feature_bytes = _dir_bytes(store.path / "features")
+    feature_bytes = _dir_bytes(store.zarr_path / "features")
     views_cached = written * lay.views
     return {
         "store": str(store.path),
+        "zarr_store": str(store.zarr_path),
+        "layout_version": store.meta["layout_version"],
         "teacher": prov["teacher"]["arch"],
         "weights": prov["teacher"]["weights"]["name"],
         "taps": lay.dims,
@@ -47,6 +49,8 @@ def summarize(store: FeatureStore) -> dict:
         "bytes_on_disk": _dir_bytes(store.path),
         "feature_bytes_per_view": feature_bytes / views_cached if views_cached else None,
         "feature_bytes_per_view_raw": sum(lay.dims.values()) * (2 if lay.dtype == "float16" else 4),
+        "slot_rows": lay.slot_rows,
+        "inner_chunk_rows": lay.inner_rows,
         "fingerprint": store.fingerprint(),
     }
 

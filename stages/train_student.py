@@ -1,6 +1,6 @@
 """Stage 3 `train-student`: students from streamed (replayed view, cached teacher row) pairs; no teacher runs.
 
-    kdep train-student --cache out/demo/cache.zarr --projection out/demo/proj-r18.npz --student resnet18 \\
+    kdep train-student --cache out/demo/cache --projection out/demo/proj-r18.npz --student resnet18 \\
         --epochs 90 --batch-size 512 --out runs/r18
     torchrun --nproc_per_node 8 --no-python kdep train-student --manifest manifests/imagenet10p-r50.yaml
     kdep train-student ... --online-teacher      # the baseline: the teacher runs live on the same views
@@ -39,7 +39,7 @@ def run(config: TrainStudentConfig) -> dict:
         students=students,
         data=DataSpec(cache=c.cache, shards=c.shards, tap=c.tap, resolution=c.resolution, view_policy=c.view_policy,
                       shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad, neighbours=c.neighbours,
-                      neighbour_pool=c.neighbour_pool, anchors=c.anchors),
+                      neighbour_pool=c.neighbour_pool, anchors=c.anchors, views_used=c.views_used),
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps),
         loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0)),

@@ -1,7 +1,7 @@
 """`kdep verify`: proof that a cache's numbers can be recomputed from its metadata and the source shards.
 
-    kdep verify out/demo/cache.zarr --samples 16
-    kdep verify out/demo/cache.zarr --shards /new/place/of/the/shards
+    kdep verify out/demo/cache --samples 16
+    kdep verify out/demo/cache --shards /new/place/of/the/shards
 
 Rebuilds the recorded teacher from the store's metadata alone, recomputes N random (key, view) features from the
 source shards and exits 1 when the error is above tolerance. Reads the store and the shards; writes nothing.

@@ -313,8 +313,8 @@ def test_grayscale_cmyk_and_png_alpha_are_cached(straight, demo_shards):
             data = image_bytes(s, info.path)
             modes[s.key] = Image.open(io.BytesIO(data)).mode
     store = open_store(straight)
-    keys = [str(k) for k in store.group["keys"][:]]
-    valid = store.group["valid"][:]
+    keys = store.keys_at(range(store.layout.rows))
+    valid = store.valid()
     for mode in ("L", "CMYK", "RGBA"):
         key = next(k for k, m in modes.items() if m == mode)
         assert valid[keys.index(key)], mode
@@ -372,13 +372,20 @@ def test_other_ranks_join_the_lock_by_the_broadcast_job_id(tmp_path):
         lock.join("")
 
 
-def test_a_cache_from_before_tf32_was_recorded_still_resumes(straight, demo_shards, teacher_file, tmp_path):
-    import zarr
-
-    out = tmp_path / "old.zarr"
-    shutil.copytree(straight, out)
-    group = zarr.open_group(str(out), mode="r+")
-    meta = dict(group.attrs["kdep"])
-    del meta["provenance"]["compute"]["tf32"]
-    group.attrs["kdep"] = meta
-    assert run(_config(demo_shards["train"], out, teacher_file))["shards"] == 0
+def test_a_teacher_with_tiny_features_is_refused_in_float16_and_cached_in_float32(demo_shards, tmp_path):
+    """A randomly initialised MobileNetV2's pooled features are ~1e-9: float16 would store zeros without a word."""
+    torch.manual_seed(0)
+    weights = tmp_path / "mnv2.pt"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
+    config = _config(
+        demo_shards["train"], tmp_path / "a", weights, teacher="mobilenet_v2", taps=("pre_relu",)
+    )
+    with pytest.raises(
+        CacheError, match=r"key '.*': teacher tap 'pre_relu': .*normal range.*--dtype float32"
+    ):
+        run(config)
+    stats = run(replace(config, out=str(tmp_path / "b"), out_of_range="skip"))
+    assert stats["images"] == 0 and stats["skipped"] == 24
+    run(replace(config, out=str(tmp_path / "c"), dtype="float32"))
+    feats = open_store(tmp_path / "c").read_slot(0).features["pre_relu"]
+    assert feats.dtype == np.float32 and 0 < np.abs(feats).max() < 1e-6

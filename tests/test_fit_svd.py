@@ -58,7 +58,7 @@ def write_cache(
     slot = chunk_rows * math.ceil(max(sizes) / chunk_rows)
     shards = [{"name": f"shard-{i}", "samples": n} for i, n in enumerate(sizes)]
     layout = CacheLayout(
-        shards, views=feats.shape[1], dims={"pre_relu": feats.shape[2]}, slot_rows=slot, chunk_rows=chunk_rows
+        shards, views=feats.shape[1], dims={"pre_relu": feats.shape[2]}, slot_rows=slot, inner_rows=chunk_rows
     )
     create_store(path, layout, provenance={"teacher": "synthetic"})
     store, start = open_store(path, "r+"), 0

@@ -84,7 +84,12 @@ def test_sampler_groups_anchor_with_neighbours_from_its_pool_and_splits_ranks():
     assert not per_rank[0] & per_rank[1]
 
 
-def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_path):
+def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_path, monkeypatch):
+    import zarr
+
+    from pipeline.cache import store as store_module
+
+    monkeypatch.setattr(store_module, "INNER_CHUNK_BYTES", 1024)  # one 512-wide float16 row per inner chunk
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "t.pt")
     cache = tmp_path / "cache.zarr"
@@ -114,6 +119,25 @@ def test_coss_with_neighbour_batches_on_a_centre_view_cache(demo_shards, tmp_pat
     shard, row, view = (int(v) for v in ids)
     assert shard * store.layout.slot_rows + row == rows[5]
     np.testing.assert_array_equal(feat.numpy(), store.read_slot(shard).features["post_relu"][row, view])
+    assert store.layout.inner_rows == 1
+    # a neighbour batch reads only its rows: count the feature bytes read through zarr's store
+    read: dict[str, int] = {}
+    original = zarr.storage.LocalStore.get
+
+    async def counting(self, key, prototype=None, byte_range=None):
+        buf = await original(self, key, prototype, byte_range)
+        if buf is not None and key.startswith("features/"):
+            read[key] = read.get(key, 0) + len(buf)
+        return buf
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting)
+    batch = [0, 9, 17]  # rows of three different shards
+    items = ds.__getitems__(batch)
+    index = 16 * store.layout.slot_rows + 4  # a Zarr shard's index: offset and length per inner chunk, crc32c
+    assert len(read) == 3 and all(n <= index + 512 * 2 + 64 for n in read.values())  # one row each, of 8
+    for i, (_x, f, ids) in zip(batch, items, strict=True):
+        np.testing.assert_array_equal(f.numpy(), ds[i][1].numpy())
+        assert tuple(int(v) for v in ids) == tuple(int(v) for v in ds[i][2])
     result = train_run(
         TrainStudentConfig(
             cache=str(cache),

@@ -15,12 +15,12 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from pipeline.cache.join import JoinError, SourceError, rebuild_teacher
-from pipeline.cache.store import open_store
+from pipeline.cache.store import StoreError, open_store
 from pipeline.data.shards import iter_samples, list_shards, write_shard
 from pipeline.models import ModelError
 from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
-from pipeline.student.pairs import PairStream, StreamSpec, scheduled_view
+from pipeline.student.pairs import PairStream, StreamSpec, scheduled_view, training_views
 from pipeline.student.training import LossSpec, StepContext, Student, train_step
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
@@ -101,8 +101,8 @@ def test_every_scheduled_pair_appears_exactly_once_across_ranks_and_workers(cach
     expected = Counter()
     for s in range(len(store.layout.shards)):
         block = store.read_slot(s)
-        for row, key in enumerate(block.keys):
-            expected[(s, row, scheduled_view(0, key, epoch, 3, "walk"))] += 1
+        for row in range(len(block.keys)):
+            expected[(s, row, scheduled_view(0, s, epoch, 0, 3, "walk"))] += 1
     seen = Counter()
     for rank in range(world):
         stream = PairStream(_spec(cached, rank=rank, world=world, shuffle_buffer=5))
@@ -113,11 +113,51 @@ def test_every_scheduled_pair_appears_exactly_once_across_ranks_and_workers(cach
 
 
 def test_the_view_walk_visits_every_view_once_per_k_epochs():
-    for key in ("a", "b", "n01440764_10026"):
-        assert sorted(scheduled_view(3, key, e, 5, "walk") for e in range(5)) == list(range(5))
-        assert sorted(scheduled_view(3, key, e, 5, "walk") for e in range(5, 10)) == list(range(5))
-        assert sorted(scheduled_view(3, key, e, 5, "walk", first=1) for e in range(4)) == [1, 2, 3, 4]
-        assert {scheduled_view(3, key, e, 5, "random", first=1) for e in range(50)} == {1, 2, 3, 4}
+    for shard in (0, 1, 1281):
+        assert sorted(scheduled_view(3, shard, e, 0, 5) for e in range(5)) == list(range(5))
+        assert sorted(scheduled_view(3, shard, e, 0, 5) for e in range(5, 10)) == list(range(5))
+        assert sorted(scheduled_view(3, shard, e, 1, 5) for e in range(4)) == [1, 2, 3, 4]
+        for cycle in range(3):  # a fresh permutation every cycle of n = 2 training views
+            assert sorted(scheduled_view(3, shard, e, 1, 3) for e in (2 * cycle, 2 * cycle + 1)) == [1, 2]
+        assert {scheduled_view(3, shard, e, 1, 5, "random") for e in range(50)} == {1, 2, 3, 4}
+    # different shards walk different orders (a seeded permutation each), so an epoch mixes view indices
+    assert len({tuple(scheduled_view(3, s, e, 0, 5) for e in range(5)) for s in range(20)}) > 1
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (3, 1)])
+def test_every_image_shows_every_training_view_once_per_cycle(cached, world, workers):
+    """Over a cycle of n epochs (n training views), each image is paired with each of its training views exactly
+    once, across ranks x workers; within an epoch all images of a shard share one view (one read per shard)."""
+    store = open_store(cached["cache"])
+    n = store.layout.views
+    seen = Counter()
+    for epoch in range(n, 2 * n):  # the second cycle
+        per_shard_views = {}
+        for rank in range(world):
+            stream = PairStream(_spec(cached, rank=rank, world=world, shuffle_buffer=5))
+            stream.set_epoch(epoch)
+            for _x, _rows, ids in DataLoader(stream, batch_size=4, num_workers=workers):
+                for shard, row, view in (tuple(int(v) for v in i) for i in ids):
+                    seen[(shard, row, view)] += 1
+                    per_shard_views.setdefault(shard, set()).add(view)
+        assert all(len(v) == 1 for v in per_shard_views.values())
+    images = sum(
+        int(store.read_slot(s, taps=[], views=[]).valid.sum()) for s in range(len(store.layout.shards))
+    )
+    assert len(seen) == images * n and set(seen.values()) == {1}
+
+
+def test_views_used_trains_on_the_first_views_only(cached):
+    store = open_store(cached["cache"])
+    assert training_views(store, 2) == (0, 2)
+    views = set()
+    for epoch in range(6):
+        stream = PairStream(_spec(cached, views_used=2))
+        stream.set_epoch(epoch)
+        views |= {int(ids[2]) for _x, _rows, ids in stream}
+    assert views == {0, 1}
+    with pytest.raises(StoreError, match="views_used 4"):
+        training_views(store, 4)
 
 
 def _rewrite(src: str, dst: Path, edit) -> str:
@@ -201,7 +241,7 @@ def test_two_students_in_one_pass_and_width_and_cache_mismatches(cached, tmp_pat
     shutil.copytree(cached["cache"], other)
     import zarr
 
-    g = zarr.open_group(str(other), mode="r+")
+    g = zarr.open_group(str(other / "store.zarr"), mode="r+")
     meta = g.attrs["kdep"]
     meta["provenance"]["views"]["seed"] = 99
     g.attrs["kdep"] = meta
@@ -257,8 +297,6 @@ def test_online_teacher_mode_trains_from_the_live_teacher(cached, tmp_path):
 
 
 def test_an_unfinished_cache_or_a_missing_tap_is_refused(cached, tmp_path):
-    from pipeline.cache.store import StoreError
-
     partial = tmp_path / "partial.zarr"
     shutil.copytree(cached["cache"], partial)
     (partial / "markers" / "000001.json").unlink()
@@ -336,8 +374,8 @@ def test_more_consumers_than_shards_stride_in_groups_and_pair_each_view_once(cac
     monkeypatch.setattr(pairs, "iter_samples", counting)
     expected = Counter()
     for s in range(shards):
-        for row, key in enumerate(store.read_slot(s).keys):
-            expected[(s, row, scheduled_view(0, key, epoch, 3, "walk"))] += 1
+        for row in range(len(store.read_slot(s).keys)):
+            expected[(s, row, scheduled_view(0, s, epoch, 0, 3, "walk"))] += 1
     seen = Counter()
     for rank in range(consumers):
         stream = PairStream(_spec(cached, rank=rank, world=consumers, shuffle_buffer=3))

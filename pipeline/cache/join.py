@@ -10,8 +10,9 @@ while caching have no features), the image hash *before* decoding (a changed ima
 decoded size, then the replay of the chosen view with :func:`pipeline.data.views.replay_view`::
 
     from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
+    block = store.read_slot(shard, taps=["pre_relu"], views=[2])  # the rows of one shard, view 2 only
     joined = join_sample(block, sample, shard_path, view=2, resolution=112)  # JoinedView | SkippedAtCaching
-    x, target = joined.image, block.features["pre_relu"][joined.row, joined.view]
+    x, target = joined.image, block.feature("pre_relu", joined.row, joined.view)
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def join_row(
     if tuple(image.shape[1:]) != tuple(block.hw[row]):
         raise _changed(where)
     replay = replay_for_transport if transport else replay_view
-    return JoinedView(row, view, replay(image, block.params[row, view], resolution))
+    return JoinedView(row, view, replay(image, block.view_params(row, view), resolution))
 
 
 def _where(path: str, key: str) -> str:

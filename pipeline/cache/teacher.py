@@ -29,6 +29,7 @@ class Runtime:
     workers: int  # DataLoader worker processes
     skip_bad: bool
     progress: bool
+    out_of_range: str = "error"  # features the stored dtype cannot hold: error or skip (see workers.py)
 
 
 def prepare_teacher(model: nn.Module, taps: tuple[str, ...], rt: Runtime) -> FeatureTaps:
@@ -70,7 +71,8 @@ def cache_shards(
         prefetch_factor=4 if rt.workers else None,
     )
     dims = store.layout.dims
-    assemblies = {t.index: ShardAssembly(t, spec.views, dims) for t in tasks}
+    dtype = store.layout.dtype
+    assemblies = {t.index: ShardAssembly(t, spec.views, dims, dtype, rt.out_of_range) for t in tasks}
     writer = SlotWriter(store)
     total = sum(t.samples for t in tasks)
     bar = progress_bar(
@@ -87,8 +89,10 @@ def cache_shards(
                 images += len(msg["keys"])
                 bar.update(len(msg["keys"]))
             else:
-                writer.submit(msg["shard"], assembly.finish(msg))
-                skipped += len(msg["skipped"])
+                block = assembly.finish(msg)
+                writer.submit(msg["shard"], block)
+                images -= len(block.skipped) - len(msg["skipped"])  # skipped for their range
+                skipped += len(block.skipped)
                 bar.update(len(msg["skipped"]))
                 del assemblies[msg["shard"]]
     finally:

@@ -45,7 +45,7 @@ def pick_pairs(store: FeatureStore, samples: int, seed: int) -> list[tuple[int, 
     """Seeded (shard, row in shard, view) triples among valid cached rows."""
     rng = np.random.default_rng(seed)
     rows = store.layout.slot_rows
-    valid = np.flatnonzero(store.group["valid"][:])
+    valid = np.flatnonzero(store.valid())
     if valid.size == 0:
         raise VerifyError(f"{store.path}: no cached rows to verify; run `kdep cache-teacher` first")
     chosen = rng.choice(valid, size=min(samples, valid.size), replace=False)
@@ -64,10 +64,20 @@ def verify_store(
     worst, max_abs, max_rel = "", 0.0, 0.0
     pairs = pick_pairs(store, samples, seed)
     for shard in sorted({p[0] for p in pairs}):
-        block = store.read_slot(shard)
-        wanted = {(row, view) for s, row, view in pairs if s == shard}
+        wanted = sorted({(row, view) for s, row, view in pairs if s == shard})
+        block = store.read_slot(shard, taps=[], views=sorted({v for _, v in wanted}))  # rows, no features
+        cached = {  # only the rows checked: (tap, row, view) -> cached feature
+            (tap, row, view): feat
+            for view in sorted({v for _, v in wanted})
+            for tap in store.taps
+            for row, feat in zip(
+                [r for r, v in wanted if v == view],
+                store.read_rows(shard, [r for r, v in wanted if v == view], view, tap),
+                strict=True,
+            )
+        }
         images = _find_images(Path(paths[shard]), {block.keys[r] for r, _ in wanted})
-        for row, view in sorted(wanted):
+        for row, view in wanted:
             key = block.keys[row]
             try:
                 x = join_row(block, row, images[key], paths[shard], view, res).image[None]
@@ -79,7 +89,7 @@ def verify_store(
                 out = taps(x)
             for tap, feats in out.items():
                 ref = feats[0].double().numpy()
-                err = np.abs(block.features[tap][row, view].astype(np.float64) - ref)
+                err = np.abs(cached[(tap, row, view)].astype(np.float64) - ref)
                 rel = float(err.max() / max(np.abs(ref).max(), 1e-12))
                 if rel >= max_rel:
                     worst, max_rel = f"{key} view {view} {tap}", rel

@@ -153,13 +153,40 @@ def _batch(shard: int, items: list[dict]) -> dict:
     }  # fmt: skip
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values become inf
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-05: float16's smallest normal value
+
+
+def range_problem(feats: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    """(rows,) bool of the rows of ``feats`` (rows, D) that ``dtype`` cannot hold, and what is wrong with the first:
+    a value beyond its largest finite value (stored as inf), or a row whose largest magnitude is below its smallest
+    normal value (stored as subnormals or zeros, relative error up to 1). Exact zeros and float32 are fine."""
+    if np.dtype(dtype) != np.float16 or feats.size == 0:
+        return np.zeros(len(feats), bool), ""
+    peak = np.abs(feats).max(axis=1)
+    over, tiny = peak > FLOAT16_MAX, (peak > 0) & (peak < FLOAT16_TINY)
+    bad = over | tiny
+    if not bad.any():
+        return bad, ""
+    i = int(np.flatnonzero(bad)[0])
+    if over[i]:
+        return bad, f"a value of {peak[i]:.4g} would be stored as inf (float16 holds at most {FLOAT16_MAX:g})"
+    return bad, (f"its largest value {peak[i]:.3g} is below float16's normal range ({FLOAT16_TINY:.3g}) and "
+                 "would be stored as (nearly) zeros")  # fmt: skip
+
+
 @dataclass
 class ShardAssembly:
-    """One shard's rows filling up as teacher batches arrive."""
+    """One shard's rows filling up as teacher batches arrive. Every batch is checked against the stored ``dtype``
+    first: with ``out_of_range="error"`` a feature it cannot hold stops the run; with ``"skip"`` the image is
+    skipped (no features stored, counted and listed in the marker). Nothing degraded is ever stored."""
 
     task: ShardTask
     views: int
     dims: dict[str, int]
+    dtype: str = "float32"
+    out_of_range: str = "error"
+    range_skipped: list[dict] = field(default_factory=list)  # [{"key", "position", "reason"}]
     keys: list[str] = field(default_factory=list)
     features: dict[str, np.ndarray] = field(default_factory=dict)
     params: np.ndarray | None = None
@@ -183,12 +210,31 @@ class ShardAssembly:
             raise CacheError(
                 f"{self.task.path}: more samples than the {self.task.samples} expected; the shard changed"
             )
+        keep = np.ones(len(pos), bool)
         for tap, f in feats.items():
-            self.features[tap][pos] = f.reshape(len(pos), self.views, -1)
+            bad, what = range_problem(f, self.dtype)
+            bad_images = bad.reshape(len(pos), self.views).any(axis=1)
+            if bad_images.any():
+                self._out_of_range(tap, msg, bad_images, what)
+                keep &= ~bad_images
+        for tap, f in feats.items():
+            self.features[tap][pos[keep]] = f.reshape(len(pos), self.views, -1)[keep]
         self.params[pos], self.hw[pos], self.hashes[pos] = msg["params"], msg["hw"], msg["hashes"]
-        self.valid[pos] = True
+        self.valid[pos[keep]] = True
         for p, key in zip(pos, msg["keys"], strict=True):
             self.keys[p] = key
+
+    def _out_of_range(self, tap: str, msg: dict, bad_images: np.ndarray, what: str) -> None:
+        first = int(np.flatnonzero(bad_images)[0])
+        where = f"{self.task.path} key {msg['keys'][first]!r}"
+        if self.out_of_range != "skip":
+            raise CacheError(
+                f"{where}: teacher tap {tap!r}: {what}; cache with --dtype float32 (or --out-of-range skip to "
+                "skip such images, counted)"
+            )
+        for i in np.flatnonzero(bad_images):
+            self.range_skipped.append({"key": msg["keys"][i], "position": int(msg["positions"][i]),
+                                       "reason": f"tap {tap!r} out of {self.dtype} range"})  # fmt: skip
 
     def finish(self, end: dict) -> ShardBlock:
         """The complete block; every position must be either filled or a recorded skip."""
@@ -199,7 +245,9 @@ class ShardAssembly:
             raise CacheError(
                 f"{self.task.path}: {len(missing)} of {self.task.samples} rows missing; the shard is incomplete"
             )
-        skipped = [{"key": s["key"], "reason": s["reason"]} for s in end["skipped"]]
+        ranged = {s["position"]: s for s in self.range_skipped}  # one entry per image, the first tap found
+        found = sorted([*end["skipped"], *ranged.values()], key=lambda s: s["position"])
+        skipped = [{"key": s["key"], "reason": s["reason"]} for s in found]
         return ShardBlock(self.keys, self.features, self.params, self.hw, self.hashes, self.valid, skipped)
 
 

@@ -1,14 +1,14 @@
-"""Streaming statistics of cached features: one read of the store's own chunks, memory O(D_t^2).
+"""Streaming statistics of cached features: one read of each slot's selected views, memory O(D_t^2).
 
 Rows used (RowSelection): the rows of done shards (those with a marker) whose ``valid`` flag is set (never padding,
 never skipped samples), with all or some of the K views of each; optionally an exact, seeded fraction of those
 *images* (cache rows, all chosen views of each), drawn with numpy.random.default_rng(seed) from the rows in cache
 order, so the choice does not depend on shard sizes or chunking.
 
-Each store chunk holding selected rows is read once by one dask task (``pipeline.projection.passes``), which keeps
-the selected rows, casts them to float64 in slices of SLICE_ROWS and adds partial sums (count, column sums, X^T X,
-ids of rows holding NaN/Inf). Peak memory is, per thread, one chunk, one float64 slice and two D_t x D_t float64
-matrices, whatever N is.
+Each slot (one input shard's rows, read at the selected views only) holding selected rows is read once by one dask
+task (``pipeline.projection.passes``), which keeps the selected rows, casts them to float64 in slices of SLICE_ROWS
+and adds partial sums (count, column sums, X^T X, ids of rows holding NaN/Inf). Peak memory is, per thread, one
+slot, one float64 slice and two D_t x D_t float64 matrices, whatever N is.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def done_rows(store: FeatureStore, allow_partial: bool) -> tuple[np.ndarray, int
     for index, marker in done.items():
         start = index * store.layout.slot_rows
         rows[start : start + marker["samples"]] = True
-    rows &= np.asarray(store.group["valid"][:], dtype=bool)
+    rows &= store.valid()
     if not rows.any():
         raise EmptyCacheError(f"{store.path}: the {len(done)} done shards hold no valid row (all skipped)")
     return rows, len(done)
@@ -139,7 +139,7 @@ def target_moments(
 def raise_non_finite(store: FeatureStore, tap: str, rows: list[int]) -> None:
     """Name the keys of cache rows holding NaN/Inf and say what to do."""
     rows = sorted(rows)
-    keys = [str(k) for k in store.group["keys"].get_orthogonal_selection(np.array(rows[:MAX_KEYS_SHOWN]))]
+    keys = store.keys_at(rows[:MAX_KEYS_SHOWN])
     shards = sorted({store.layout.shards[r // store.layout.slot_rows]["name"] for r in rows})
     more = f" and {len(rows) - len(keys)} more" if len(rows) > len(keys) else ""
     raise NonFiniteError(

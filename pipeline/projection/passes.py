@@ -72,10 +72,14 @@ def tree_sum(items: list[Delayed]) -> Delayed:
     return items[0]
 
 
-def read_chunk(path: str, tap: str, index: int, rows: int) -> np.ndarray:
-    """Store chunk ``index`` of ``features/<tap>`` (rows [index*C, (index+1)*C)): one read of one whole chunk."""
+def read_chunk(path: str, tap: str, index: int, rows: int, views: tuple[int, ...]) -> np.ndarray:
+    """Slot ``index`` of ``features/<tap>`` (rows [index*R, (index+1)*R)) at ``views`` only, (R, len(views), D): one
+    whole read of each of those views' Zarr shard files (the store is view-major)."""
     array = zarr.open_array(f"{path}/features/{tap}", mode="r")  # mode "r": never creates
-    return array[index * rows : (index + 1) * rows]
+    block = slice(index * rows, (index + 1) * rows)
+    if list(views) == list(range(array.shape[1])):
+        return array[block]
+    return array.get_orthogonal_selection((block, list(views), slice(None)))
 
 
 def add_chunk(total: dict | None, fn: Callable, source: tuple, *args: object) -> dict:
@@ -87,8 +91,9 @@ def add_chunk(total: dict | None, fn: Callable, source: tuple, *args: object) ->
 def lane_graph(
     store: FeatureStore, tap: str, selection: RowSelection, fn: Callable, args: tuple, name: str, lanes: int
 ) -> tuple[Delayed, int]:
-    """The delayed total of ``fn(chunk, local_rows, views, first_row, *args)`` over the chunks holding selected
-    rows, and the number of those chunks.
+    """The delayed total of ``fn(chunk, local_rows, columns, first_row, *args)`` over the slots holding selected
+    rows, and the number of those slots (each read at the selected views only, so ``columns`` is
+    ``0..len(views)-1``).
 
     Chunks are dealt round-robin to ``lanes`` chains; each step of a chain reads its chunk and adds its partial
     sums to the chain's running total, so at most ``lanes`` totals and chunks are in memory whatever N is. (A tree
@@ -96,7 +101,8 @@ def lane_graph(
     ahead of their consumers: 67 chunks held at 320 chunks, measured.) The lane totals are summed at the end.
     """
     array = store.feature_array(tap)
-    c, path = array.chunks[0], str(store.path)
+    c, path = store.layout.slot_rows, str(store.zarr_path)
+    columns = tuple(range(len(selection.views)))
     token = tokenize(path, tap, c, selection.rows, selection.views, fn.__name__, *args)
     totals: list = [None] * lanes
     count = 0
@@ -104,13 +110,13 @@ def lane_graph(
         local = np.flatnonzero(selection.rows[b * c : (b + 1) * c])
         if local.size:
             step = dask.delayed(add_chunk, pure=True)
-            lane, source = count % lanes, (path, tap, b, c)
+            lane, source = count % lanes, (path, tap, b, c, selection.views)
             totals[lane] = step(
                 totals[lane],
                 fn,
                 source,
                 local,
-                selection.views,
+                columns,
                 b * c,
                 *args,
                 dask_key_name=f"{name}-{b}-{token}",

@@ -176,7 +176,8 @@ def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Traine
 
 
 def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...], store: FeatureStore,
-                     trainees: list[Trainee], resolution: int, job: Dist) -> None:  # fmt: skip
+                     trainees: list[Trainee], resolution: int, job: Dist,
+                     views: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
     """provenance.json (inputs, their identities, the students, the settings) and config.train_student.json."""
     if not job.is_main:
         return
@@ -190,6 +191,7 @@ def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...
         ],
         "students": [t.name for t in trainees],
         "resolution": resolution,
+        "training_views": list(views),  # [first, stop): the cache views the students trained on
         "config": settings,
     }
     write_json_atomic(out / "provenance.json", record)

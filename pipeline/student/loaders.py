@@ -79,7 +79,8 @@ class PairLoaders:
             rows, centre = centre_view_rows(store, s.tap)
             neighbours = mine_neighbours_once(centre, spec.neighbour_pool, torch.device(spec.mine_device))
             self.dataset = RandomAccessPairs(s.store, s.shard_paths, rows, s.tap, s.resolution, s.seed,
-                                             s.view_policy, uint8_views=s.uint8_views)  # fmt: skip
+                                             s.view_policy, uint8_views=s.uint8_views,
+                                             views_used=s.views_used)  # fmt: skip
             self.sampler = NeighbourBatchSampler(
                 neighbours, spec.anchors, spec.neighbours, s.seed, s.rank, s.world
             )

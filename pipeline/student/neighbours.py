@@ -3,9 +3,12 @@
 Neighbours are mined once from the cached features of view 0, which must be the deterministic centre view
 (``cache-teacher --center-view``): cosine top-``pool`` per image, computed in chunks. Each epoch, anchors are
 shuffled from (seed, epoch); each anchor brings ``per_anchor`` neighbours drawn from its top-``pool``; batches are
-``anchors`` such groups (CoSS: 16 anchors x (1 + 15 drawn from the top 31)). Such batches need images by key in
-any order, so this path reads samples by byte offset from the tars (:class:`RandomAccessPairs`) instead of
-streaming them; it keeps a small per-worker cache of shard blocks.
+``anchors`` such groups (CoSS: 16 anchors x (1 + 15 drawn from the top 31)). Such batches need images by key in any
+order, so this path reads samples by byte offset from the tars (:class:`RandomAccessPairs`) instead of streaming
+them, and reads only the cached rows a batch needs: the features of those rows (the store's small inner chunks),
+plus each touched shard's keys, hashes and sizes and the parameters of the epoch's view, kept in small per-worker
+caches (a batch of 16 x 16 images touches most shards of a 10%-ImageNet cache). As in the stream, every image of a
+shard shows the shard's scheduled view of the epoch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import tarfile
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from pipeline.cache.join import JoinError, join_row
 from pipeline.cache.store import FeatureStore, ShardBlock, open_store
 from pipeline.data.shards import IMAGE_EXTS, split_member_name
 from pipeline.errors import KdepError
-from pipeline.student.pairs import SharedEpoch, _stable_int, first_training_view, scheduled_view
+from pipeline.student.pairs import SharedEpoch, _stable_int, scheduled_view, training_views
 
 
 class NeighbourError(KdepError):
@@ -36,7 +40,7 @@ def centre_view_rows(store: FeatureStore, tap: str) -> tuple[np.ndarray, np.ndar
         raise NeighbourError(
             f"{store.path} has no centre view 0; re-cache with --center-view to mine neighbours"
         )
-    valid = np.flatnonzero(store.group["valid"][:])
+    valid = np.flatnonzero(store.valid())
     feats = store.feature_array(tap)[:, 0, :][valid].astype(np.float32)
     return valid, feats
 
@@ -136,19 +140,17 @@ class RandomAccessPairs(Dataset):
         resolution: int,
         seed: int,
         view_policy: str = "walk",
-        cached_blocks: int = 8,
+        cached_blocks: int = 256,
         uint8_views: bool = False,
+        views_used: int = 0,
     ) -> None:
         self.store_path, self.shard_paths, self.rows, self.tap = store_path, shard_paths, rows, tap
-        self.resolution, self.seed, self.view_policy, self._epoch = (
-            resolution,
-            seed,
-            view_policy,
-            SharedEpoch(),
-        )
-        self.cached_blocks, self.uint8_views = cached_blocks, uint8_views
+        self.resolution, self.seed, self.view_policy = resolution, seed, view_policy
+        self.cached_blocks, self.uint8_views, self.views_used = cached_blocks, uint8_views, views_used
+        self._epoch = SharedEpoch()
         self._store: FeatureStore | None = None
-        self._blocks: OrderedDict[int, ShardBlock] = OrderedDict()
+        self._meta: OrderedDict[int, ShardBlock] = OrderedDict()  # shard -> keys, hashes, sizes, validity
+        self._params: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (shard, view) -> (n, P)
         self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
 
     @property
@@ -162,32 +164,52 @@ class RandomAccessPairs(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _block(self, shard: int) -> ShardBlock:
+    @property
+    def store(self) -> FeatureStore:
         if self._store is None:
             self._store = open_store(self.store_path)
-        if shard not in self._blocks:
-            self._blocks[shard] = self._store.read_slot(shard, taps=[self.tap])
-            if len(self._blocks) > self.cached_blocks:
-                self._blocks.popitem(last=False)
-        self._blocks.move_to_end(shard)
-        return self._blocks[shard]
+            self._views = training_views(self._store, self.views_used)
+        return self._store
+
+    def view_of(self, shard: int) -> int:
+        """The shard's scheduled view this epoch (the stream's schedule)."""
+        self.store  # noqa: B018 - opens the store and fixes the training views
+        return scheduled_view(self.seed, shard, self.epoch, *self._views, self.view_policy)
+
+    def _block(self, shard: int, view: int) -> ShardBlock:
+        """The shard's keys, hashes, sizes and validity with the view's parameters (no features), from the caches."""
+        meta = _cached(
+            self._meta, shard, lambda: self.store.read_slot(shard, taps=[], views=[]), self.cached_blocks
+        )
+        params = _cached(self._params, (shard, view), lambda: self.store.read_view_params(shard, view),
+                         self.cached_blocks)  # fmt: skip
+        return replace(meta, params=params[:, None, :], views=(view,))
 
     def _locate(self, i: int) -> tuple[int, int]:
-        if self._store is None:
-            self._store = open_store(self.store_path)
-        shard, row = divmod(int(self.rows[i]), self._store.layout.slot_rows)
+        shard, row = divmod(int(self.rows[i]), self.store.layout.slot_rows)
         return shard, row
 
     def __getitems__(self, indices: list[int]) -> list:
-        """A whole batch, fetched shard by shard (each needed shard block is read once per batch), in batch order."""
+        """A whole batch: per touched shard one read of just the needed feature rows, in batch order."""
+        located = [self._locate(i) for i in indices]
+        by_shard: dict[int, list[int]] = {}
+        for j, (shard, _) in enumerate(located):
+            by_shard.setdefault(shard, []).append(j)
         out: list = [None] * len(indices)
-        for j in sorted(range(len(indices)), key=lambda j: self._locate(indices[j])):
-            out[j] = self[indices[j]]
+        for shard, js in sorted(by_shard.items()):
+            view = self.view_of(shard)
+            feats = self.store.read_rows(shard, [located[j][1] for j in js], view, self.tap)
+            for j, feat in zip(js, feats, strict=True):
+                out[j] = self._item(shard, located[j][1], view, feat)
         return out
 
     def __getitem__(self, i: int):
         shard, row = self._locate(i)
-        block, path = self._block(shard), self.shard_paths[shard]
+        view = self.view_of(shard)
+        return self._item(shard, row, view, self.store.read_rows(shard, [row], view, self.tap)[0])
+
+    def _item(self, shard: int, row: int, view: int, feat: np.ndarray):
+        block, path = self._block(shard, view), self.shard_paths[shard]
         key = block.keys[row]
         if shard not in self._offsets:
             self._offsets[shard] = index_tar(path)
@@ -196,14 +218,20 @@ class RandomAccessPairs(Dataset):
         offset, size = self._offsets[shard][key]
         with open(path, "rb") as fh:
             data = os.pread(fh.fileno(), size, offset)
-        feats = block.features[self.tap]
-        view = scheduled_view(
-            self.seed, key, self.epoch, feats.shape[1], self.view_policy, first_training_view(self._store)
-        )
         try:
             x = join_row(block, row, data, path, view, self.resolution, self.uint8_views).image
         except JoinError:
             raise NeighbourError(
                 f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"
             ) from None
-        return x, torch.from_numpy(np.ascontiguousarray(feats[row, view])), torch.tensor([shard, row, view])
+        return x, torch.from_numpy(np.ascontiguousarray(feat)), torch.tensor([shard, row, view])
+
+
+def _cached(cache: OrderedDict, key: object, load, capacity: int):
+    """``cache[key]``, loaded on a miss; least recently used entries beyond ``capacity`` are dropped."""
+    if key not in cache:
+        cache[key] = load()
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]

@@ -6,10 +6,22 @@ same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoade
 consumers are split into one group per shard and the members of a group stride inside its shard (member m of g
 keeps samples m, m + g, ...), so each shard is opened by at most ceil(consumers / shards) consumers, no rank is
 ever empty while a shard has a sample per member, and each scheduled (image, view) still appears exactly once.
+
+The view schedule is per (shard, epoch): in an epoch every image of a shard shows the same view index, so the
+epoch reads one view of each shard from the cache (one feature file per shard, the bytes it uses; the store is
+view-major, ``pipeline/cache/store.py``). This is equivalent in distribution to choosing a view per image: the
+views of different images are independent draws (a view's parameters are a pure function of (seed, key, view
+index)), so which index two images share says nothing about their crops. With ``walk`` each shard walks a seeded
+permutation of the training views, a fresh one every cycle, so each image still shows each of its training views
+exactly once per cycle of ``n`` epochs (``n`` training views); ``random`` draws the index uniformly per (shard,
+epoch). Training views are ``[first, stop)``: view 0 is left out when it is the cache's deterministic centre view
+(for neighbour mining, not training), and ``views_used = k`` stops at view k (the first k views of a K-view cache
+are exactly a k-view cache, since view parameters depend only on the view index).
+
 Views travel as uint8 where that is exact (``uint8_views``; normalised on the device by
-:func:`pipeline.data.views.normalize_views`). Each shard's cached block is read once (one read per array); each
-sample's view for this epoch is chosen here, and the sample is joined to its row and that view replayed by the
-cache's one join (:func:`pipeline.cache.join.join_sample`: key, validity, image hash and size, replay).
+:func:`pipeline.data.views.normalize_views`). Each shard's block is read once per epoch, for its one view; each
+sample is joined to its row and that view replayed by the cache's one join
+(:func:`pipeline.cache.join.join_sample`: key, validity, image hash and size, replay).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
-from pipeline.cache.store import FeatureStore, ShardBlock, open_store
+from pipeline.cache.store import FeatureStore, ShardBlock, StoreError, open_store
 from pipeline.data.shards import Sample, iter_samples
 
 
@@ -46,6 +58,7 @@ class StreamSpec:
     rank: int = 0
     world: int = 1
     uint8_views: bool = False  # uint8 views before normalisation where exact (4x less shared memory)
+    views_used: int = 0  # train on the first k views of the cache (0 = all K)
 
 
 def _stable_int(*parts: object) -> int:
@@ -53,19 +66,34 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(digest, "little")
 
 
-def scheduled_view(seed: int, key: str, epoch: int, views: int, policy: str, first: int = 0) -> int:
-    """The view an image shows in ``epoch``: its seeded permutation of views ``first..K-1``, walked (or a uniform
-    draw). ``first=1`` leaves out a deterministic centre view 0, which is for neighbour mining, not training."""
-    n = views - first
+def scheduled_view(seed: int, shard: int, epoch: int, first: int, stop: int, policy: str = "walk") -> int:
+    """The view every image of cache shard ``shard`` shows in ``epoch``, among the training views ``[first, stop)``:
+    the shard's seeded permutation of them, walked (a fresh one every cycle), or a uniform draw."""
+    n = stop - first
+    if n < 1:
+        raise ValueError(f"no training views in [{first}, {stop})")
     if policy == "random":
-        return first + _stable_int(seed, key, "random", epoch) % n
-    cycle = epoch // n  # a fresh seeded permutation every n epochs; random.Random is ~10x cheaper to seed
-    return first + random.Random(_stable_int(seed, key, "walk", cycle)).sample(range(n), n)[epoch % n]
+        return first + _stable_int(seed, shard, "random", epoch) % n
+    cycle = epoch // n  # random.Random is ~10x cheaper to seed than numpy's generators
+    return first + random.Random(_stable_int(seed, shard, "walk", cycle)).sample(range(n), n)[epoch % n]
 
 
 def first_training_view(store: FeatureStore) -> int:
     """1 when view 0 is the cache's centre view (and there are others), else 0."""
     return int(bool(store.provenance["views"].get("center_first")) and store.layout.views > 1)
+
+
+def training_views(store: FeatureStore, views_used: int = 0) -> tuple[int, int]:
+    """``[first, stop)``: the views stage 3 trains on (``views_used`` = k: the first k views of the cache; 0 = all)."""
+    first, k = first_training_view(store), store.layout.views
+    stop = views_used or k
+    if not first < stop <= k:
+        raise StoreError(
+            f"views_used {views_used}: {store.path} holds views 0..{k - 1}"
+            + (" (view 0 is the centre view, not trained on)" if first else "")
+            + f"; use a value in {first + 1}..{k}"
+        )
+    return first, stop
 
 
 def shard_order(seed: int, epoch: int, shards: int) -> list[int]:
@@ -129,26 +157,23 @@ class PairStream(IterableDataset):
         )
 
     def _pairs(self, store: FeatureStore, shards: list[int], member: int, group: int) -> Iterator:
-        first = first_training_view(store)
+        first, stop = training_views(store, self.spec.views_used)
         for shard in shards:
             path = self.spec.shard_paths[shard]
-            block, seen = store.read_slot(shard, taps=[self.spec.tap]), set()
+            view = scheduled_view(self.spec.seed, shard, self.epoch, first, stop, self.spec.view_policy)
+            block, seen = store.read_slot(shard, taps=[self.spec.tap], views=[view]), set()
             for i, sample in enumerate(iter_samples(path)):
                 if i % group != member:  # another member of this shard's group pairs it
                     seen.add(sample.key)
                     continue
-                pair = self._pair(shard, path, sample, block, first)
+                pair = self._pair(shard, path, sample, block, view)
                 seen.add(sample.key)
                 if pair is not None:
                     yield pair
             self._check_complete(path, block, seen)
 
-    def _pair(self, shard: int, path: str, sample: Sample, block: ShardBlock, first: int):
+    def _pair(self, shard: int, path: str, sample: Sample, block: ShardBlock, view: int):
         """The sample's (view, target row, ids) triple, or None when it is skipped (and counted)."""
-        feats = block.features[self.spec.tap]
-        view = scheduled_view(
-            self.spec.seed, sample.key, self.epoch, feats.shape[1], self.spec.view_policy, first
-        )
         try:
             joined = join_sample(block, sample, path, view, self.spec.resolution, self.spec.uint8_views)
         except JoinError as err:
@@ -158,7 +183,7 @@ class PairStream(IterableDataset):
             return None
         self.counts["pairs"] += 1
         row = joined.row
-        target = torch.from_numpy(np.ascontiguousarray(feats[row, view]))
+        target = torch.from_numpy(np.ascontiguousarray(block.feature(self.spec.tap, row, view)))
         return joined.image, target, torch.tensor([shard, row, view])
 
     def _bad(self, err: JoinError) -> None:

@@ -46,7 +46,7 @@ from pipeline.student.checkpoints import (
     write_provenance,
 )
 from pipeline.student.loaders import LoaderSpec, PairLoaders, batches, resolve_workers
-from pipeline.student.pairs import StreamSpec
+from pipeline.student.pairs import StreamSpec, training_views
 from pipeline.student.specs import TrainSpec
 from pipeline.student.training import (
     StepContext,
@@ -102,8 +102,9 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
         )
     ctx = StepContext(device, amp, spec.loss, spec.runtime.channels_last, spec.data.tap, teacher)
     loaders = PairLoaders(loader_spec(spec, str(store.path), shard_paths, resolution, job, device), store)
-    write_provenance(out, settings, spec.students, store, trainees, resolution, job)
-    expected = int(store.group["valid"][:].sum())
+    views = training_views(store, spec.data.views_used)  # refuses a views_used the cache does not hold
+    write_provenance(out, settings, spec.students, store, trainees, resolution, job, views)
+    expected = int(store.valid().sum())
     run = Run(spec, settings, job, store, ctx, loaders, trainees, expected, global_step)
     for epoch in range(start, spec.recipe.epochs):
         stats = run_epoch(run, epoch)
@@ -168,7 +169,7 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
     d = spec.data
     stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.tap, resolution=resolution, seed=spec.recipe.seed,
                         view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
-                        rank=job.rank, world=job.world, uint8_views=True)  # fmt: skip
+                        rank=job.rank, world=job.world, uint8_views=True, views_used=d.views_used)  # fmt: skip
     return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
                       d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
                       mine_device=str(device))  # fmt: skip

@@ -31,7 +31,7 @@ class StudentSpec:
 class DataSpec:
     """What is read and how batches are composed."""
 
-    cache: str  # feature cache (Zarr store) from cache-teacher
+    cache: str  # feature cache folder from cache-teacher
     shards: str  # source shards if they moved since caching; "" = the cache's recorded source
     tap: str  # cached teacher tap paired with the views
     resolution: int  # student input side in pixels; 0 = the teacher's
@@ -41,6 +41,7 @@ class DataSpec:
     neighbours: int  # CoSS neighbour-mined batches: neighbours per anchor; 0 = stream order
     neighbour_pool: int  # neighbours are drawn from each anchor's top-N cosine neighbours
     anchors: int  # anchors per neighbour-mined batch (batch = anchors x (1 + neighbours))
+    views_used: int = 0  # train on the first k views of the cache; 0 = all K
 
 
 @dataclass(frozen=True)
