@@ -7,11 +7,13 @@ the modules that implement each name import the tuple from here, so a new loss, 
 from __future__ import annotations
 
 TAPS = ("pre_relu", "post_relu")  # pooled feature taps (pipeline.models)
-LOSSES = ("kdep", "cosine", "coss", "linear-pre", "linear-post")  # pipeline.student.losses
+LOSSES = ("kdep", "cosine", "coss", "coss-bn", "linear-pre", "linear-post")  # pipeline.student.losses
+COSS_HEADS = ("mlp", "mlp-bn")  # CoSS student head when D_s != D_t (pipeline.student.losses.CossHead)
 VIEW_POLICIES = ("walk", "random")  # how stage 3 picks an image's view per epoch (pipeline.student.pairs)
-VIEW_RECIPES = ("paper", "kdep-reference", "coss", "center", "light")  # pipeline.data.views.RECIPES
+VIEW_RECIPES = ("paper", "kdep-reference", "coss", "center", "center-coss", "light")  # pipeline.data.views
+CENTER_VIEWS = ("center", "center-coss")  # the deterministic centre-view recipes among VIEW_RECIPES
 PROJECTION_METHODS = ("svd", "cs-var", "cs-rand", "interp")  # pipeline.projection.fit
-PROJECTION_TRANSFORMS = ("pts", "sn", "sm", "sm-linear", "sm-match", "none")  # pipeline.projection.fit
+PROJECTION_TRANSFORMS = ("pts", "sn", "sm", "sm-linear", "sm-rank", "sm-match", "none")  # projection.fit
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # autocast on CUDA (pipeline.runtime); CPU runs float32
 DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted where a stage takes a device
 FEATURE_DTYPES = ("float16", "float32")  # stored feature dtype of the cache

@@ -70,7 +70,7 @@ def run(config: CacheTeacherConfig) -> dict:
         if rt.progress:
             print_banner(store, shards, tasks, len(done), job, rt)
         spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
-                        max(1, config.batch_size // config.views))  # fmt: skip
+                        max(1, config.batch_size // config.views), config.center_recipe)  # fmt: skip
         results = gather_from_ranks(lambda: cache_share(store, tasks, model, config.taps, spec, rt))
         stats = finish_run(store, job, config, results, done)
         stats["shards_total"] = len(shards)
@@ -119,7 +119,8 @@ def build_provenance(
         "teacher": {"arch": config.teacher, "weights": identity, "taps": list(config.taps), "dims": dims},
         "preprocessing": describe_preprocessing(config.resolution),
         "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
-                  "seed": config.seed, "center_first": config.center_view},
+                  "seed": config.seed, "center_first": config.center_view,
+                  "center_recipe": config.center_recipe if config.center_view else None},
         "compute": {"amp": amp, "tf32": tf32, "feature_dtype": config.dtype,
                     "batch_views": max(1, config.batch_size // config.views) * config.views},
         "shards": [shard_record(s) for s in shards],

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 from pipeline.choices import (
     AMP_MODES,
+    CENTER_VIEWS,
+    COSS_HEADS,
     DEVICES,
     FEATURE_DTYPES,
     LOSSES,
@@ -94,6 +96,7 @@ class CacheTeacherConfig:
         "recipe": VIEW_RECIPES,
         "dtype": FEATURE_DTYPES,
         "amp": AMP_MODES,
+        "center_recipe": CENTER_VIEWS,
         "out_of_range": OUT_OF_RANGE,
     }
     shards: str = ""  # brace pattern, shard directory or index.json
@@ -104,6 +107,7 @@ class CacheTeacherConfig:
     views: int = 10  # K views cached per image
     recipe: str = "paper"  # view recipe
     center_view: bool = False  # view 0 is the deterministic centre view (neighbour mining, evaluation)
+    center_recipe: str = "center"  # center (0.875 crop, bilinear) or center-coss (CoSS: 224/235, bicubic)
     resolution: int = 224  # view side in pixels
     seed: int = 0  # base seed of the view parameters
     dtype: str = "float16"  # stored feature dtype
@@ -176,7 +180,7 @@ class FitSvdConfig:
 @dataclass(frozen=True)
 class TrainStudentConfig:
     CHOICES: ClassVar[dict] = {"loss": LOSSES, "tap": TAPS, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
-                               "amp": AMP_MODES}  # fmt: skip
+                               "amp": AMP_MODES, "coss_head": COSS_HEADS}  # fmt: skip
     cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     projection: tuple[
         str, ...
@@ -192,6 +196,7 @@ class TrainStudentConfig:
     coss_l1: float = 1.0  # CoSS space-similarity weight
     coss_tau_t: float = 0.07  # CoSS teacher temperature
     coss_tau_s: float = 0.1  # CoSS student temperature
+    coss_head: str = "mlp"  # CoSS head if D_s != D_t: mlp (reference: Linear-ReLU-Linear) or mlp-bn (+BN)
     neighbours: int = 0  # CoSS neighbour-mined batches: neighbours per anchor (CoSS: 15); 0 = stream order
     neighbour_pool: int = 31  # draw them from each anchor's top-N cosine neighbours (centre view 0)
     anchors: int = 16  # anchors per batch (batch = anchors x (1 + neighbours), replacing batch_size)

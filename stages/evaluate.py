@@ -18,8 +18,15 @@ epochs as given (pipeline/evaluation/finetune.py). Agreement, on val views that 
 or seeded views of the recipe ``agreement_views``): mean cosine between the student's tap and the projected
 teacher target, and linear CKA between the student's and the raw teacher's features.
 
+Every accuracy comes with its 95% Wilson score interval over the images it is measured on (the val split; the
+held-out part of train for the C sweep), pipeline/evaluation/intervals.py: in the printed table as
+``0.760 [0.696, 0.815]``, in results.json as ``<metric>_ci95: [low, high]`` beside ``<metric>`` (method, level
+and counts under ``intervals``), and as error bars in the plot. The interval covers the choice of evaluation
+images only, not the spread between training seeds.
+
 Reads labelled train/val shards and the backbone files. Writes ``OUT/results.json`` (one row per backbone),
-``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone), ``OUT/features/<name>.<split>.<key>.npz``
+``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone with 95% intervals),
+``OUT/features/<name>.<split>.<key>.npz``
 (reused when the backbone, data, view, device type and autocast are unchanged) and ``OUT/config.eval.json``.
 Views are decoded by ``--workers`` DataLoader processes (the same features for any count).
 """
@@ -52,6 +59,7 @@ from pipeline.evaluation.features import (
     save_features,
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
+from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval, format_with_interval
 from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
 from pipeline.files import write_json_atomic
 from pipeline.manifest import config_to_dict
@@ -59,6 +67,7 @@ from stages.common import write_resolved_config
 from stages.config import EvalConfig
 
 RESULTS_FORMAT = "kdep-eval/1"
+ACCURACIES = ("probe_top1", "knn_top1", "finetune_top1")  # val top-1s, each with "<metric>_ci95" beside it
 
 
 def run(config: EvalConfig) -> dict:
@@ -72,8 +81,10 @@ def run(config: EvalConfig) -> dict:
     print_banner(config, feats, classes)
     rows = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
     if config.finetune_epochs:
+        n_val = len(next(iter(feats.values()))["val"].labels)
         for row in rows:
             row["finetune_top1"] = finetune_backbone(models[row["name"]], splits, classes, config)
+            row["finetune_top1_ci95"] = accuracy_interval(row["finetune_top1"], n_val)
     agree = score_agreement(models, splits["val"], config) if config.teacher else None
     for row in rows:
         row.update((agree or {}).get("rows", {}).get(row["name"], {}))
@@ -149,11 +160,16 @@ def score_backbone(
         config.probe_max_iter,
     )  # fmt: skip
     knn = knn_top1(x_train, train.labels, x_val, val.labels, config.knn_k)
+    n_val, n_hold = len(val.labels), probe.sweep_rows
+    sweep_ci = {c: accuracy_interval(a, n_hold) for c, a in probe.sweep.items()}
     return {
         "name": spec.name, "arch": spec.arch, "weights": spec.weights, "identity": identity,
         "tap": config.tap, "dim": int(x_train.shape[1]),
-        "probe_top1": probe.top1, "probe_c": probe.c, "probe_sweep": probe.sweep, "probe_converged": probe.converged,
-        "knn_top1": knn, "knn_k": config.knn_k, "finetune_top1": None,
+        "probe_top1": probe.top1, "probe_top1_ci95": accuracy_interval(probe.top1, n_val), "probe_c": probe.c,
+        "probe_sweep": probe.sweep, "probe_sweep_ci95": sweep_ci,
+        "probe_sweep_rows": n_hold, "probe_converged": probe.converged,
+        "knn_top1": knn, "knn_top1_ci95": accuracy_interval(knn, n_val), "knn_k": config.knn_k,
+        "finetune_top1": None, "finetune_top1_ci95": None,
         "agree_cosine": None, "agree_cka": None, "probe_knn_seconds": round(time.perf_counter() - start, 3),
     }  # fmt: skip
 
@@ -218,6 +234,12 @@ def results_body(
             "val_samples": len(any_feats["val"].labels),
             "classes": classes,
         },
+        "intervals": {
+            "method": METHOD,
+            "level": LEVEL,
+            "val_samples": len(any_feats["val"].labels),  # n of probe, k-NN and fine-tune top-1
+            "note": "<metric>_ci95: [low, high], Wilson interval over the evaluation images (not over seeds)",
+        },
         "backbones": rows,
         "agreement": {k: v for k, v in agreement.items() if k != "rows"} if agreement else None,
         "config": config_to_dict(config),
@@ -228,33 +250,53 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def fmt_accuracy(row: dict, metric: str) -> str:
+    """``0.760 [0.696, 0.815]``: the accuracy and its 95% interval."""
+    return format_with_interval(row[metric], row.get(f"{metric}_ci95"))
+
+
 def print_table(results: dict) -> None:
-    """One row per backbone: probe, k-NN, fine-tune top-1 and agreement."""
-    table = Table(
-        title=f"kdep eval ({results['data']['val_samples']} val images, {results['data']['classes']} classes)"
-    )
+    """One row per backbone: probe, k-NN, fine-tune top-1 (each with its 95% interval) and agreement."""
+    data = results["data"]
+    title = f"kdep eval ({data['val_samples']} val images, {data['classes']} classes; top-1 [95% Wilson CI])"
+    table = Table(title=title)
     for col in ("backbone", "arch", "dim", "probe@1", "C", "kNN@1", "FT@1", "cos", "CKA"):
         table.add_column(col, justify="left" if col in ("backbone", "arch") else "right")
     for r in results["backbones"]:
         table.add_row(
-            r["name"], r["arch"], str(r["dim"]), fmt(r["probe_top1"]), f"{r['probe_c']:g}", fmt(r["knn_top1"]),
-            fmt(r["finetune_top1"]), fmt(r["agree_cosine"]), fmt(r["agree_cka"]),
+            r["name"], r["arch"], str(r["dim"]), fmt_accuracy(r, "probe_top1"), f"{r['probe_c']:g}",
+            fmt_accuracy(r, "knn_top1"), fmt_accuracy(r, "finetune_top1"), fmt(r["agree_cosine"]),
+            fmt(r["agree_cka"]),
         )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would wrap at 80 columns; lines there may be long
+        console = Console(width=200)
+    console.print(table)
+
+
+def error_bars(rows: list[dict], metric: str) -> list[list[float]]:
+    """(2, n) distances from each accuracy down and up to its 95% interval (0 where there is none)."""
+    low, high = [], []
+    for r in rows:
+        value, ci = r[metric] or 0.0, r.get(f"{metric}_ci95")
+        low.append(value - ci[0] if ci else 0.0)
+        high.append(ci[1] - value if ci else 0.0)
+    return [low, high]
 
 
 def plot_results(rows: list[dict], path: Path) -> None:
-    """Grouped bars of probe / k-NN (/ fine-tune) top-1 per backbone, saved as a PNG."""
-    metrics = [m for m in ("probe_top1", "knn_top1", "finetune_top1") if any(r[m] is not None for r in rows)]
+    """Grouped bars of probe / k-NN (/ fine-tune) top-1 per backbone, 95% intervals as error bars; a PNG."""
+    metrics = [m for m in ACCURACIES if any(r[m] is not None for r in rows)]
     fig = Figure(figsize=(1.5 + 1.2 * len(rows), 3.5))
     ax = fig.add_subplot()
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r[metric] or 0.0 for r in rows], width, label=metric.removesuffix("_top1"))
+        ax.bar(xs, [r[metric] or 0.0 for r in rows], width, label=metric.removesuffix("_top1"),
+               yerr=error_bars(rows, metric), capsize=3, error_kw={"elinewidth": 1})  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("val top-1")
+    ax.set_ylabel("val top-1 (95% Wilson interval)")
     ax.legend(
         fontsize="small", ncols=len(metrics), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
     )

@@ -9,8 +9,8 @@
 Reads the cache (one pass over the done shards' valid rows; a second pass for the stds after ``pts``). Writes
 ``OUT`` (.npz: mean, basis, scale, ... see pipeline/projection/artefact.py), ``OUT.json`` (manifest, written last),
 ``<stem>.explained_variance.png``, ``<stem>.channel_std.png`` and ``config.fit_svd.json`` beside it.
-Methods: svd, cs-var, cs-rand, interp; transforms: pts (default), sn, sm (= sm-linear), sm-linear, sm-match, none
-(definitions in pipeline/projection/fit.py).
+Methods: svd, cs-var, cs-rand, interp; transforms: pts (default), sn, sm (= sm-linear), sm-linear, sm-rank, sm-match,
+none (definitions in pipeline/projection/fit.py).
 """
 
 from __future__ import annotations

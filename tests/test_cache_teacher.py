@@ -389,3 +389,20 @@ def test_a_teacher_with_tiny_features_is_refused_in_float16_and_cached_in_float3
     run(replace(config, out=str(tmp_path / "c"), dtype="float32"))
     feats = open_store(tmp_path / "c").read_slot(0).features["pre_relu"]
     assert feats.dtype == np.float32 and 0 < np.abs(feats).max() < 1e-6
+
+
+def test_the_coss_centre_view_is_cached_as_view_0(demo_shards, teacher_file, tmp_path):
+    config = _config(demo_shards["train"], tmp_path / "c", teacher_file, taps=("post_relu",), views=2,
+                     center_view=True, center_recipe="center-coss")  # fmt: skip
+    run(config)
+    store = open_store(tmp_path / "c")
+    assert store.provenance["views"]["center_recipe"] == "center-coss"
+    info = list_shards(demo_shards["train"])[0]
+    block = store.read_slot(0)
+    for sample in iter_samples(info.path):
+        image = decode_rgb(image_bytes(sample, info.path))
+        expected = sample_views("paper", 0, sample.key, 2, *image.shape[1:], True, "center-coss")
+        np.testing.assert_array_equal(block.params[block.keys.index(sample.key)], expected)
+        assert not np.array_equal(
+            expected[0], sample_views("paper", 0, sample.key, 2, *image.shape[1:], True)[0]
+        )

@@ -3,6 +3,8 @@
 - Linear probe and k-NN on synthetic features: a fixed random projection of one-hot class codes (+ tiny noise)
   must give 100% top-1; noise independent of the label must give chance level (within a binomial margin).
 - k-NN voting rule and linear CKA / mean cosine against hand-computed values; CKA's invariances.
+- The 95% Wilson interval against hand-computed values and scipy's ``binomtest(...).proportion_ci("wilson")``;
+  every accuracy in results.json, the printed table and the plot carries its interval.
 - A backbone saved without its classifier loads with strict=True and equals the source weights.
 - ``run(config)`` on tiny demo shards (4 classes x 6 train / 3 val, 32 px, random ResNet-18): results.json keys,
   accuracies in [0, 1], the feature cache reused, fine-tuning for 1 epoch.
@@ -24,6 +26,7 @@ import torchvision
 
 from pipeline.evaluation.backbones import BackboneSpec, EvalError, parse_backbone
 from pipeline.evaluation.features import extract_features, load_backbone
+from pipeline.evaluation.intervals import accuracy_interval, format_with_interval, wilson_interval
 from pipeline.evaluation.probes import (
     agreement,
     knn_predict,
@@ -35,7 +38,7 @@ from pipeline.evaluation.probes import (
 )
 from pipeline.manifest import ConfigError
 from pipeline.models import backbone_state_dict
-from stages.evaluate import EvalConfig, run
+from stages.evaluate import EvalConfig, print_table, run
 
 
 def class_coded(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
@@ -175,7 +178,26 @@ def tiny_config(shards: dict[str, Path], out: Path, **kw) -> EvalConfig:
     return EvalConfig(**{**values, **kw})
 
 
-def test_run_end_to_end_and_feature_cache(demo_shards: dict[str, Path], tmp_path: Path) -> None:
+def test_wilson_interval_against_hand_values_and_scipy() -> None:
+    """8 of 10: p = 0.8, z^2 = 3.8415, centre = (0.8 + 0.19207) / 1.38415 = 0.71674, half = 1.41600 x
+    sqrt(0.016 + 0.0096037) = 0.22658 -> [0.4902, 0.9433]; 0 of 10 -> [0, z^2 / (10 + z^2)] = [0, 0.2775]."""
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.49016, abs=1e-4) and high == pytest.approx(0.94332, abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(152, 200), (1, 3), (499, 1000), (7, 7)]:
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert (
+        accuracy_interval(0.76, 200) == list(wilson_interval(152, 200)) and accuracy_interval(None, 5) is None
+    )
+    assert format_with_interval(0.8, [0.49016, 0.94332]) == "0.800 [0.490, 0.943]"
+    with pytest.raises(ValueError, match="correct=3, total=2"):
+        wilson_interval(3, 2)
+
+
+def test_run_end_to_end_and_feature_cache(demo_shards: dict[str, Path], tmp_path: Path, capsys) -> None:
     config = tiny_config(demo_shards, tmp_path)
     results = run(config)
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -188,6 +210,18 @@ def test_run_end_to_end_and_feature_cache(demo_shards: dict[str, Path], tmp_path
     )
     assert 0.0 <= row["probe_top1"] <= 1.0 and 0.0 <= row["knn_top1"] <= 1.0 and row["dim"] == 512
     assert row["finetune_top1"] is None and row["agree_cka"] is None
+    n_val = on_disk["data"]["val_samples"]
+    assert on_disk["intervals"]["method"] == "wilson" and on_disk["intervals"]["level"] == 0.95
+    for metric in ("probe_top1", "knn_top1"):
+        low, high = row[f"{metric}_ci95"]
+        assert low <= row[metric] <= high
+        assert [low, high] == list(wilson_interval(round(row[metric] * n_val), n_val))
+    assert row["finetune_top1_ci95"] is None
+    assert set(row["probe_sweep_ci95"]) == set(row["probe_sweep"]) and row["probe_sweep_rows"] > 0
+    for c, (low, high) in row["probe_sweep_ci95"].items():
+        assert low <= row["probe_sweep"][c] <= high
+    print_table(results)
+    assert format_with_interval(row["probe_top1"], row["probe_top1_ci95"]) in capsys.readouterr().out
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "config.eval.json").is_file()
     cached = sorted(p.name for p in (tmp_path / "features").glob("*.npz"))
     assert len(cached) == 2 and cached[0].startswith("random.train.")
@@ -209,6 +243,7 @@ def test_run_finetune_one_epoch_and_agreement(demo_shards: dict[str, Path], tmp_
     )
     (row,) = run(config)["backbones"]
     assert 0.0 <= row["finetune_top1"] <= 1.0
+    assert row["finetune_top1_ci95"][0] <= row["finetune_top1"] <= row["finetune_top1_ci95"][1]
     assert row["agree_cosine"] is None  # no projection given: CKA only
     assert row["agree_cka"] == pytest.approx(1.0, abs=1e-4)  # the teacher is the same seeded random ResNet-18
     assert not (tmp_path / "features").exists()

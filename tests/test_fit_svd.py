@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cache.store import CacheLayout, ShardBlock, StoreError, create_store, open_store
+from pipeline.data.params import N_PARAMS
 from pipeline.manifest import ConfigError
 from pipeline.projection.artefact import (
     Projection,
@@ -25,7 +26,7 @@ from pipeline.projection.artefact import (
     manifest_path,
     pts_numpy,
 )
-from pipeline.projection.fit import fit_projection, fix_signs
+from pipeline.projection.fit import fit_projection, fix_signs, target_std, transform_scale
 from pipeline.projection.moments import (
     EmptyCacheError,
     IncompleteCacheError,
@@ -69,7 +70,7 @@ def write_cache(
             block = ShardBlock(
                 keys=[f"img{j}" for j in range(start, start + n)],
                 features={"pre_relu": feats[rows]},
-                params=np.zeros((n, feats.shape[1], 19), np.float32),
+                params=np.zeros((n, feats.shape[1], N_PARAMS), np.float32),
                 hw=np.zeros((n, 2), np.int32),
                 hashes=np.zeros((n, 16), np.uint8),
                 valid=valid[rows],
@@ -152,12 +153,32 @@ def test_transforms_match_hand_computed_values(cache):
     ratio = raw_std.max() / raw_std.min()
     linear = fit(path, 6, transform="sm")
     assert linear.transform == "sm-linear"
-    np.testing.assert_allclose(linear.targets_numpy(x).std(0), np.linspace(ratio, 1, 6), rtol=1e-5)
+    # KDEP src/resnet.py, "step2 > method 1", transcribed: s = singular values of the fit, R = STD_PRE_PCA
+    s = linear.stats["singular_values"][:6]
+    matching_term = (s[0] - ratio * s[-1] + (ratio - 1) * s) / (s[0] - s[-1])
+    np.testing.assert_allclose(linear.targets_numpy(x).std(0), matching_term, rtol=1e-5)
+    rank = fit(path, 6, transform="sm-rank")
+    np.testing.assert_allclose(rank.targets_numpy(x).std(0), np.linspace(ratio, 1, 6), rtol=1e-5)
+    assert np.abs(matching_term - np.linspace(ratio, 1, 6)).max() > 1e-3  # the two really differ here
     match = fit(path, 6, transform="sm-match")
     np.testing.assert_allclose(match.targets_numpy(x).std(0), np.sort(raw_std)[::-1][:6], rtol=1e-5)
-    for proj in (sn, linear, match):  # closed-form stds after = measured ones
+    for proj in (sn, linear, rank, match):  # closed-form stds after = measured ones
         np.testing.assert_allclose(proj.stats["std_after"], proj.targets_numpy(x).std(0), rtol=1e-5)
     assert np.isnan(pts.stats["std_after"]).all()  # filled by the second pass in run()
+
+
+def test_sm_linear_is_linear_in_the_std_and_sm_rank_in_the_rank():
+    """By hand: stds (4, 1, 2), R = 3 -> sm-linear (1 + 2 s) / 3 = (3, 1, 5/3); sm-rank by rank = (3, 1, 2)."""
+    std = np.array([4.0, 1.0, 2.0])
+    raw = np.array([3.0, 1.0, 0.0, 2.0])  # R = 3 over the non-constant raw channels
+    np.testing.assert_allclose(target_std("sm-linear", std, raw), [3.0, 1.0, 5 / 3])
+    np.testing.assert_allclose(target_std("sm-rank", std, raw), [3.0, 1.0, 2.0])
+    np.testing.assert_allclose(transform_scale("sm-linear", std, raw), [4 / 3, 1.0, 2 / (5 / 3)])
+    np.testing.assert_allclose(target_std("sm-linear", np.array([2.0, 2.0]), raw), [3.0, 3.0])  # all equal: R
+    np.testing.assert_allclose(target_std("sm-linear", np.array([5.0]), raw), [3.0])  # D_s = 1: R
+    with_dead = target_std("sm-linear", np.array([4.0, 0.0, 1.0]), raw)  # a constant channel is left out ...
+    np.testing.assert_allclose(with_dead[[0, 2]], [3.0, 1.0])
+    assert transform_scale("sm-linear", np.array([4.0, 0.0, 1.0]), raw)[1] == 1.0  # ... and keeps scale 1
 
 
 def _identity(transform: str = "pts", t: float = 0.1, n: float = 3.0) -> Projection:

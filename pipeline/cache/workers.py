@@ -55,6 +55,7 @@ class ViewSpec:
     resolution: int
     center_first: bool
     images_per_batch: int
+    center_recipe: str = "center"  # view 0's recipe when center_first: center or center-coss
 
 
 class ShardViews(IterableDataset):
@@ -124,7 +125,7 @@ class ShardViews(IterableDataset):
             return None
         s = self.spec
         h, w = int(image.shape[1]), int(image.shape[2])
-        params = sample_views(s.recipe, s.seed, sample.key, s.views, h, w, s.center_first)
+        params = sample_views(s.recipe, s.seed, sample.key, s.views, h, w, s.center_first, s.center_recipe)
         views = stack_views(
             [replay_for_transport(image, p, s.resolution) for p in params]
         )  # uint8 where exact

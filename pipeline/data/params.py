@@ -8,6 +8,7 @@ PARAM_COLUMNS = (
     "gray",  # 1 = convert to 3-channel grayscale
     "blur_sigma",  # Gaussian blur sigma in pixels of a 224-px output (0 = none); scaled with the resolution
     "light0", "light1", "light2",  # PCA lighting alphas (0 = none)
+    "interp",  # resize filter of the crop: 0 = bilinear, 1 = bicubic (both antialiased)
 )  # fmt: skip
 N_PARAMS = len(PARAM_COLUMNS)
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}

@@ -5,9 +5,21 @@ A view's parameters are a pure function of (seed, image key, view index, image s
 stored explicitly as a float32 row of ``PARAM_COLUMNS`` and replayed from that row, so what the teacher saw in
 stage 1 is exactly what the student sees in stage 3. All pixel work goes through :func:`replay_view`.
 
-Replay order (fixed): crop box -> resize to (res, res) with bilinear antialias on uint8 -> horizontal flip ->
-float in [0, 1] -> colour jitter (brightness, contrast, saturation, hue in the stored order) -> grayscale ->
-Gaussian blur -> PCA lighting -> ImageNet mean/std normalisation.
+Replay order (fixed): crop box -> resize to (res, res) with antialias on uint8 (bilinear, or bicubic where the
+``interp`` column says so) -> horizontal flip -> float in [0, 1] -> colour jitter (brightness, contrast, saturation,
+hue in the stored order) -> grayscale -> Gaussian blur -> PCA lighting, then clamp to [0, 1] -> ImageNet mean/std
+normalisation. The clamp is the KDEP reference's (``InputNormalize`` of the robustness library clamps every input
+to [0, 1] before normalising). Only lighting moves pixels out of [0, 1] by more than rounding (jitter and blur stay
+within 1 ulp of it), and only the KDEP code clamps (CoSS's MoCo-v2 views are normalised unclamped), so the clamp is
+tied to the lighting step: every ``kdep-reference`` view is clamped, views without lighting are untouched.
+
+Centre views (deterministic, no randomness): ``center`` is ImageNet evaluation's Resize(res / 0.875) +
+CenterCrop(res), bilinear; ``center-coss`` is CoSS's neighbour-mining view (coss-pytorch ``compute_close_far.py``:
+Resize(int(1.05 res), bicubic) + CenterCrop(res), i.e. 235 -> 224), bicubic. Both are stored as a crop box in source
+pixels, a square of side round(short side x fraction) centred with floor((h - side) / 2), then resized to (res, res):
+the same pixels as resize-then-crop up to the sub-pixel placement of the box (torchvision rounds the offset in the
+resized image, so the box can sit up to one source pixel off). The fraction is independent of the resolution
+(224/235 at every res), so the stored box does not depend on it.
 
 DataLoader workers send :func:`replay_for_transport`'s output: uint8 before normalisation when the view has no
 colour ops (its pixels are then exactly uint8), which the consumer finishes on its device with
@@ -34,6 +46,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 CENTER_CROP_FRACTION = 0.875  # resize to res / 0.875 then centre-crop res, as ImageNet evaluation does
+COSS_CENTER_FRACTION = 224 / 235  # CoSS: Resize(int(224 * 1.05) = 235, bicubic) then CenterCrop(224)
+INTERPOLATIONS = {"bilinear": 0, "bicubic": 1}  # value of the interp column
 
 
 class ReplayError(KdepError):
@@ -52,8 +66,10 @@ class Recipe:
     gray_p: float = 0.0  # grayscale probability
     blur_p: float = 0.0  # Gaussian blur probability
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range (pixels at 224)
-    lighting_std: float = 0.0  # PCA lighting alpha std (0 = off)
+    lighting_std: float = 0.0  # PCA lighting alpha std (0 = off); lit pixels are clamped to [0, 1]
     center: bool = False  # deterministic resize + centre crop, no randomness
+    center_fraction: float = CENTER_CROP_FRACTION  # centre views: crop side / the image's short side
+    interpolation: str = "bilinear"  # resize filter (INTERPOLATIONS), stored per view in the interp column
 
 
 RECIPES: dict[str, Recipe] = {
@@ -62,7 +78,10 @@ RECIPES: dict[str, Recipe] = {
     "coss": Recipe(
         scale=(0.2, 1.0), jitter_p=0.8, jitter=(0.4, 0.4, 0.4, 0.1), gray_p=0.2, blur_p=0.5
     ),  # MoCo-v2
-    "center": Recipe(center=True, flip_p=0.0),
+    "center": Recipe(center=True, flip_p=0.0),  # ImageNet evaluation: 0.875, bilinear
+    "center-coss": Recipe(
+        center=True, flip_p=0.0, center_fraction=COSS_CENTER_FRACTION, interpolation="bicubic"
+    ),  # CoSS neighbour mining
     "light": Recipe(scale=(0.35, 1.0)),  # milder crops for small images (the demo teacher's training views)
 }
 
@@ -95,8 +114,9 @@ def _random_resized_crop(rng: np.random.Generator, h: int, w: int, scale, ratio)
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def _center_crop(h: int, w: int) -> tuple[int, int, int, int]:
-    side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
+def _center_crop(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, side, side): a square of ``fraction`` of the short side, centred (floor)."""
+    side = max(1, round(min(h, w) * fraction))
     return (h - side) // 2, (w - side) // 2, side, side
 
 
@@ -105,8 +125,9 @@ def sample_view_params(recipe: str, seed: int, key: str, view: int, height: int,
     r = RECIPES[recipe]
     row = np.zeros(N_PARAMS, np.float64)
     row[COL["order0"] : COL["order3"] + 1] = (0, 1, 2, 3)
+    row[COL["interp"]] = INTERPOLATIONS[r.interpolation]
     if r.center:
-        row[:4] = _center_crop(height, width)
+        row[:4] = _center_crop(height, width, r.center_fraction)
         return row.astype(np.float32)
     rng = view_rng(seed, key, view, height, width)
     row[:4] = _random_resized_crop(rng, height, width, r.scale, r.ratio)
@@ -129,14 +150,22 @@ def sample_view_params(recipe: str, seed: int, key: str, view: int, height: int,
 
 
 def sample_views(
-    recipe: str, seed: int, key: str, views: int, height: int, width: int, center_first: bool
+    recipe: str,
+    seed: int,
+    key: str,
+    views: int,
+    height: int,
+    width: int,
+    center_first: bool,
+    center_recipe: str = "center",
 ) -> np.ndarray:
-    """(K, N_PARAMS) float32: all K views of one image; view 0 is the centre view when ``center_first``."""
-    rows = [
-        sample_view_params("center" if (center_first and v == 0) else recipe, seed, key, v, height, width)
-        for v in range(views)
-    ]
-    return np.stack(rows)
+    """(K, N_PARAMS) float32: all K views of one image; view 0 is the ``center_recipe`` view (``center`` or
+    ``center-coss``) when ``center_first``. Row v depends only on v (and the image), so the first k rows of a
+    K-view draw are the k-view draw."""
+    if not RECIPES[center_recipe].center:
+        raise ValueError(f"center_recipe {center_recipe!r} is not a centre-view recipe (center, center-coss)")
+    recipes = [center_recipe if (center_first and v == 0) else recipe for v in range(views)]
+    return np.stack([sample_view_params(r, seed, key, v, height, width) for v, r in enumerate(recipes)])
 
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -163,8 +192,16 @@ def has_colour_ops(params: np.ndarray) -> bool:
         params[COL["jitter"]]
         or params[COL["gray"]]
         or params[COL["blur_sigma"]] > 0
-        or np.any(params[COL["light0"] :] != 0)
+        or np.any(params[COL["light0"] : COL["light2"] + 1] != 0)
     )
+
+
+def interpolation_of(params: np.ndarray) -> F.InterpolationMode:
+    """The stored row's resize filter (the ``interp`` column)."""
+    code = int(params[COL["interp"]])
+    if code not in INTERPOLATIONS.values():
+        raise ReplayError(f"stored interp {code} is not one of {INTERPOLATIONS}; the view row is corrupt")
+    return F.InterpolationMode.BICUBIC if code == INTERPOLATIONS["bicubic"] else F.InterpolationMode.BILINEAR
 
 
 def normalize_views(x: torch.Tensor) -> torch.Tensor:
@@ -211,14 +248,16 @@ def cat_views(views: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _crop_flip(image: torch.Tensor, params: np.ndarray, resolution: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, res, res) uint8: the stored crop box resized with bilinear antialias, then the flip."""
+    """(3, H, W) uint8 -> (3, res, res) uint8: the stored crop box resized (antialiased, the stored filter), then
+    the flip. Bicubic output is rounded and clamped to uint8 by torchvision, so it stays on the uint8 grid."""
     top, left, h, w = (int(v) for v in params[:4])
     H, W = image.shape[-2:]
     if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
         raise ReplayError(
             f"stored crop {top, left, h, w} does not fit a {H}x{W} image; the image is not the one cached"
         )
-    x = F.resized_crop(image, top, left, h, w, [resolution, resolution], antialias=True)
+    size, mode = [resolution, resolution], interpolation_of(params)
+    x = F.resized_crop(image, top, left, h, w, size, interpolation=mode, antialias=True)
     if params[COL["flip"]]:
         x = F.horizontal_flip(x)
     return x
@@ -248,7 +287,7 @@ def replay_view(
     alphas = params[COL["light0"] : COL["light2"] + 1]
     if np.any(alphas != 0):
         rgb = (_LIGHT @ torch.from_numpy(alphas.astype(np.float64))).float()
-        x = x + rgb.view(3, 1, 1)
+        x = (x + rgb.view(3, 1, 1)).clamp_(0.0, 1.0)  # the reference's InputNormalize clamp (see above)
     if normalize:
         x = (x - _MEAN) / _STD
     return x.contiguous()
@@ -260,10 +299,10 @@ def describe_preprocessing(resolution: int) -> dict:
         "resolution": resolution,
         "decoder": "torchvision.io.decode_image(mode=RGB) on CPU (libjpeg-turbo / libpng)",
         "crop_resize": "torchvision.transforms.v2.functional.resized_crop(uint8, top, left, height, width, [res, res], "
-        "interpolation=BILINEAR, antialias=True)",
+        "interpolation=BILINEAR (interp 0) or BICUBIC (interp 1), antialias=True)",
         "order": "crop_resize, flip, float/255, jitter(order0..3), grayscale, gaussian_blur(k=2*ceil(3*s)+1, "
-        "s=blur_sigma*res/224), lighting(eigvec @ diag(eigval) @ alpha), normalize",
-        "interpolation": "bilinear",
+        "s=blur_sigma*res/224), lighting(eigvec @ diag(eigval) @ alpha) then clamp(0, 1), normalize",
+        "interpolation": "per view: the interp column (0 bilinear, 1 bicubic)",
         "antialias": True,
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,

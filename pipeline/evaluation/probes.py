@@ -43,6 +43,7 @@ class ProbeResult:
     c: float  # the inverse regularisation strength used for the final fit
     sweep: dict[str, float]  # str(C) -> held-out top-1 of the sweep (empty when no sweep ran)
     converged: bool  # False when lbfgs hit max_iter on the final fit
+    sweep_rows: int = 0  # held-out train rows each sweep top-1 is measured on (0 when no sweep ran)
 
 
 def check_rows(x: np.ndarray, y: np.ndarray, what: str) -> None:
@@ -81,10 +82,11 @@ def top1(pred: np.ndarray, y: np.ndarray) -> float:
 
 def choose_c(
     x: np.ndarray, y: np.ndarray, cs: tuple[float, ...], holdout: float, seed: int, max_iter: int
-) -> tuple[float, dict[str, float]]:
-    """Pick C by held-out top-1 (ties -> the smaller C, i.e. stronger regularisation); one C means no sweep."""
+) -> tuple[float, dict[str, float], int]:
+    """Pick C by held-out top-1 (ties -> the smaller C, i.e. stronger regularisation); one C means no sweep.
+    Returns (C, {str(C): held-out top-1}, held-out rows)."""
     if len(cs) == 1:
-        return cs[0], {}
+        return cs[0], {}, 0
     fit_idx, hold_idx = split_holdout(y, holdout, seed)
     if len(hold_idx) == 0 or len(np.unique(y[fit_idx])) < 2:
         raise ProbeError(
@@ -95,7 +97,7 @@ def choose_c(
         probe, _ = fit_probe(x[fit_idx], y[fit_idx], c, max_iter)
         sweep[str(c)] = top1(probe.predict(x[hold_idx]), y[hold_idx])
     best = max(sorted(cs), key=lambda c: sweep[str(c)])  # max() keeps the first (smallest) C among ties
-    return best, sweep
+    return best, sweep, len(hold_idx)
 
 
 def linear_probe(
@@ -113,9 +115,9 @@ def linear_probe(
     check_rows(x_eval, y_eval, "probe eval")
     if len(np.unique(y_train)) < 2:
         raise ProbeError("probe train: a linear probe needs at least 2 classes in the train split")
-    c, sweep = choose_c(x_train, y_train, cs, holdout, seed, max_iter)
+    c, sweep, sweep_rows = choose_c(x_train, y_train, cs, holdout, seed, max_iter)
     probe, converged = fit_probe(x_train, y_train, c, max_iter)
-    return ProbeResult(top1(probe.predict(x_eval), y_eval), c, sweep, converged)
+    return ProbeResult(top1(probe.predict(x_eval), y_eval), c, sweep, converged, sweep_rows)
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "kdep-projection/1"
-TRANSFORMS = ("pts", "sn", "sm-linear", "sm-match", "none")  # as stored (the stage's "sm" means "sm-linear")
+TRANSFORMS = ("pts", "sn", "sm-linear", "sm-rank", "sm-match", "none")  # as stored ("sm" is "sm-linear")
 STAT_KEYS = (
     "singular_values",  # (D_t,) sqrt of the eigenvalues of the centred scatter matrix, descending
     "explained_variance_ratio",  # (D_s,) variance of each output channel / total variance of x

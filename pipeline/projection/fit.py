@@ -13,12 +13,24 @@ Methods (METHOD.md), each giving ``mean``, ``basis`` (D_t, D_s) and the per-chan
 - ``interp``: nearest-neighbour interpolation, channel j = floor(j * D_t / D_s), uncentred.
 
 Transforms, as a per-channel divisor ``scale`` (then PTS for ``pts``). A constant channel (std 0) keeps scale 1.
+Below, sigma_i is the std of output channel i before the transform (svd: s_i / sqrt(N)) and R = max/min of the raw
+feature's per-channel std over its non-constant channels (the reference hard-codes it: STD_PRE_PCA = 2.98).
 - ``pts`` / ``none``: scale 1.
-- ``sn``: scale = std (every channel std 1).
-- ``sm-linear`` (what ``sm`` means): channel stds decrease linearly, by rank of their own std, from
-  R = max/min of the raw feature's per-channel std (over its non-constant channels) down to 1:
-  the largest-std channel gets std R, the smallest 1 (D_s = 1: R).
-- ``sm-match``: the channel of rank k gets the k-th largest per-channel std of the raw feature.
+- ``sn``: scale = sigma (every channel std 1). The KDEP reference (``src/resnet.py``, ResNet_feat_svd_pre_relu,
+  commented "Var matching step1") multiplies by 500 / s_i instead, s_i the singular values of its centred fit
+  matrix (``gen_svd_weights.py``: torch.svd), so its channel std is 500 / sqrt(N): about 1.40 for its N = 128k
+  (the 10% ImageNet subset, one view per image; its SM blocks multiply by 357 ~ sqrt(N) to get back to 1). That
+  constant ties the target scale to the fit-set size; ours is 1 for any N (a cache of K views per image has
+  K times the rows), and a reference-scale target is ours times 500 / sqrt(N) (the loss then grows by its square).
+- ``sm-linear`` (what ``sm`` means; the reference's "step2 method 1"): the target std is linear in sigma,
+  y_i = (sigma_1 - R sigma_k + (R - 1) sigma_i) / (sigma_1 - sigma_k), with sigma_1 / sigma_k the largest /
+  smallest non-constant sigma: R for the largest channel, 1 for the smallest. The formula is invariant to a common
+  scale of sigma, so sigma_i may be read as the singular value s_i as in the reference. Every sigma equal (or
+  D_s = 1): R everywhere.
+- ``sm-rank``: linear by rank instead of by value (this project's earlier ``sm-linear``): linspace(R, 1, D_s) in
+  order of decreasing sigma (ties: lower channel first); D_s = 1: R.
+- ``sm-match`` (the reference's "step2 method 2"): the channel of rank k gets the k-th largest per-channel std of
+  the raw feature.
 """
 
 from __future__ import annotations
@@ -107,8 +119,10 @@ def target_std(transform: str, std: np.ndarray, raw_std: np.ndarray) -> np.ndarr
     if transform == "sn":
         return np.ones_like(std)
     live = raw_std[raw_std > 0]
+    ratio = live.max() / live.min() if live.size else 1.0
     if transform == "sm-linear":
-        ratio = live.max() / live.min() if live.size else 1.0
+        return linear_in_value(std, ratio)
+    if transform == "sm-rank":
         levels = np.linspace(ratio, 1.0, len(std))
     elif transform == "sm-match":
         levels = np.sort(raw_std)[::-1][: len(std)]
@@ -117,6 +131,16 @@ def target_std(transform: str, std: np.ndarray, raw_std: np.ndarray) -> np.ndarr
     out = np.empty_like(std)
     out[np.argsort(-std, kind="stable")] = levels  # by rank: the largest std gets the largest level
     return out
+
+
+def linear_in_value(std: np.ndarray, ratio: float) -> np.ndarray:
+    """(D_s,) KDEP's SM method 1: (s_1 - R s_k + (R - 1) s_i) / (s_1 - s_k), s_1 / s_k the largest / smallest
+    non-constant std: R at the largest, 1 at the smallest. All equal (or none non-constant): R everywhere."""
+    live = std[std > 0]
+    if live.size == 0 or live.max() == live.min():
+        return np.full_like(std, ratio)
+    top, bottom = live.max(), live.min()
+    return (top - ratio * bottom + (ratio - 1.0) * std) / (top - bottom)
 
 
 def transform_scale(transform: str, std: np.ndarray, raw_std: np.ndarray) -> np.ndarray:

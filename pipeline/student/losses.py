@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.choices import COSS_HEADS
+
 
 def kdep_loss(
     s: torch.Tensor, t: torch.Tensor, weight: float
@@ -56,17 +58,49 @@ def coss_loss(
     return loss, {"l_co": l_co.detach(), "l_ss": l_ss.detach()}
 
 
-class CossHead(nn.Module):
-    """CoSS's student head when D_s != D_t: Linear(D_s, 2048) -> BN -> ReLU -> Linear(2048, D_t); dropped after."""
+def coss_bn_loss(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CoSS supplement section 4 (Table 4), the BN variant: L = (1/B) sum_b D(Z_b, X_b) with D the mean squared
+    error over the D_t channels, i.e. mean_{b,d} (Z_bd - X_bd)^2, unweighted.
 
-    def __init__(self, d_s: int, d_t: int, hidden: int = 2048) -> None:
+    ``z`` (B, D_t) is the batch-normalised student embedding (:class:`BatchNormHead`), ``t`` (B, D_t) the teacher's
+    unnormalised embedding.
+    """
+    mse = F.mse_loss(z.float(), t.float())
+    return mse, {"mse": mse.detach()}
+
+
+class CossHead(nn.Module):
+    """CoSS's student head when D_s != D_t, dropped after training; (B, D_s) -> (B, D_t).
+
+    ``mlp`` (the reference, paganpasta/coss-pytorch ``wrapper.py``): Linear(D_s, 2048) -> ReLU -> Linear(2048, D_t).
+    ``mlp-bn``: Linear(D_s, 2048) -> BatchNorm1d(2048) -> ReLU -> Linear(2048, D_t), a variant that is not in the
+    reference (this project's head before it was checked against the reference code).
+    """
+
+    def __init__(self, d_s: int, d_t: int, hidden: int = 2048, kind: str = "mlp") -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d_s, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_t)
-        )
+        if kind not in COSS_HEADS:
+            raise ValueError(f"CoSS head {kind!r} is not one of {', '.join(COSS_HEADS)}")
+        norm = [nn.BatchNorm1d(hidden)] if kind == "mlp-bn" else []
+        self.kind = kind
+        self.net = nn.Sequential(nn.Linear(d_s, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, d_t))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.net(s)
+
+
+class BatchNormHead(nn.Module):
+    """The CoSS supplement's BN variant (section 4, eq. 1): Z_:,i = gamma_i (X_:,i - mu_i) / sigma_i + beta_i,
+    BatchNorm1d(D_t) with affine parameters on the student embedding, mapping it to the teacher's unnormalised
+    embedding space. The embedding is the student feature, through a :class:`CossHead` first when D_s != D_t."""
+
+    def __init__(self, d_s: int, d_t: int, kind: str = "mlp") -> None:
+        super().__init__()
+        self.embed: nn.Module = CossHead(d_s, d_t, kind=kind) if d_s != d_t else nn.Identity()
+        self.bn = nn.BatchNorm1d(d_t, affine=True)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.embed(s))
 
 
 class LinearHead(nn.Module):

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 class LossSpec:
     """Which distillation loss and its weights."""
 
-    name: str  # kdep, cosine, coss, linear-pre, linear-post
+    name: str  # kdep, cosine, coss, coss-bn, linear-pre, linear-post
     weight: float = 3.0  # w of the KDEP loss (and the baselines' MSE)
     coss: tuple[float, float, float, float, float] = (1.0, 1.0, 0.07, 0.1, 1.0)  # l0, l1, tau_t, tau_s, beta
+    coss_head: str = "mlp"  # coss / coss-bn head when D_s != D_t: mlp (the reference) or mlp-bn
 
 
 @dataclass(frozen=True)

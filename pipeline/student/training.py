@@ -17,7 +17,15 @@ from pipeline.data.views import normalize_views
 from pipeline.models import FeatureTaps, ModelError, build_model, last_linear, tap_dims
 from pipeline.projection.artefact import Projection
 from pipeline.runtime import Dist, autocast_for
-from pipeline.student.losses import CossHead, LinearHead, cosine_loss, coss_loss, kdep_loss
+from pipeline.student.losses import (
+    BatchNormHead,
+    CossHead,
+    LinearHead,
+    cosine_loss,
+    coss_bn_loss,
+    coss_loss,
+    kdep_loss,
+)
 from pipeline.student.specs import LossSpec, TrainSpec
 
 # Supplement Table S.4: (data fraction, epochs) -> weight decay.
@@ -47,7 +55,9 @@ def lr_at(epoch: int, epochs: int, base: float) -> float:
 class Student(nn.Module):
     """A torchvision backbone, its feature tap and the loss's trainable head (if any). forward -> (B, D_out)."""
 
-    def __init__(self, arch: str, tap: str, loss: str, d_target: int, resolution: int) -> None:
+    def __init__(
+        self, arch: str, tap: str, loss: str, d_target: int, resolution: int, coss_head: str = "mlp"
+    ) -> None:
         super().__init__()
         model, _ = build_model(arch, None)
         self.arch, self.tap, self.loss = arch, tap, loss
@@ -62,7 +72,9 @@ class Student(nn.Module):
         if loss in ("linear-pre", "linear-post"):
             self.head = LinearHead(self.d_feature, d_target, after_relu=loss == "linear-post")
         elif loss == "coss" and self.d_feature != d_target:
-            self.head = CossHead(self.d_feature, d_target)
+            self.head = CossHead(self.d_feature, d_target, kind=coss_head)
+        elif loss == "coss-bn":
+            self.head = BatchNormHead(self.d_feature, d_target, kind=coss_head)
         elif loss in ("kdep", "cosine") and self.d_feature != d_target:
             raise ModelError(
                 f"student {arch} {tap} width is {self.d_feature} but the projection gives {d_target}; "
@@ -94,6 +106,8 @@ def compute_loss(
         return kdep_loss(out, target, spec.weight)
     if spec.name == "cosine":
         return cosine_loss(out, target)
+    if spec.name == "coss-bn":
+        return coss_bn_loss(out, target)
     l0, l1, tau_t, tau_s, beta = spec.coss
     return coss_loss(out, target, l0, l1, tau_t, tau_s, beta)
 
@@ -186,7 +200,7 @@ def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teac
     for i, (s, proj) in enumerate(zip(spec.students, projections, strict=True)):
         torch.manual_seed(recipe.seed + 1000 * i)
         d_target = proj.dim_student if proj is not None else d_teacher
-        student = Student(s.arch, s.tap, spec.loss.name, d_target, resolution).to(device)
+        student = Student(s.arch, s.tap, spec.loss.name, d_target, resolution, spec.loss.coss_head).to(device)
         if device.type == "cuda" and spec.runtime.channels_last:
             student = student.to(memory_format=torch.channels_last)
         model: nn.Module = student
