@@ -105,7 +105,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="kdep-bench-") as tmp:
         results.update(bench_cache_vs_inference(data, Path(tmp), prof))
         results.update(bench_decode_once(data, prof))
-        results.update(bench_student_steps(Path(tmp) / "cache.zarr", Path(tmp), prof))
+        results.update(bench_student_steps(Path(tmp) / "cache", Path(tmp), prof))
         results.update(bench_loader_vs_torchvision(data, Path(tmp), prof))
     svd = bench_svd(rows=prof.svd_rows, dim=prof.svd_dim, quick=quick)
     results.update(svd)

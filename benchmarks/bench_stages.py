@@ -122,7 +122,7 @@ def bench_cache_vs_inference(data: Path, tmp: Path, prof) -> dict:
     _sync(device)
     bare = n_batches * len(batch) / (time.perf_counter() - t0)
     torch.save(model.state_dict(), tmp / "teacher.pt")
-    cfg = CacheTeacherConfig(shards=str(data), out=str(tmp / "cache.zarr"), teacher=prof.teacher, weights=str(tmp / "teacher.pt"),
+    cfg = CacheTeacherConfig(shards=str(data), out=str(tmp / "cache"), teacher=prof.teacher, weights=str(tmp / "teacher.pt"),
                              views=prof.views, resolution=prof.resolution, batch_size=prof.batch,
                              workers=bench_workers(prof), device=prof.device, quiet=True)  # fmt: skip
     stats = cache_run(cfg)
@@ -257,7 +257,7 @@ def bench_loader_vs_torchvision(data: Path, tmp: Path, prof) -> dict:
         t0 = time.perf_counter()
         n_tv = sum(len(x) for x, _ in DataLoader(tv, batch_size=32, shuffle=True, num_workers=0))
         tv_rate = n_tv / (time.perf_counter() - t0)
-        loaders = stage3_loaders(open_store(tmp / "cache.zarr"), prof.resolution, 32, 0, False, used)
+        loaders = stage3_loaders(open_store(tmp / "cache"), prof.resolution, 32, 0, False, used)
         t0 = time.perf_counter()
         n_ours = sum(len(x) for x, _r, _i in loaders.for_epoch(0))
         ours = n_ours / (time.perf_counter() - t0)

@@ -114,7 +114,7 @@ def subspace_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bench_one(root: Path, rows: int, dim: int, dim_s: int) -> dict:
-    cache, out = build_cache(root / f"cache-{rows}.zarr", rows, dim), root / f"proj-{rows}.npz"
+    cache, out = build_cache(root / f"cache-{rows}", rows, dim), root / f"proj-{rows}.npz"
     fit = time_fit(cache, out, dim_s)
     record = {"rows": rows, **fit, "numpy_seconds": None, "subspace_error": None, "sv_rel_error": None}
     if rows * dim * 4 <= NUMPY_MAX_BYTES:

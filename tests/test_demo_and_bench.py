@@ -17,10 +17,10 @@ def _tiny_manifest(tmp: Path) -> Path:
     text = f"""
 demo_data: {{out: {out}/data, classes: 4, train_per_class: 6, val_per_class: 3, per_shard: 8}}
 demo_teacher: {{train: {out}/data/train, out: {out}/teacher.pt, arch: resnet18, epochs: 1, batch_size: 8, resolution: 32}}
-cache_teacher: {{shards: {out}/data/train, out: {out}/cache.zarr, teacher: resnet18, weights: {out}/teacher.pt,
+cache_teacher: {{shards: {out}/data/train, out: {out}/cache, teacher: resnet18, weights: {out}/teacher.pt,
                 views: 2, resolution: 32, batch_size: 8, workers: 0, device: cpu}}
-fit_svd: {{cache: {out}/cache.zarr, out: {out}/proj.npz, dim: 512}}
-train_student: {{cache: {out}/cache.zarr, projection: [{out}/proj.npz], student: [resnet18], out: {out}/student,
+fit_svd: {{cache: {out}/cache, out: {out}/proj.npz, dim: 512}}
+train_student: {{cache: {out}/cache, projection: [{out}/proj.npz], student: [resnet18], out: {out}/student,
                 epochs: 1, batch_size: 8, workers: 0, device: cpu}}
 eval: {{train: {out}/data/train, val: {out}/data/val, out: {out}/eval, resolution: 32, knn_k: 3,
        backbones: [random=resnet18:random, kdep=resnet18:{out}/student/backbone-resnet18.pt,
@@ -41,7 +41,7 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     out = tmp_path / "demo"
     for produced in (
         "teacher.pt",
-        "cache.zarr/zarr.json",
+        "cache/store.zarr/zarr.json",
         "proj.npz.json",
         "student/done.json",
         "eval/results.json",
