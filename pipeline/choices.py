@@ -18,3 +18,4 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # autocast on CUDA (pipeline.runtim
 DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted where a stage takes a device
 FEATURE_DTYPES = ("float16", "float32")  # stored feature dtype of the cache
 OUT_OF_RANGE = ("error", "skip")  # features the stored dtype cannot hold: stop, or skip the image (counted)
+LR_SCHEDULES = ("step", "cosine")  # pipeline.student.training.lr_at: step (KDEP) or per-epoch cosine (CoSS)

@@ -19,6 +19,7 @@ from pipeline.choices import (
     DEVICES,
     FEATURE_DTYPES,
     LOSSES,
+    LR_SCHEDULES,
     OUT_OF_RANGE,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
@@ -180,7 +181,7 @@ class FitSvdConfig:
 @dataclass(frozen=True)
 class TrainStudentConfig:
     CHOICES: ClassVar[dict] = {"loss": LOSSES, "tap": TAPS, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
-                               "amp": AMP_MODES, "coss_head": COSS_HEADS}  # fmt: skip
+                               "amp": AMP_MODES, "coss_head": COSS_HEADS, "lr_schedule": LR_SCHEDULES}  # fmt: skip
     cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     projection: tuple[
         str, ...
@@ -204,6 +205,7 @@ class TrainStudentConfig:
     batch_size: int = 512  # per rank
     lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512
     weight_decay: float = -1.0  # < 0 = from the supplement's table by data_fraction and epochs
+    lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch (CoSS)
     data_fraction: float = 0.1  # fraction of ImageNet the shards hold (only for the weight-decay table)
     resolution: int = 0  # student input side; 0 = the teacher's
     view_policy: str = (

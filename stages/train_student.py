@@ -14,6 +14,8 @@ classifier), ``metrics.jsonl``, ``loss.png``, ``provenance.json``, ``config.trai
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from pipeline.manifest import config_to_dict
@@ -29,10 +31,44 @@ from pipeline.student.specs import (
 )
 from stages.config import TrainStudentConfig
 
+# CoSS's reference set-up (coss-pytorch; METHOD.md), as manifests/coss.yaml writes it: training settings, and the
+# cache settings its teacher rows need. Epochs and batch are left out (they follow the compute budget).
+COSS_REFERENCE = {
+    "tap": "post_relu", "student_tap": "post_relu", "neighbours": 15, "neighbour_pool": 31, "anchors": 16,
+    "lr": 0.03, "weight_decay": 1e-4, "lr_schedule": "cosine", "coss_head": "mlp",
+}  # fmt: skip
+COSS_REFERENCE_CACHE = {"recipe": "coss", "center_first": True, "center_recipe": "center-coss"}
+
+
+def coss_differences(config: TrainStudentConfig, cache_views: dict) -> list[str]:
+    """How a ``--loss coss`` run differs from CoSS's reference set-up: ``key value (reference value)`` items."""
+    if config.loss != "coss":
+        return []
+    out = [f"{k} {getattr(config, k)} ({v})" for k, v in COSS_REFERENCE.items() if getattr(config, k) != v]
+    out += [
+        f"cache {k} {cache_views.get(k)} ({v})"
+        for k, v in COSS_REFERENCE_CACHE.items()
+        if cache_views.get(k) != v
+    ]
+    return out
+
+
+def warn_if_not_coss_reference(config: TrainStudentConfig) -> None:
+    """One line on stderr (rank 0) when a CoSS run is not the reference set-up; the run goes on."""
+    if config.loss != "coss" or os.environ.get("RANK", "0") != "0":
+        return
+    from pipeline.cache.store import open_store
+
+    diffs = coss_differences(config, open_store(config.cache).provenance["views"])
+    if diffs:
+        typer.echo(f"train-student: --loss coss differs from CoSS's reference set-up (manifests/coss.yaml): "
+                   f"{', '.join(diffs)}", err=True)  # fmt: skip
+
 
 def run(config: TrainStudentConfig) -> dict:
     """Train every student for ``epochs`` (resuming from the newest checkpoint); returns the final metrics."""
     c = config
+    warn_if_not_coss_reference(config)
     projections = c.projection or (None,) * len(c.student)  # None: the raw teacher rows are the targets
     students = tuple(StudentSpec(a, c.student_tap, p) for a, p in zip(c.student, projections, strict=True))
     spec = TrainSpec(
@@ -41,7 +77,8 @@ def run(config: TrainStudentConfig) -> dict:
                       shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad, neighbours=c.neighbours,
                       neighbour_pool=c.neighbour_pool, anchors=c.anchors, views_used=c.views_used),
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                          data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps),
+                          data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
+                          lr_schedule=c.lr_schedule),
         loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
                       coss_head=c.coss_head),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,

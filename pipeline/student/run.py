@@ -179,7 +179,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
     """One pass over this rank's share of the pairs; every student steps on every batch. Returns the counts
     (images and singletons over all ranks, this rank's steps), the seconds and the samples that did not join."""
     loader, recipe = run.loaders.for_epoch(epoch), run.spec.recipe
-    start_epoch(run.trainees, epoch, recipe.epochs)
+    start_epoch(run.trainees, epoch, recipe.epochs, recipe.lr_schedule)
     bar = progress_bar(total=run.expected // run.job.world, unit="img", desc=f"epoch {epoch + 1}/{recipe.epochs}",
                        disable=run.spec.output.quiet or not run.job.is_main, mininterval=1.0)  # fmt: skip
     images, steps, singletons, t0 = 0, 0, 0, time.perf_counter()
@@ -216,11 +216,11 @@ def empty_epoch_message(run: Run, epoch: int, stats: dict) -> str:
             "more images")  # fmt: skip
 
 
-def start_epoch(trainees: list[Trainee], epoch: int, epochs: int) -> None:
-    """This epoch's step-schedule lr, train mode and a fresh loss list for every student."""
+def start_epoch(trainees: list[Trainee], epoch: int, epochs: int, schedule: str = "step") -> None:
+    """This epoch's lr (step or cosine schedule), train mode and a fresh loss list for every student."""
     for t in trainees:
         for group in t.optimizer.param_groups:
-            group["lr"] = lr_at(epoch, epochs, t.base_lr)
+            group["lr"] = lr_at(epoch, epochs, t.base_lr, schedule)
         t.model.train()
         t.losses = []
 

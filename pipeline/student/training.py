@@ -46,8 +46,12 @@ def base_lr_for(arch: str, global_batch: int) -> float:
     return BASE_LR.get(arch, 0.3) * global_batch / 512
 
 
-def lr_at(epoch: int, epochs: int, base: float) -> float:
-    """Step schedule: base, base/10 from 1/3 of training, base/100 from 2/3 (reference: every 30 of 90 epochs)."""
+def lr_at(epoch: int, epochs: int, base: float, schedule: str = "step") -> float:
+    """The learning rate of ``epoch``. ``step`` (KDEP): base, base/10 from 1/3 of training, base/100 from 2/3
+    (reference: every 30 of 90 epochs). ``cosine`` (CoSS, MoCo's per-epoch rule): base * (1 + cos(pi * epoch /
+    epochs)) / 2."""
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     drops = sum(epoch >= math.ceil(epochs * f) for f in (1 / 3, 2 / 3))
     return base * (0.1**drops)
 
