@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.store import CacheLayout, ShardBlock, create_store, open_store
+from pipeline.data.params import N_PARAMS
 
 SHARD_ROWS = 10_000  # rows per synthetic shard (ImageNet-like shard size)
 RANK = 64  # rank of the synthetic low-rank signal
@@ -56,7 +57,7 @@ def build_cache(path: Path, rows: int, dim: int, seed: int = 0) -> Path:
         block = ShardBlock(
             keys=[f"s{i}-{j}" for j in range(n)],
             features={"pre_relu": feats},
-            params=np.zeros((n, 1, 19), np.float32),
+            params=np.zeros((n, 1, N_PARAMS), np.float32),
             hw=np.zeros((n, 2), np.int32),
             hashes=np.zeros((n, 16), np.uint8),
             valid=np.ones(n, bool),
