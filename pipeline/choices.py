@@ -6,7 +6,9 @@ the modules that implement each name import the tuple from here, so a new loss, 
 
 from __future__ import annotations
 
-TAPS = ("pre_relu", "post_relu")  # pooled feature taps (pipeline.models)
+# pooled feature taps the stage configs accept; a model may have more (pooled, stage1..stageN):
+# pipeline.models.supported_taps(model) lists them, FeatureTaps refuses the others naming them
+TAPS = ("pre_relu", "post_relu")
 LOSSES = ("kdep", "cosine", "coss", "coss-bn", "linear-pre", "linear-post")  # pipeline.student.losses
 COSS_HEADS = ("mlp", "mlp-bn")  # CoSS student head when D_s != D_t (pipeline.student.losses.CossHead)
 VIEW_POLICIES = ("walk", "random")  # how stage 3 picks an image's view per epoch (pipeline.student.pairs)

@@ -1,6 +1,8 @@
 """The pooled taps against independent references: torchvision's FX feature extractor on the `add` node (with
 ReLUs made non-inplace, PITFALLS.md) for ResNets, a cloning hook on the last BN for MobileNetV2, and `fc`'s input
-for post_relu. Also weights files: state dicts, checkpoints, headless backbones and wrong architectures."""
+for post_relu; stage taps against the FX extractor's stage outputs, pooled by hand. Also weights files (state
+dicts, checkpoints, headless backbones, wrong architectures), names and refusals, and preprocessing: the weights'
+transforms() metadata, and ImageNet normalisation on the device bit-identical to pipeline.data.views."""
 
 from __future__ import annotations
 
@@ -10,7 +12,19 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.models import FeatureTaps, ModelError, backbone_state_dict, build_model
+from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize_views
+from pipeline.models import (
+    IMAGENET_PREPROCESSING,
+    FeatureTaps,
+    ModelError,
+    Normalize,
+    Preprocessing,
+    backbone_state_dict,
+    build_model,
+    model_preprocessing,
+    parse_model_name,
+    supported_taps,
+)
 
 
 def _reference_pre_relu(model: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
@@ -101,3 +115,83 @@ def test_pre_relu_is_refused_for_models_without_a_definition():
         FeatureTaps(model, ("pre_relu",))
     out = FeatureTaps(model.eval(), ("post_relu",))(torch.randn(1, 3, 32, 32))
     assert out["post_relu"].shape == (1, 1280)
+
+
+@pytest.mark.parametrize(
+    ("arch", "nodes"),
+    [
+        ("resnet18", ("layer1", "layer2", "layer3", "layer4")),
+        ("mobilenet_v2", ("features.3", "features.6", "features.13", "features.17")),
+    ],
+)
+def test_stage_taps_equal_the_fx_feature_extractor_pooled(arch, nodes):
+    """Stage K is GAP of layerK (ResNet) or of the last block at stride 4/8/16/32 (MobileNetV2, timm's grouping)."""
+    torch.manual_seed(0)
+    model, _ = build_model(f"tv:{arch}", None)
+    model.eval()
+    stages = tuple(f"stage{k}" for k in range(1, 5))
+    assert supported_taps(model) == ("pre_relu", "post_relu", "pooled", *stages)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = FeatureTaps(model, ("pooled", *stages))(x)
+        ref = create_feature_extractor(model, list(nodes))(x)
+        pooled = _reference_post_relu(model, x)
+    for tap, node in zip(stages, nodes, strict=True):
+        torch.testing.assert_close(ours[tap], ref[node].mean((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["pooled"], pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_other_torchvision_models_have_pooled_and_unknown_taps_name_the_known_ones():
+    model = torchvision.models.efficientnet_b0().eval()
+    assert supported_taps(model) == ("post_relu", "pooled")
+    with pytest.raises(ModelError, match=r"EfficientNet has no tap 'stage1'; it has: post_relu, pooled"):
+        FeatureTaps(model, ("stage1",))
+    with pytest.raises(
+        ModelError, match="ResNet has no tap 'stage5'; it has: pre_relu, post_relu, pooled, stage1"
+    ):
+        FeatureTaps(torchvision.models.resnet18(), ("stage5",))
+
+
+def test_model_names_and_refusals():
+    assert parse_model_name("resnet50") == parse_model_name("tv:resnet50") == ("torchvision", "resnet50")
+    assert parse_model_name("timm:convnext_atto.d2_in1k") == ("timm", "convnext_atto.d2_in1k")
+    with pytest.raises(
+        ModelError, match=r"unknown model 'resnet19'; torchvision classification models include resnet18"
+    ):
+        build_model("resnet19")
+    with pytest.raises(ModelError, match=r"model name 'keras:resnet50': use NAME or tv:NAME .* timm:NAME"):
+        build_model("keras:resnet50")
+    with pytest.raises(
+        ModelError, match=r"has no torchvision weights 'a1_in1k'; known: IMAGENET1K_V1, DEFAULT"
+    ):
+        build_model("tv:resnet18", "a1_in1k")
+
+
+def test_preprocessing_of_torchvision_weights_and_default_normalisation_is_bit_identical_to_the_views():
+    """Metadata only (the weights' transforms()), nothing downloaded; ImageNet mean/std through FeatureTaps equal
+    the data pipeline's normalisation bit for bit, so a [0, 1]/uint8 input path changes no cached number."""
+    model = torchvision.models.resnet18().eval()
+    prep = model_preprocessing(model, {"kind": "torchvision", "name": "ResNet50_Weights.IMAGENET1K_V2"})
+    assert (prep.resolution, prep.interpolation, round(prep.crop_pct, 4)) == (
+        224,
+        "bilinear",
+        round(224 / 232, 4),
+    )
+    assert prep.source == "torchvision:ResNet50_Weights.IMAGENET1K_V2.transforms()"
+    assert (
+        model_preprocessing(model) == model_preprocessing(model, {"kind": "random"}) == IMAGENET_PREPROCESSING
+    )
+    assert IMAGENET_PREPROCESSING.mean == IMAGENET_MEAN and IMAGENET_PREPROCESSING.std == IMAGENET_STD
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    x = u8.float() / 255
+    norm = Normalize(IMAGENET_PREPROCESSING)
+    assert torch.equal(norm(u8), normalize_views(u8))
+    assert torch.equal(
+        norm(x), (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    )
+    with torch.no_grad():
+        ours = FeatureTaps(model, ("pre_relu",), IMAGENET_PREPROCESSING)(u8)["pre_relu"]
+        today = FeatureTaps(model, ("pre_relu",))(normalize_views(u8))["pre_relu"]
+    assert torch.equal(ours, today)
+    with pytest.raises(ModelError, match="interpolation 'area'"):
+        Preprocessing((0.5,) * 3, (0.5,) * 3, 224, interpolation="area")
