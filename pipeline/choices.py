@@ -6,9 +6,10 @@ the modules that implement each name import the tuple from here, so a new loss, 
 
 from __future__ import annotations
 
-# pooled feature taps the stage configs accept; a model may have more (pooled, stage1..stageN):
-# pipeline.models.supported_taps(model) lists them, FeatureTaps refuses the others naming them
-TAPS = ("pre_relu", "post_relu")
+# pooled feature taps (pipeline.models): which a model has is pipeline.models.supported_taps(model), and
+# FeatureTaps refuses the others naming them; stage1..stage6 covers every family's stages (most have 4)
+TAPS = ("pre_relu", "post_relu", "pooled", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
+EVAL_TAPS = ("pre_relu", "post_relu")  # the taps kdep eval extracts (post_relu is pooled for every model)
 LOSSES = ("kdep", "cosine", "coss", "coss-bn", "linear-pre", "linear-post")  # pipeline.student.losses
 COSS_HEADS = ("mlp", "mlp-bn")  # CoSS student head when D_s != D_t (pipeline.student.losses.CossHead)
 VIEW_POLICIES = ("walk", "random")  # how stage 3 picks an image's view per epoch (pipeline.student.pairs)

@@ -284,27 +284,79 @@ def _check_taps(model: nn.Module, taps: tuple[str, ...]) -> None:
         raise ModelError(f"{name} has no tap {tap!r}; it has: {', '.join(known)}")
 
 
+class Renormalize(nn.Module):
+    """ImageNet-normalised views (what the stages replay and move to the device) -> normalised with
+    ``preprocessing``'s mean/std instead: ``x * (std_in / std) + (mean_in - mean) / std``.
+
+    No operation at all when ``preprocessing`` has ImageNet's mean/std (today's models: byte-identical caches);
+    otherwise within float32 rounding (~1e-7 relative) of normalising the [0, 1] view with the model's own values.
+    Stage 1, ``kdep verify`` and the online teacher all go through this module, so they agree exactly.
+    """
+
+    def __init__(self, preprocessing: Preprocessing | None) -> None:
+        super().__init__()
+        self.identity = preprocessing is None or (
+            preprocessing.mean == IMAGENET_PREPROCESSING.mean
+            and preprocessing.std == IMAGENET_PREPROCESSING.std
+        )
+        if not self.identity:
+            mean_in = torch.tensor(IMAGENET_PREPROCESSING.mean, dtype=torch.float64).view(3, 1, 1)
+            std_in = torch.tensor(IMAGENET_PREPROCESSING.std, dtype=torch.float64).view(3, 1, 1)
+            mean = torch.tensor(preprocessing.mean, dtype=torch.float64).view(3, 1, 1)
+            std = torch.tensor(preprocessing.std, dtype=torch.float64).view(3, 1, 1)
+            self.register_buffer("scale", (std_in / std).float(), persistent=False)
+            self.register_buffer("shift", ((mean_in - mean) / std).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.identity else x * self.scale + self.shift
+
+
 class FeatureTaps(nn.Module):
     """``(B, 3, H, W) -> {tap: (B, D)}`` for the requested taps, from one forward of ``model``.
 
     ``preprocessing``: None (default) takes inputs already normalised (ImageNet mean/std, as every stage makes
     them); a :class:`Preprocessing` takes uint8 or [0, 1] float views and normalises them on the device with its
-    mean/std (:class:`Normalize`) first, so each teacher and student normalises for itself. Resizing to
-    ``preprocessing.resolution`` is the caller's (the view replay's) job.
+    mean/std (:class:`Normalize`) first, so each teacher and student normalises for itself. ``from_imagenet``
+    instead takes ImageNet-normalised inputs and re-normalises them with its mean/std (:class:`Renormalize`; a no-op
+    for ImageNet's values). Resizing to ``preprocessing.resolution`` is the caller's (the view replay's) job.
     """
 
     def __init__(
-        self, model: nn.Module, taps: tuple[str, ...], preprocessing: Preprocessing | None = None
+        self,
+        model: nn.Module,
+        taps: tuple[str, ...],
+        preprocessing: Preprocessing | None = None,
+        from_imagenet: Preprocessing | None = None,
     ) -> None:
         super().__init__()
         _check_taps(model, tuple(taps))
+        if preprocessing is not None and from_imagenet is not None:
+            raise ModelError("FeatureTaps takes preprocessing or from_imagenet, not both")
         self.model, self.taps = model, tuple(taps)
-        self.preprocessing = preprocessing
-        self.normalize = Normalize(preprocessing) if preprocessing is not None else nn.Identity()
+        self.preprocessing = preprocessing or from_imagenet
+        if preprocessing is not None:
+            self.normalize: nn.Module = Normalize(preprocessing)
+        else:
+            self.normalize = Renormalize(from_imagenet)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = _library(self.model).run_taps(self.model, self.normalize(x), self.taps)
         return {t: out[t] for t in self.taps}
+
+
+def build_for_resolution(
+    arch: str, weights: str | None, resolution: int, num_classes: int | None = None
+) -> tuple[nn.Module, dict]:
+    """:func:`build_model` for inputs of side ``resolution``: a model that accepts one input side only (a timm ViT)
+    is built for it (``img_size``; timm resamples pretrained position embeddings, and a weights file must be for
+    that size), recorded as ``model_kwargs`` in the identity so that it can be rebuilt exactly. The input size is
+    probed on a random-init build, so a weights file is loaded once, into the right shape."""
+    probe, _ = build_model(arch, None, num_classes)
+    fixed = _library(probe).fixed_input_size(probe)
+    del probe
+    if fixed is not None and fixed != resolution:
+        return build_model(arch, weights, num_classes, model_kwargs={"img_size": resolution})
+    return build_model(arch, weights, num_classes)
 
 
 def tap_dims(model: nn.Module, taps: tuple[str, ...], resolution: int = 64) -> dict[str, int]:

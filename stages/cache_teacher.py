@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,14 @@ from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
 from pipeline.data.views import RECIPES, describe_preprocessing
-from pipeline.models import build_model, tap_dims
+from pipeline.models import (
+    Preprocessing,
+    build_for_resolution,
+    build_model,
+    model_preprocessing,
+    tap_definitions,
+    tap_dims,
+)
 from pipeline.provenance import StoreLock, library_versions, require_same
 from pipeline.runtime import (
     Dist,
@@ -58,8 +65,9 @@ def run(config: CacheTeacherConfig) -> dict:
     rt = Runtime(device, amp, config.channels_last, config.workers, config.skip_bad,
                  not config.quiet and job.is_main, config.out_of_range)  # fmt: skip
     shards, dups = scan_inputs(config.shards, job, config.skip_bad)
-    model, identity, dims = local_leader_first(lambda: load_teacher(config))
-    provenance = build_provenance(config, identity, dims, shards, amp, tf32)
+    model, identity, dims, prep = local_leader_first(lambda: load_teacher(config))
+    config = replace(config, resolution=prep.resolution)  # 0 meant the teacher's own
+    provenance = build_provenance(config, identity, dims, shards, amp, tf32, teacher_record(model, prep))
     layout = CacheLayout(
         shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
     )
@@ -71,7 +79,7 @@ def run(config: CacheTeacherConfig) -> dict:
             print_banner(store, shards, tasks, len(done), job, rt)
         spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
                         max(1, config.batch_size // config.views), config.center_recipe)  # fmt: skip
-        results = gather_from_ranks(lambda: cache_share(store, tasks, model, config.taps, spec, rt))
+        results = gather_from_ranks(lambda: cache_share(store, tasks, model, config.taps, spec, rt, prep))
         stats = finish_run(store, job, config, results, done)
         stats["shards_total"] = len(shards)
     finally:
@@ -80,11 +88,31 @@ def run(config: CacheTeacherConfig) -> dict:
     return stats
 
 
-def load_teacher(config: CacheTeacherConfig) -> tuple[nn.Module, dict, dict[str, int]]:
-    """The teacher model, its weights identity and its taps' widths (run on each node's local rank 0 first, so
-    library weights are downloaded once per node and the other ranks load them from that node's cache)."""
-    model, identity = build_model(config.teacher, None if config.weights == "random" else config.weights)
-    return model, identity, tap_dims(model, config.taps, config.resolution)
+def load_teacher(config: CacheTeacherConfig) -> tuple[nn.Module, dict, dict[str, int], Preprocessing]:
+    """The teacher model, its weights identity, its taps' widths and its preprocessing (run on each node's local
+    rank 0 first, so library weights are downloaded once per node and the other ranks load them from that node's
+    cache). A model that takes one input side only (a timm ViT) is built for ``--resolution``."""
+    weights = None if config.weights == "random" else config.weights
+    if config.resolution:
+        model, identity = build_for_resolution(config.teacher, weights, config.resolution)
+    else:
+        model, identity = build_model(config.teacher, weights)
+    prep = teacher_preprocessing(model, identity, config)
+    return model, identity, tap_dims(model, config.taps, prep.resolution), prep
+
+
+def teacher_preprocessing(model: nn.Module, identity: dict, config: CacheTeacherConfig) -> Preprocessing:
+    """The teacher's own normalisation and resolution (its library's), with ``--resolution``, ``--mean`` and
+    ``--std`` overriding them where given."""
+    prep = model_preprocessing(model, identity)
+    wanted = {"resolution": config.resolution, "mean": tuple(config.mean), "std": tuple(config.std)}
+    changes = {k: v for k, v in wanted.items() if v and v != getattr(prep, k)}
+    return prep.override(**changes) if changes else prep
+
+
+def teacher_record(model: nn.Module, prep: Preprocessing) -> dict:
+    """What the provenance says of the teacher's input and taps beyond its identity."""
+    return {"normalization": prep.to_dict(), "tap_definitions": tap_definitions(model)}
 
 
 def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], dict[int, dict[str, str]]]:
@@ -111,12 +139,22 @@ def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], 
 
 
 def build_provenance(
-    config: CacheTeacherConfig, identity: dict, dims: dict, shards: list[ShardInfo], amp: str, tf32: bool
+    config: CacheTeacherConfig,
+    identity: dict,
+    dims: dict,
+    shards: list[ShardInfo],
+    amp: str,
+    tf32: bool,
+    teacher: dict,
 ) -> dict:
-    """Everything that determines the cached numbers (compared on resume), plus versions and sources (recorded)."""
+    """Everything that determines the cached numbers (compared on resume), plus versions and sources (recorded).
+    ``teacher["normalization"]``: the teacher's own mean/std, applied to the ImageNet-normalised replayed view by
+    :class:`pipeline.models.Renormalize` (a no-op for ImageNet's values)."""
     identity = {k: v for k, v in identity.items() if k != "path"}
+    defs = teacher["tap_definitions"]
     return {
-        "teacher": {"arch": config.teacher, "weights": identity, "taps": list(config.taps), "dims": dims},
+        "teacher": {"arch": config.teacher, "weights": identity, "taps": list(config.taps), "dims": dims,
+                    "normalization": teacher["normalization"], "tap_definitions": {t: defs[t] for t in config.taps}},
         "preprocessing": describe_preprocessing(config.resolution),
         "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
                   "seed": config.seed, "center_first": config.center_view,
@@ -189,10 +227,11 @@ def cache_share(
     taps: tuple[str, ...],
     spec: ViewSpec,
     rt: Runtime,
+    prep: Preprocessing | None = None,
 ) -> tuple[dict, list[int]]:
     """This rank's shards through the teacher; returns its counts and the shards whose done marker it sees (it
     wrote them, so no other node's cache of the directory is involved)."""
-    stats = cache_shards(store, tasks, prepare_teacher(model, taps, rt), spec, rt)
+    stats = cache_shards(store, tasks, prepare_teacher(model, taps, rt, prep), spec, rt)
     return stats, store.finished([t.index for t in tasks])
 
 

@@ -17,6 +17,7 @@ from pipeline.choices import (
     CENTER_VIEWS,
     COSS_HEADS,
     DEVICES,
+    EVAL_TAPS,
     FEATURE_DTYPES,
     LOSSES,
     LR_SCHEDULES,
@@ -102,14 +103,16 @@ class CacheTeacherConfig:
     }
     shards: str = ""  # brace pattern, shard directory or index.json
     out: str = ""  # the cache folder to create or resume (its store.zarr is the Zarr hierarchy)
-    teacher: str = "resnet50"  # torchvision model name
-    weights: str = "IMAGENET1K_V2"  # torchvision weights name, a local file, or "random" (tests only)
-    taps: tuple[str, ...] = ("pre_relu",)  # pooled feature taps: pre_relu (KDEP) and/or post_relu
+    teacher: str = "resnet50"  # model: torchvision name (or tv:NAME), or timm:NAME
+    weights: str = "IMAGENET1K_V2"  # library weights (torchvision name; timm pretrained/tag), a file, random
+    taps: tuple[str, ...] = ("pre_relu",)  # pooled taps: pre_relu (KDEP), post_relu, pooled, stageK
     views: int = 10  # K views cached per image
     recipe: str = "paper"  # view recipe
     center_view: bool = False  # view 0 is the deterministic centre view (neighbour mining, evaluation)
     center_recipe: str = "center"  # center (0.875 crop, bilinear) or center-coss (CoSS: 224/235, bicubic)
-    resolution: int = 224  # view side in pixels
+    resolution: int = 224  # view side in pixels (the teacher's input); 0 = the teacher's own
+    mean: tuple[float, ...] = ()  # override the teacher's normalisation mean (default: its library's)
+    std: tuple[float, ...] = ()  # override the teacher's normalisation std (default: its library's)
     seed: int = 0  # base seed of the view parameters
     dtype: str = "float16"  # stored feature dtype
     out_of_range: str = "error"  # float16 overflow or a row below its normal range: stop, or skip the image
@@ -127,10 +130,16 @@ class CacheTeacherConfig:
         check_choices(self)
         if not self.taps or len(set(self.taps)) != len(self.taps):
             raise ConfigError(
-                f"key 'taps': {list(self.taps)!r} must be one or both of {', '.join(TAPS)}, without repeats"
+                f"key 'taps': {list(self.taps)!r} must name one or more of {', '.join(TAPS)}, without repeats"
             )
         check_range("views", self.views, 1, 1000)
-        check_range("resolution", self.resolution, 16, 1024)
+        if self.resolution:
+            check_range("resolution", self.resolution, 16, 1024)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                extra = ", each > 0" if name == "std" else ""
+                raise ConfigError(f"key {name!r}: {list(value)!r} must be 3 values (R, G, B){extra}")
         check_range("batch_size", self.batch_size, 1)
         check_range("workers", self.workers, 0, 64)
         _check_device(self.device)
@@ -260,7 +269,7 @@ class TrainStudentConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    CHOICES: ClassVar[dict] = {"tap": TAPS, "agreement_tap": TAPS, "agreement_views": VIEW_RECIPES}
+    CHOICES: ClassVar[dict] = {"tap": EVAL_TAPS, "agreement_tap": EVAL_TAPS, "agreement_views": VIEW_RECIPES}
     train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
     val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
     out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
@@ -383,3 +392,4 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("cpu", "cuda"))
         check_range("scale_shards", self.scale_shards, 1)
+

@@ -107,3 +107,21 @@ def test_the_cosine_schedule_per_epoch():
     assert [lr_at(e, 90, 0.3) for e in (0, 29, 30, 59, 60, 89)] == pytest.approx(
         [0.3, 0.3, 0.03, 0.03, 0.003, 0.003]
     )
+
+
+def test_the_dinov2_manifest_resolves():
+    path = MANIFESTS / "dinov2-vitb14-r18.yaml"
+    c = resolve_config(CacheTeacherConfig, "cache_teacher", path)
+    f = resolve_config(FitSvdConfig, "fit_svd", path)
+    t = resolve_config(TrainStudentConfig, "train_student", path)
+    assert (c.teacher, c.weights, c.taps, c.resolution) == (
+        "timm:vit_base_patch14_dinov2.lvd142m",
+        "pretrained",
+        ("pooled",),
+        224,
+    )
+    assert (
+        f.cache == c.out == t.cache
+        and t.projection == (f.out,)
+        and (f.tap, t.tap, f.dim) == ("pooled", "pooled", 512)
+    )

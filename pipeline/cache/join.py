@@ -28,7 +28,7 @@ from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_has
 from pipeline.data.shards import Sample, ShardError, list_shards
 from pipeline.data.views import replay_for_transport, replay_view
 from pipeline.errors import KdepError
-from pipeline.models import FeatureTaps, build_model
+from pipeline.models import FeatureTaps, Preprocessing, build_model
 
 JoinReason = Literal["missing", "changed", "undecodable"]
 
@@ -156,21 +156,31 @@ def _changed(where: str) -> JoinError:
 
 
 def rebuild_teacher(store: FeatureStore, taps: tuple[str, ...] | None = None) -> FeatureTaps:
-    """The teacher the cache records (architecture + weights; a weights file must still have the recorded sha256),
-    in eval mode, returning ``taps`` (default: every cached tap): (B, 3, r, r) -> {tap: (B, D_t)}."""
+    """The teacher the cache records (architecture, weights and constructor arguments; a weights file must still
+    have the recorded sha256), in eval mode, with its recorded normalisation, returning ``taps`` (default: every
+    cached tap): (B, 3, r, r) ImageNet-normalised views -> {tap: (B, D_t)}, exactly as stage 1 ran it."""
     teacher, recorded = store.provenance["teacher"], store.provenance["recorded"]
     weights = teacher["weights"]
+    kwargs = weights.get("model_kwargs")
     if weights["kind"] == "file":
         path = Path(recorded["weights_path"])
-        model, identity = build_model(teacher["arch"], str(path))
+        model, identity = build_model(teacher["arch"], str(path), model_kwargs=kwargs)
         if identity["sha256"] != weights["sha256"]:
             raise SourceError(
                 f"weights file {path} changed since the cache was made (sha256 differs); restore it"
             )
     elif weights["kind"] == "torchvision":
-        model, _ = build_model(teacher["arch"], weights["name"].split(".")[-1])
+        model, _ = build_model(teacher["arch"], weights["name"].split(".")[-1], model_kwargs=kwargs)
+    elif weights["kind"] == "timm":  # name "<model>.<tag>": the tag picks the same pretrained weights
+        tag = weights["name"].split(".", 1)[1] if "." in weights["name"] else "pretrained"
+        model, _ = build_model(teacher["arch"], tag, model_kwargs=kwargs)
     else:
         raise SourceError(
             f"{store.path} was cached from a randomly initialised teacher; it cannot be rebuilt"
         )
-    return FeatureTaps(model.eval(), tuple(taps or teacher["taps"]))
+    prep = teacher.get("normalization")
+    return FeatureTaps(
+        model.eval(),
+        tuple(taps or teacher["taps"]),
+        from_imagenet=Preprocessing.from_dict(prep) if prep else None,
+    )

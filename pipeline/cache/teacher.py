@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.workers import CacheError, ShardAssembly, ShardTask, ShardViews, SlotWriter, ViewSpec
 from pipeline.data.views import normalize_views
-from pipeline.models import FeatureTaps
+from pipeline.models import FeatureTaps, Preprocessing
 from pipeline.progress import progress_bar
 from pipeline.runtime import AMP_DTYPES
 
@@ -32,12 +32,15 @@ class Runtime:
     out_of_range: str = "error"  # features the stored dtype cannot hold: error or skip (see workers.py)
 
 
-def prepare_teacher(model: nn.Module, taps: tuple[str, ...], rt: Runtime) -> FeatureTaps:
-    """Eval mode, no gradients, on the device (channels_last on CUDA when asked)."""
+def prepare_teacher(
+    model: nn.Module, taps: tuple[str, ...], rt: Runtime, prep: Preprocessing | None = None
+) -> FeatureTaps:
+    """Eval mode, no gradients, on the device (channels_last on CUDA when asked); the replayed (ImageNet-normalised)
+    views are re-normalised with the teacher's own mean/std (``prep``; a no-op for ImageNet's)."""
     model = model.eval().requires_grad_(False).to(rt.device)
     if rt.channels_last and rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return FeatureTaps(model, taps)
+    return FeatureTaps(model, taps, from_imagenet=prep).to(rt.device)
 
 
 def teacher_features(taps: FeatureTaps, views: torch.Tensor, rt: Runtime) -> dict[str, np.ndarray]:

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.choices import EVAL_TAPS
 from pipeline.data.shards import ShardInfo, list_shards, shard_record
 from pipeline.evaluation.backbones import BackboneSpec, EvalError
 from pipeline.evaluation.batches import iter_view_batches
 from pipeline.files import atomic_path
-from pipeline.models import TAPS, FeatureTaps, ModelError, build_model
+from pipeline.models import FeatureTaps, ModelError, build_model, supported_taps
 from pipeline.progress import progress_bar
 from pipeline.runtime import autocast_for
 
@@ -80,12 +81,10 @@ def load_backbone(spec: BackboneSpec, seed: int) -> tuple[nn.Module, dict]:
 
 
 def model_taps(model: nn.Module) -> tuple[str, ...]:
-    """The taps this model defines: both for ResNet / MobileNetV2, only ``post_relu`` otherwise."""
-    try:
-        FeatureTaps(model, TAPS)
-    except ModelError:
-        return ("post_relu",)
-    return TAPS
+    """The evaluation taps this model defines (among EVAL_TAPS): pre_relu for ResNets / MobileNetV2, post_relu (the
+    pooled feature) for every model."""
+    have = supported_taps(model)
+    return tuple(t for t in EVAL_TAPS if t in have)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ from pipeline.cache.join import rebuild_teacher, source_shard_paths
 from pipeline.cache.store import FeatureStore, StoreError, open_store
 from pipeline.errors import KdepError
 from pipeline.files import write_json_atomic
-from pipeline.models import FeatureTaps
+from pipeline.models import FeatureTaps, parse_model_name
 from pipeline.progress import progress_bar
 from pipeline.projection.artefact import Projection, load_projection
 from pipeline.provenance import require_same
@@ -291,6 +291,17 @@ def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
     barrier()
 
 
+def load_call(arch: str, model_kwargs: dict, path: Path) -> str:
+    """The line of Python that loads an exported backbone, strictly, with the library alone."""
+    library, name = parse_model_name(arch)
+    kwargs = "".join(f", {k}={v!r}" for k, v in sorted(model_kwargs.items()))
+    if library == "timm":
+        model = f"timm.create_model({name!r}, pretrained=False, num_classes=0{kwargs})"
+        return f"{model}.load_state_dict(torch.load({str(path)!r}), strict=True)"
+    return (f"m = torchvision.models.get_model({name!r}); m.load_state_dict(torch.load({str(path)!r}), "
+            "strict=False)  # only the classifier is missing")  # fmt: skip
+
+
 def finalize(run: Run) -> dict:
     """Export backbones, plot the losses and write done.json last (rank 0)."""
     result = {"epochs": run.spec.recipe.epochs, "students": {}}
@@ -302,6 +313,7 @@ def finalize(run: Run) -> dict:
             result["students"][t.name] = {
                 "backbone": str(path),
                 "loss": last[-1]["loss"] if last else float("nan"),
+                "load": load_call(t.student.arch, t.student.model_kwargs, path),
             }
         plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
         write_json_atomic(run.out / "done.json", result)

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from pipeline.data.views import normalize_views
-from pipeline.models import FeatureTaps, ModelError, build_model, last_linear, tap_dims
+from pipeline.models import (
+    FeatureTaps,
+    ModelError,
+    build_for_resolution,
+    last_linear,
+    model_preprocessing,
+    tap_dims,
+)
 from pipeline.projection.artefact import Projection
 from pipeline.runtime import Dist, autocast_for
 from pipeline.student.losses import (
@@ -57,20 +64,26 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str = "step") -> float
 
 
 class Student(nn.Module):
-    """A torchvision backbone, its feature tap and the loss's trainable head (if any). forward -> (B, D_out)."""
+    """A torchvision or timm backbone (random init), its feature tap and the loss's trainable head (if any), fed
+    the ImageNet-normalised views re-normalised with the backbone's own mean/std (its library's: a no-op for
+    torchvision's and timm's ImageNet ones). forward -> (B, D_out)."""
 
     def __init__(
         self, arch: str, tap: str, loss: str, d_target: int, resolution: int, coss_head: str = "mlp"
     ) -> None:
         super().__init__()
-        model, _ = build_model(arch, None)
+        model, identity = build_for_resolution(arch, None, resolution)
         self.arch, self.tap, self.loss = arch, tap, loss
         self.backbone = model
         for p in last_linear(
             model
         ).parameters():  # the classifier is not on the feature path: frozen, so that
             p.requires_grad_(False)  # DDP sees no unused parameters and the optimizer does not decay it
-        self.taps = FeatureTaps(model, (tap,))
+        self.preprocessing = model_preprocessing(model, identity)
+        self.model_kwargs = identity.get(
+            "model_kwargs", {}
+        )  # what timm.create_model needs to load the export
+        self.taps = FeatureTaps(model, (tap,), from_imagenet=self.preprocessing)
         self.d_feature = tap_dims(model, (tap,), resolution=min(resolution, 64))[tap]
         self.head: nn.Module = nn.Identity()
         if loss in ("linear-pre", "linear-post"):
