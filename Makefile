@@ -7,7 +7,7 @@ MANIFEST ?= manifests/demo.yaml
 KDEP := $(BIN)/kdep
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo demo-data cache-teacher fit-svd train-student eval bench lint format clean
+.PHONY: install test test-all demo demo-data cache-teacher fit-svd train-student eval bench study lint format clean
 
 install: $(STAMP)  ## venv + the project (editable) with dev extras; fast when already done
 
@@ -43,6 +43,9 @@ eval: install  ## linear probe / k-NN / agreement
 
 bench: install  ## benchmark ratios -> benchmarks/results/ (QUICK=1 for the short profile)
 	$(KDEP) bench $(if $(QUICK),--quick,) $(if $(DEVICE),--device $(DEVICE),)
+
+study: install  ## views study: students on the first k of E cached views vs a fresh view every epoch (CPU, < 45 min)
+	$(KDEP) study views --manifest manifests/study-views.yaml
 
 lint: install
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -34,6 +34,7 @@ SECTIONS = (
     "inspect",
     "verify",
     "bench",
+    "study",
 )
 
 

@@ -73,6 +73,9 @@ COMMANDS = (
             aliases={"backbones": ("--backbone",)}),
     Command("bench", "stages.bench", cfg.BenchConfig, "bench",
             "Run every benchmark side by side; write benchmarks/results/<date>-<host>.json and a PNG."),
+    Command("study-views", "stages.study_views", cfg.StudyViewsConfig, "study",
+            "How many cached views match a fresh view every epoch: students on the first k of E views, several "
+            "seeds, a table and plot with 95% intervals (= kdep study views)."),
 )  # fmt: skip
 
 
@@ -204,6 +207,12 @@ app = typer.Typer(
 )
 for _command in COMMANDS:
     app.command(_command.name, help=_command.help)(build_command(_command))
+study_app = typer.Typer(
+    no_args_is_help=True, help="Studies: many students from one cache, with 95% intervals."
+)
+_study_views = next(c for c in COMMANDS if c.name == "study-views")
+study_app.command("views", help=_study_views.help)(build_command(_study_views))  # = kdep study-views
+app.add_typer(study_app, name="study")
 
 
 def main() -> None:

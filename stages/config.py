@@ -393,3 +393,69 @@ class BenchConfig:
         check_choice("device", self.device, ("cpu", "cuda"))
         check_range("scale_shards", self.scale_shards, 1)
 
+
+STUDY_LOSSES = ("kdep", "cosine")  # losses whose target is the projected teacher feature (the cosine)
+
+
+@dataclass(frozen=True)
+class StudyViewsConfig:
+    CHOICES: ClassVar[dict] = {"recipe": VIEW_RECIPES, "agreement_views": VIEW_RECIPES, "loss": STUDY_LOSSES}
+    out: str = "out/study-views"  # output folder: data, teacher, cache, students, eval, study.{md,csv,png}
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16)  # k: train on the first k views; E is always added, k > E dropped
+    seeds: int = 3  # students per k (seeds 0..seeds-1: student init, shard order, view schedule, shuffle)
+    epochs: int = 16  # E: student epochs, and views cached per image (k = E: a fresh view every epoch)
+    classes: int = 10  # demo classes, 2..10
+    train_per_class: int = 50  # train images per class: cached, distilled on, and the probe / k-NN train set
+    val_per_class: int = 400  # held-out images per class: the evaluation set (never cached)
+    min_side: int = 48  # smallest generated image side in pixels
+    max_side: int = 128  # largest generated image side in pixels
+    per_shard: int = 50  # images per shard (stage 3 schedules one view per shard and epoch)
+    data_seed: int = 0  # seed of the generated images and of the cached views' parameters
+    resolution: int = 32  # view side in pixels for the teacher, the cache, the students and the evaluation
+    teacher: str = "resnet18"  # architecture of the labelled demo teacher (trained here, then cached)
+    teacher_epochs: int = 20  # supervised epochs of the demo teacher
+    recipe: str = "paper"  # view recipe of the cache
+    student: str = "resnet18"  # student architecture (torchvision name)
+    loss: str = "kdep"  # distillation loss
+    dim: int = 512  # projection width D_s: the student's feature width (ResNet-18: 512)
+    batch_size: int = 64  # student images per step
+    lr: float = 0.1  # student peak SGD learning rate (step schedule: / 10 at 1/3 and at 2/3 of the epochs)
+    knn_k: int = 20  # neighbours for cosine k-NN
+    agreement_views: str = "paper"  # recipe of the held-out val views for the cosine to the target
+    agreement_images: int = 1000  # val images for the cosine (first whole shards, at least so many); 0 = all
+    threads: int = 0  # CPU threads of torch and BLAS (0 = their defaults; 1 on a machine shared with others)
+    workers: int = 1  # DataLoader workers for caching, training and evaluation (0 = in the main process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    quiet: bool = False  # no progress bars
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.out:
+            raise ConfigError("key 'out' is required (--out DIR)")
+        check_range("epochs", self.epochs, 1, 1000)
+        if not self.ks or len(set(self.ks)) != len(self.ks):
+            raise ConfigError(f"key 'ks': {list(self.ks)} must list one or more k, each once (--ks 1,2,4)")
+        for k in self.ks:
+            check_range("ks", k, 1, 1000)
+        check_range("seeds", self.seeds, 1)
+        check_range("classes", self.classes, 2, DEMO_CLASSES)
+        check_range("train_per_class", self.train_per_class, 2)
+        check_range("val_per_class", self.val_per_class, 1)
+        check_range("min_side", self.min_side, 16)
+        check_range("max_side", self.max_side, self.min_side)
+        check_range("per_shard", self.per_shard, 1)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_range("teacher_epochs", self.teacher_epochs, 1)
+        check_range("dim", self.dim, 1)
+        check_range("batch_size", self.batch_size, 2)
+        check_range("lr", self.lr, 0.0, open_lo=True)
+        check_range("knn_k", self.knn_k, 1)
+        check_range("agreement_images", self.agreement_images, 0)
+        check_range("threads", self.threads, 0, 256)
+        check_range("workers", self.workers, 0, 64)
+        _check_device(self.device)
+
+    @property
+    def study_ks(self) -> tuple[int, ...]:
+        """The k values trained: ``ks`` up to E, and E itself (the fresh-view baseline), ascending."""
+        return tuple(sorted({k for k in self.ks if k <= self.epochs} | {self.epochs}))
