@@ -351,6 +351,8 @@ def build_for_resolution(
     is built for it (``img_size``; timm resamples pretrained position embeddings, and a weights file must be for
     that size), recorded as ``model_kwargs`` in the identity so that it can be rebuilt exactly. The input size is
     probed on a random-init build, so a weights file is loaded once, into the right shape."""
+    if parse_model_name(arch)[0] != "timm":  # img_size is timm's; torchvision models need no probe build
+        return build_model(arch, weights, num_classes)
     probe, _ = build_model(arch, None, num_classes)
     fixed = _library(probe).fixed_input_size(probe)
     del probe
