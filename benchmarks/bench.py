@@ -33,12 +33,14 @@ from benchmarks.bench_stages import (
     bench_decode_once,
     bench_loader_vs_torchvision,
     bench_student_steps,
+    bench_teachers,
     check_student_epoch,
 )
 
 RESULT_KEYS = (
     "cache_vs_inference", "bytes_per_view_over_2Dt", "student_cached_vs_plain", "cached_vs_online",
     "loader_vs_torchvision", "svd_seconds_per_million_rows", "svd_peak_rss_mb", "machine",
+    "teachers_one_pass_vs_separate",
 )  # fmt: skip
 
 
@@ -105,6 +107,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="kdep-bench-") as tmp:
         results.update(bench_cache_vs_inference(data, Path(tmp), prof))
         results.update(bench_decode_once(data, prof))
+        results.update(bench_teachers(data, Path(tmp), prof))
         results.update(bench_student_steps(Path(tmp) / "cache", Path(tmp), prof))
         results.update(bench_loader_vs_torchvision(data, Path(tmp), prof))
     svd = bench_svd(rows=prof.svd_rows, dim=prof.svd_dim, quick=quick)
@@ -127,7 +130,7 @@ def plot_ratios(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = ["cache_vs_inference", "student_cached_vs_plain", "cached_vs_online", "loader_vs_torchvision",
-             "bytes_per_view_over_2Dt", "decode_once_speedup"]  # fmt: skip
+             "bytes_per_view_over_2Dt", "decode_once_speedup", "teachers_one_pass_vs_separate"]  # fmt: skip
     targets = {"cache_vs_inference": 0.95, "student_cached_vs_plain": 0.95, "loader_vs_torchvision": 1.0,
                "bytes_per_view_over_2Dt": 1.0}  # fmt: skip
     values = [float(results.get(n, np.nan)) for n in names]

@@ -134,6 +134,41 @@ def bench_cache_vs_inference(data: Path, tmp: Path, prof) -> dict:
             "bytes_per_view_over_2Dt": info["feature_bytes_per_view"] / (2 * d_t)}  # fmt: skip
 
 
+SECOND_TEACHER = {"cpu": "timm:vit_tiny_patch16_224", "cuda": "timm:vit_base_patch16_224"}  # with prof.teacher
+
+
+def bench_teachers(data: Path, tmp: Path, prof) -> dict:
+    """Two teachers (the profile's CNN and a ViT) cached in one pass (each image decoded once, each view replayed
+    once) vs each in its own pass over the same shards; views/s of the whole pass and per teacher (its forwards'
+    share of the pass)."""
+    import timm
+
+    second = SECOND_TEACHER["cuda" if prof.device.startswith("cuda") else "cpu"]
+    torch.save(torchvision.models.get_model(prof.teacher).state_dict(), tmp / "t-cnn.pt")
+    vit = timm.create_model(second.split(":", 1)[1], img_size=prof.resolution)
+    torch.save(vit.state_dict(), tmp / "t-vit.pt")
+    common = dict(shards=str(data), views=prof.views, resolution=prof.resolution, batch_size=prof.batch,
+                  workers=bench_workers(prof), device=prof.device, quiet=True)  # fmt: skip
+    both = cache_run(CacheTeacherConfig(out=str(tmp / "two"), teacher=(f"cnn={prof.teacher}", f"vit={second}"),
+                                        weights=(str(tmp / "t-cnn.pt"), str(tmp / "t-vit.pt")),
+                                        taps=("cnn/pre_relu", "vit/pooled"), **common))  # fmt: skip
+    alone = {
+        label: cache_run(CacheTeacherConfig(out=str(tmp / f"one-{label}"), teacher=arch, weights=str(tmp / f"t-{label}.pt"),
+                                            taps=(tap,), **common))  # fmt: skip
+        for label, arch, tap in [("cnn", prof.teacher, "pre_relu"), ("vit", second, "pooled")]
+    }
+    views = both["images"] * prof.views
+    separate = sum(r["seconds"] for r in alone.values())
+    return {
+        "teachers": [prof.teacher, second],
+        "teachers_one_pass_views_per_s": views / both["seconds"],
+        "teachers_separate_views_per_s": views / separate,
+        "teachers_one_pass_vs_separate": separate / both["seconds"],
+        "teacher_views_per_s_in_pass": {k: views / v for k, v in both["teacher_seconds"].items()},
+        "teacher_views_per_s_alone": {k: views / r["seconds"] for k, r in alone.items()},
+    }
+
+
 def bench_decode_once(data: Path, prof) -> dict:
     """Per image: one decode + K replays, vs K x (decode + replay)."""
     images = _encoded(data, 60)

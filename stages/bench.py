@@ -31,6 +31,8 @@ SUMMARY_KEYS = (
     "loader_vs_torchvision",
     "svd_seconds_per_million_rows",
     "svd_peak_rss_mb",
+    "teachers_one_pass_vs_separate",
+    "teacher_views_per_s_in_pass",
 )
 
 

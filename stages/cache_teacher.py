@@ -4,11 +4,16 @@
         --views 10 --resolution 224 --out cache
     torchrun --nproc_per_node 8 --no-python kdep cache-teacher --manifest manifests/imagenet10p-r50.yaml
     make cache-teacher MANIFEST=manifests/demo.yaml
+    kdep cache-teacher --shards ... --teacher cnn=resnet50 --weights IMAGENET1K_V2 \
+        --teacher dino=timm:vit_base_patch14_dinov2.lvd142m --weights pretrained \
+        --tap cnn/pre_relu --tap dino/pooled --resolution 224 --out cache2   # two teachers, one pass
 
 Reads the input shards (and their index.json when present) and the teacher weights. Writes the cache folder
 described in ``pipeline/cache/store.py``: ``store.zarr`` (features per tap, view parameters, image sizes and hashes,
 keys) and, beside it, per-shard done markers, ``config.cache_teacher.json`` and ``runs.jsonl``. Checks every teacher
-batch against the stored dtype (``--out-of-range``). Re-running resumes: done shards are skipped, and the
+batch against the stored dtype (``--out-of-range``). Several teachers (``LABEL=NAME`` each, see ``pipeline/teachers.py``) run in one pass: each image is
+decoded once and each view replayed once per distinct teacher resolution (``--teacher-resolution``), and each
+teacher's taps are stored as ``LABEL/TAP``. Re-running resumes: done shards are skipped, and the
 result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
 on the number of ranks. A failure on any rank ends every rank with its one-line message; collectives wait at most
 ``KDEP_DIST_TIMEOUT_S`` seconds (default 3600), and ``KDEP_DIST_BACKEND=gloo`` lets several ranks share one GPU.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,7 @@ import typer
 from torch import nn
 
 from pipeline.cache.store import CacheLayout, FeatureStore, create_store, encode_keys, open_store, zarr_path
-from pipeline.cache.teacher import Runtime, cache_shards, prepare_teacher
+from pipeline.cache.teacher import Runtime, TeacherRun, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
 from pipeline.data.views import RECIPES, describe_preprocessing
@@ -52,8 +57,20 @@ from pipeline.runtime import (
     set_tf32,
     shutdown,
 )
+from pipeline.teachers import TeacherSpec, cache_tap, teacher_specs
 from stages.common import write_resolved_config
 from stages.config import CacheTeacherConfig
+
+
+@dataclass
+class LoadedTeacher:
+    """One teacher, loaded: its spec, model, weights identity, taps' widths and preprocessing."""
+
+    spec: TeacherSpec
+    model: nn.Module
+    identity: dict
+    dims: dict[str, int]  # tap -> D
+    prep: Preprocessing
 
 
 def run(config: CacheTeacherConfig) -> dict:
@@ -65,9 +82,14 @@ def run(config: CacheTeacherConfig) -> dict:
     rt = Runtime(device, amp, config.channels_last, config.workers, config.skip_bad,
                  not config.quiet and job.is_main, config.out_of_range)  # fmt: skip
     shards, dups = scan_inputs(config.shards, job, config.skip_bad)
-    model, identity, dims, prep = local_leader_first(lambda: load_teacher(config))
-    config = replace(config, resolution=prep.resolution)  # 0 meant the teacher's own
-    provenance = build_provenance(config, identity, dims, shards, amp, tf32, teacher_record(model, prep))
+    specs = teacher_specs(config.teacher, config.weights, config.taps)
+    sides = config.teacher_resolution or (config.resolution,) * len(specs)
+    teachers = local_leader_first(
+        lambda: [load_teacher(s, r, config) for s, r in zip(specs, sides, strict=True)]
+    )
+    config = replace(config, resolution=teachers[0].prep.resolution)  # 0 meant the (first) teacher's own
+    provenance = build_provenance(config, teachers, shards, amp, tf32)
+    dims = {cache_tap(t.spec.label, tap, len(teachers) > 1): d for t in teachers for tap, d in t.dims.items()}
     layout = CacheLayout(
         shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
     )
@@ -77,9 +99,10 @@ def run(config: CacheTeacherConfig) -> dict:
         tasks, done = pending_tasks(store, shards, dups, job)
         if rt.progress:
             print_banner(store, shards, tasks, len(done), job, rt)
+        others = tuple(sorted({t.prep.resolution for t in teachers} - {config.resolution}))
         spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
-                        max(1, config.batch_size // config.views), config.center_recipe)  # fmt: skip
-        results = gather_from_ranks(lambda: cache_share(store, tasks, model, config.taps, spec, rt, prep))
+                        max(1, config.batch_size // config.views), config.center_recipe, others)  # fmt: skip
+        results = gather_from_ranks(lambda: cache_share(store, tasks, teachers, spec, rt))
         stats = finish_run(store, job, config, results, done)
         stats["shards_total"] = len(shards)
     finally:
@@ -88,17 +111,17 @@ def run(config: CacheTeacherConfig) -> dict:
     return stats
 
 
-def load_teacher(config: CacheTeacherConfig) -> tuple[nn.Module, dict, dict[str, int], Preprocessing]:
-    """The teacher model, its weights identity, its taps' widths and its preprocessing (run on each node's local
+def load_teacher(spec: TeacherSpec, resolution: int, config: CacheTeacherConfig) -> LoadedTeacher:
+    """A teacher model, its weights identity, its taps' widths and its preprocessing (run on each node's local
     rank 0 first, so library weights are downloaded once per node and the other ranks load them from that node's
-    cache). A model that takes one input side only (a timm ViT) is built for ``--resolution``."""
-    weights = None if config.weights == "random" else config.weights
-    if config.resolution:
-        model, identity = build_for_resolution(config.teacher, weights, config.resolution)
+    cache). A model that takes one input side only (a timm ViT) is built for ``resolution`` (0: its own)."""
+    weights = None if spec.weights == "random" else spec.weights
+    if resolution:
+        model, identity = build_for_resolution(spec.arch, weights, resolution)
     else:
-        model, identity = build_model(config.teacher, weights)
-    prep = teacher_preprocessing(model, identity, config)
-    return model, identity, tap_dims(model, config.taps, prep.resolution), prep
+        model, identity = build_model(spec.arch, weights)
+    prep = teacher_preprocessing(model, identity, replace(config, resolution=resolution))
+    return LoadedTeacher(spec, model, identity, tap_dims(model, spec.taps, prep.resolution), prep)
 
 
 def teacher_preprocessing(model: nn.Module, identity: dict, config: CacheTeacherConfig) -> Preprocessing:
@@ -110,9 +133,17 @@ def teacher_preprocessing(model: nn.Module, identity: dict, config: CacheTeacher
     return prep.override(**changes) if changes else prep
 
 
-def teacher_record(model: nn.Module, prep: Preprocessing) -> dict:
-    """What the provenance says of the teacher's input and taps beyond its identity."""
-    return {"normalization": prep.to_dict(), "tap_definitions": tap_definitions(model)}
+def teacher_record(t: LoadedTeacher) -> dict:
+    """What the provenance says of one teacher: identity, taps, widths, normalisation, what each tap is."""
+    identity = {k: v for k, v in t.identity.items() if k != "path"}
+    defs = tap_definitions(t.model)
+    return {"arch": t.spec.arch, "weights": identity, "taps": list(t.spec.taps), "dims": t.dims,
+            "normalization": t.prep.to_dict(), "tap_definitions": {x: defs[x] for x in t.spec.taps}}  # fmt: skip
+
+
+def weights_path(weights: str) -> str:
+    """Where a weights file is (recorded, for rebuilding the teacher), or the library weights name."""
+    return str(Path(weights).resolve()) if Path(weights).is_file() else weights
 
 
 def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], dict[int, dict[str, str]]]:
@@ -140,21 +171,26 @@ def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], 
 
 def build_provenance(
     config: CacheTeacherConfig,
-    identity: dict,
-    dims: dict,
+    teachers: list[LoadedTeacher],
     shards: list[ShardInfo],
     amp: str,
     tf32: bool,
-    teacher: dict,
 ) -> dict:
     """Everything that determines the cached numbers (compared on resume), plus versions and sources (recorded).
-    ``teacher["normalization"]``: the teacher's own mean/std, applied to the ImageNet-normalised replayed view by
+    One teacher: a ``teacher`` record; several: a ``teachers`` list, each record with its ``label`` and input
+    ``resolution`` (``preprocessing.resolution`` is the first teacher's, the students' default). A teacher's
+    ``normalization`` (its own mean/std) is applied to the ImageNet-normalised replayed view by
     :class:`pipeline.models.Renormalize` (a no-op for ImageNet's values)."""
-    identity = {k: v for k, v in identity.items() if k != "path"}
-    defs = teacher["tap_definitions"]
+    recorded = {"versions": library_versions(), "source": os.path.abspath(config.shards)}
+    if len(teachers) == 1:
+        who = {"teacher": teacher_record(teachers[0])}
+        recorded["weights_path"] = weights_path(teachers[0].spec.weights)
+    else:
+        who = {"teachers": [{"label": t.spec.label, "resolution": t.prep.resolution, **teacher_record(t)}
+                            for t in teachers]}  # fmt: skip
+        recorded["weights_paths"] = {t.spec.label: weights_path(t.spec.weights) for t in teachers}
     return {
-        "teacher": {"arch": config.teacher, "weights": identity, "taps": list(config.taps), "dims": dims,
-                    "normalization": teacher["normalization"], "tap_definitions": {t: defs[t] for t in config.taps}},
+        **who,
         "preprocessing": describe_preprocessing(config.resolution),
         "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
                   "seed": config.seed, "center_first": config.center_view,
@@ -162,8 +198,7 @@ def build_provenance(
         "compute": {"amp": amp, "tf32": tf32, "feature_dtype": config.dtype,
                     "batch_views": max(1, config.batch_size // config.views) * config.views},
         "shards": [shard_record(s) for s in shards],
-        "recorded": {"versions": library_versions(), "source": os.path.abspath(config.shards),
-                     "weights_path": str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights},
+        "recorded": recorded,
     }  # fmt: skip
 
 
@@ -221,17 +256,14 @@ def pending_tasks(
 
 
 def cache_share(
-    store: FeatureStore,
-    tasks: list[ShardTask],
-    model: nn.Module,
-    taps: tuple[str, ...],
-    spec: ViewSpec,
-    rt: Runtime,
-    prep: Preprocessing | None = None,
+    store: FeatureStore, tasks: list[ShardTask], teachers: list[LoadedTeacher], spec: ViewSpec, rt: Runtime
 ) -> tuple[dict, list[int]]:
-    """This rank's shards through the teacher; returns its counts and the shards whose done marker it sees (it
+    """This rank's shards through the teacher(s); returns its counts and the shards whose done marker it sees (it
     wrote them, so no other node's cache of the directory is involved)."""
-    stats = cache_shards(store, tasks, prepare_teacher(model, taps, rt, prep), spec, rt)
+    several = len(teachers) > 1
+    runs = [TeacherRun(t.spec.label, prepare_teacher(t.model, t.spec.taps, rt, t.prep), t.prep.resolution,
+                       {tap: cache_tap(t.spec.label, tap, several) for tap in t.spec.taps}) for t in teachers]  # fmt: skip
+    stats = cache_shards(store, tasks, runs, spec, rt)
     return stats, store.finished([t.index for t in tasks])
 
 

@@ -30,6 +30,7 @@ from pipeline.choices import (
 )
 from pipeline.evaluation.backbones import EvalError, parse_backbone
 from pipeline.manifest import ConfigError, check_choice, check_choices, check_range
+from pipeline.teachers import check_cache_tap, teacher_specs
 
 DEMO_CLASSES = 10  # classes the demo generator can paint (pipeline.demo.shards.CLASS_NAMES)
 
@@ -94,7 +95,6 @@ class DemoTeacherConfig:
 @dataclass(frozen=True)
 class CacheTeacherConfig:
     CHOICES: ClassVar[dict] = {
-        "taps": TAPS,
         "recipe": VIEW_RECIPES,
         "dtype": FEATURE_DTYPES,
         "amp": AMP_MODES,
@@ -103,16 +103,17 @@ class CacheTeacherConfig:
     }
     shards: str = ""  # brace pattern, shard directory or index.json
     out: str = ""  # the cache folder to create or resume (its store.zarr is the Zarr hierarchy)
-    teacher: str = "resnet50"  # model: torchvision name (or tv:NAME), or timm:NAME
-    weights: str = "IMAGENET1K_V2"  # library weights (torchvision name; timm pretrained/tag), a file, random
-    taps: tuple[str, ...] = ("pre_relu",)  # pooled taps: pre_relu (KDEP), post_relu, pooled, stageK
+    teacher: tuple[str, ...] = ("resnet50",)  # model(s): NAME, tv:NAME or timm:NAME; several: LABEL=NAME each
+    weights: tuple[str, ...] = ("IMAGENET1K_V2",)  # one per teacher: library weights name/tag, a file, random
+    taps: tuple[str, ...] = ("pre_relu",)  # pre_relu (KDEP), post_relu, pooled, stageK; LABEL/TAP: one teacher's
     views: int = 10  # K views cached per image
     recipe: str = "paper"  # view recipe
     center_view: bool = False  # view 0 is the deterministic centre view (neighbour mining, evaluation)
     center_recipe: str = "center"  # center (0.875 crop, bilinear) or center-coss (CoSS: 224/235, bicubic)
-    resolution: int = 224  # view side in pixels (the teacher's input); 0 = the teacher's own
-    mean: tuple[float, ...] = ()  # override the teacher's normalisation mean (default: its library's)
-    std: tuple[float, ...] = ()  # override the teacher's normalisation std (default: its library's)
+    resolution: int = 224  # view side in pixels (every teacher's input); 0 = each teacher's own
+    teacher_resolution: tuple[int, ...] = ()  # one per teacher, overriding resolution (0 = that teacher's own)
+    mean: tuple[float, ...] = ()  # override the teacher's normalisation mean (default: its library's; one teacher)
+    std: tuple[float, ...] = ()  # override the teacher's normalisation std (default: its library's; one teacher)
     seed: int = 0  # base seed of the view parameters
     dtype: str = "float16"  # stored feature dtype
     out_of_range: str = "error"  # float16 overflow or a row below its normal range: stop, or skip the image
@@ -127,14 +128,26 @@ class CacheTeacherConfig:
     def __post_init__(self) -> None:
         if not self.shards or not self.out:
             raise ConfigError("keys 'shards' and 'out' are required (--shards PATTERN --out STORE)")
+        for name in ("teacher", "weights"):  # one name given directly (not through the CLI or a manifest)
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         check_choices(self)
         if not self.taps or len(set(self.taps)) != len(self.taps):
             raise ConfigError(
                 f"key 'taps': {list(self.taps)!r} must name one or more of {', '.join(TAPS)}, without repeats"
             )
+        teacher_specs(self.teacher, self.weights, self.taps)  # labels, weights and taps fit together
+        if len(self.teacher) > 1 and (self.mean or self.std):
+            raise ConfigError("keys 'mean'/'std' override one teacher's normalisation; cache that teacher alone")
         check_range("views", self.views, 1, 1000)
-        if self.resolution:
-            check_range("resolution", self.resolution, 16, 1024)
+        for res in (self.resolution, *self.teacher_resolution):
+            if res:
+                check_range("resolution", res, 16, 1024)
+        if self.teacher_resolution and len(self.teacher_resolution) != len(self.teacher):
+            raise ConfigError(
+                f"key 'teacher_resolution': {len(self.teacher_resolution)} given for {len(self.teacher)} "
+                "teacher(s); give one per --teacher, in the same order (0 = that teacher's own)"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value and (len(value) != 3 or (name == "std" and min(value) <= 0)):
@@ -147,7 +160,7 @@ class CacheTeacherConfig:
 
 @dataclass(frozen=True)
 class FitSvdConfig:
-    CHOICES: ClassVar[dict] = {"method": PROJECTION_METHODS, "transform": PROJECTION_TRANSFORMS, "tap": TAPS}
+    CHOICES: ClassVar[dict] = {"method": PROJECTION_METHODS, "transform": PROJECTION_TRANSFORMS}
     cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     out: str = ""  # output .npz; manifest, plots and config.fit_svd.json are written beside it
     dim: int = 0  # D_s, the student feature width (ResNet-18: 512, MobileNetV2: 1280), 1..D_t
@@ -155,7 +168,7 @@ class FitSvdConfig:
     transform: str = "pts"  # transform after the projection (sm = sm-linear)
     pts_t: float = 0.1  # PTS temperature T > 0
     pts_n: float = 3.0  # PTS root n > 0
-    tap: str = "pre_relu"  # cached feature tap to fit on
+    tap: str = "pre_relu"  # cached feature tap to fit on (LABEL/TAP in a multi-teacher cache)
     views: tuple[int, ...] = ()  # view indices to use (repeat the flag or 0,1); empty = all K
     fraction: float = 1.0  # fraction of the images (cache rows) to fit on, (0, 1]: exact, seeded subset
     seed: int = 0  # seeds the image fraction and cs-rand
@@ -176,6 +189,7 @@ class FitSvdConfig:
             )
         check_range("dim", self.dim, 1)
         check_choices(self)
+        check_cache_tap("tap", self.tap)
         check_range("pts_t", self.pts_t, 0.0, open_lo=True)
         check_range("pts_n", self.pts_n, 0.0, open_lo=True)
         check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)

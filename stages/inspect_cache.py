@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cache.store import FeatureStore, open_store
+from pipeline.teachers import teacher_records
 from stages.config import InspectConfig
 
 
@@ -30,16 +31,19 @@ def summarize(store: FeatureStore) -> dict:
     written = sum(m["written"] for m in done.values())
     feature_bytes = _dir_bytes(store.zarr_path / "features")
     views_cached = written * lay.views
+    teachers = teacher_records(prov)
     return {
         "store": str(store.path),
         "zarr_store": str(store.zarr_path),
         "layout_version": store.meta["layout_version"],
-        "teacher": prov["teacher"]["arch"],
-        "weights": prov["teacher"]["weights"]["name"],
+        "teacher": ", ".join(_labelled(t, t["arch"]) for t in teachers),
+        "weights": ", ".join(_labelled(t, t["weights"]["name"]) for t in teachers),
         "taps": lay.dims,
         "views_per_image": lay.views,
         "recipe": prov["views"]["recipe"],
-        "resolution": prov["preprocessing"]["resolution"],
+        "resolution": teachers[0]["resolution"]
+        if len(teachers) == 1
+        else ", ".join(_labelled(t, str(t["resolution"])) for t in teachers),
         "dtype": lay.dtype,
         "images_total": sum(s["samples"] for s in lay.shards),
         "images_cached": images,
@@ -53,6 +57,10 @@ def summarize(store: FeatureStore) -> dict:
         "inner_chunk_rows": lay.inner_rows,
         "fingerprint": store.fingerprint(),
     }
+
+
+def _labelled(teacher: dict, value: str) -> str:
+    return f"{teacher['label']}={value}" if teacher["label"] else value
 
 
 def run(config: InspectConfig) -> dict:

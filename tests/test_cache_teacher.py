@@ -297,7 +297,7 @@ def test_bad_teacher_inputs(demo_shards, teacher_file, tmp_path):
         run(_config(shards, tmp_path / "c.zarr", teacher_file, teacher="resnet19"))
     from pipeline.manifest import ConfigError
 
-    with pytest.raises(ConfigError, match="key 'taps': 'pre_relux' is not one of"):
+    with pytest.raises(ConfigError, match="key 'taps': 'pre_relux' is not a cache tap"):
         replace(_config(shards, tmp_path / "d.zarr", teacher_file), taps=("pre_relux",))
 
 

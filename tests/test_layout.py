@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
-SHARED = {"errors", "manifest", "provenance", "models", "models_timm", "models_torchvision", "runtime", "files", "progress", "choices"}  # fmt: skip
+SHARED = {"errors", "manifest", "provenance", "models", "models_timm", "models_torchvision", "runtime", "files", "progress", "choices", "teachers"}  # fmt: skip
 STAGES = ("cache", "projection", "student", "evaluation", "demo")
 ARTEFACTS = {
     "cache": {"pipeline.cache.store", "pipeline.cache.join"},

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
 from pipeline.cache.store import FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
@@ -29,6 +30,7 @@ from pipeline.data.shards import Sample, ShardError, list_shards
 from pipeline.data.views import replay_for_transport, replay_view
 from pipeline.errors import KdepError
 from pipeline.models import FeatureTaps, Preprocessing, build_model
+from pipeline.teachers import split_tap, teacher_records
 
 JoinReason = Literal["missing", "changed", "undecodable"]
 
@@ -155,15 +157,42 @@ def _changed(where: str) -> JoinError:
     )
 
 
-def rebuild_teacher(store: FeatureStore, taps: tuple[str, ...] | None = None) -> FeatureTaps:
-    """The teacher the cache records (architecture, weights and constructor arguments; a weights file must still
-    have the recorded sha256), in eval mode, with its recorded normalisation, returning ``taps`` (default: every
-    cached tap): (B, 3, r, r) ImageNet-normalised views -> {tap: (B, D_t)}, exactly as stage 1 ran it."""
-    teacher, recorded = store.provenance["teacher"], store.provenance["recorded"]
+def rebuild_teacher(store: FeatureStore, taps: tuple[str, ...] | None = None) -> nn.Module:
+    """The teacher(s) the cache records (architecture, weights and constructor arguments; a weights file must still
+    have the recorded sha256), in eval mode, with the recorded normalisation, returning ``taps`` (stored names;
+    default: every cached tap): (B, 3, r, r) ImageNet-normalised views -> {tap: (B, D_t)}, exactly as stage 1 ran
+    it. One teacher: its :class:`FeatureTaps`. Several: a :class:`TeacherEnsemble` running each teacher whose taps
+    are asked for on the same views (stage 1 gave each its own resolution: see :func:`rebuild_teachers`)."""
+    parts = rebuild_teachers(store, taps)
+    if len(teacher_records(store.provenance)) == 1:
+        return parts[0][1]
+    return TeacherEnsemble({r["label"]: t for r, t in parts})
+
+
+def rebuild_teachers(
+    store: FeatureStore, taps: tuple[str, ...] | None = None
+) -> list[tuple[dict, FeatureTaps]]:
+    """(teacher record, its rebuilt :class:`FeatureTaps` for its asked-for taps) for each teacher with a tap in
+    ``taps`` (default: every cached tap); the record has its ``label`` and input ``resolution``."""
+    records = teacher_records(store.provenance)
+    for name in taps or ():
+        store.feature_array(name)  # refuses a tap the cache does not hold, naming those it has
+    out = []
+    for record in records:
+        mine = [x for x in record["cache_taps"] if taps is None or x in taps]
+        if mine:
+            out.append((record, _rebuild_one(store, record, tuple(split_tap(x)[1] for x in mine))))
+    return out
+
+
+def _rebuild_one(store: FeatureStore, teacher: dict, taps: tuple[str, ...]) -> FeatureTaps:
+    recorded = store.provenance["recorded"]
     weights = teacher["weights"]
     kwargs = weights.get("model_kwargs")
     if weights["kind"] == "file":
-        path = Path(recorded["weights_path"])
+        path = Path(
+            recorded["weights_paths"][teacher["label"]] if teacher["label"] else recorded["weights_path"]
+        )
         model, identity = build_model(teacher["arch"], str(path), model_kwargs=kwargs)
         if identity["sha256"] != weights["sha256"]:
             raise SourceError(
@@ -175,12 +204,18 @@ def rebuild_teacher(store: FeatureStore, taps: tuple[str, ...] | None = None) ->
         tag = weights["name"].split(".", 1)[1] if "." in weights["name"] else "pretrained"
         model, _ = build_model(teacher["arch"], tag, model_kwargs=kwargs)
     else:
-        raise SourceError(
-            f"{store.path} was cached from a randomly initialised teacher; it cannot be rebuilt"
-        )
+        who = f"teacher {teacher['label']!r}" if teacher["label"] else "teacher"
+        raise SourceError(f"{store.path} was cached from a randomly initialised {who}; it cannot be rebuilt")
     prep = teacher.get("normalization")
-    return FeatureTaps(
-        model.eval(),
-        tuple(taps or teacher["taps"]),
-        from_imagenet=Preprocessing.from_dict(prep) if prep else None,
-    )
+    return FeatureTaps(model.eval(), taps, from_imagenet=Preprocessing.from_dict(prep) if prep else None)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several rebuilt teachers on the same views: (B, 3, r, r) -> {``LABEL/TAP``: (B, D)}."""
+
+    def __init__(self, teachers: dict[str, FeatureTaps]) -> None:
+        super().__init__()
+        self.teachers = nn.ModuleDict(teachers)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"{label}/{tap}": v for label, t in self.teachers.items() for tap, v in t(x).items()}

@@ -8,6 +8,7 @@ views, ``P`` view-parameter columns, ``c`` rows per inner chunk::
         zarr.json                 attributes["kdep"]: layout version, layout, provenance (teacher, weights, taps,
                                   preprocessing, recipe, K, seed, source shards with counts/bytes/sha256, versions)
         features/<tap>            float16 (or float32) [S*R, K, D]  sharding codec: shards (R, 1, D), inner (c, 1, D)
+        features/<label>/<tap>    the same, per teacher, in a cache of several teachers (``pipeline.teachers``)
         view_params               float32 [S*R, K, P]  chunks (R, 1, P)   the stored parameters of every view
         image_hw                  int32   [S*R, 2]     chunks (R, 2)      decoded image height, width
         image_hash                uint8   [S*R, 16]    chunks (R, 16)     blake2b-128 of the encoded image bytes

@@ -57,14 +57,42 @@ def teacher_features(taps: FeatureTaps, views: torch.Tensor, rt: Runtime) -> dic
     return {t: v.float().cpu().numpy() for t, v in out.items()}
 
 
+@dataclass
+class TeacherRun:
+    """One teacher of a stage 1 pass: its prepared taps, the view side it reads and the stored name of each tap."""
+
+    label: str  # "" for a single-teacher cache
+    taps: FeatureTaps
+    resolution: int
+    names: dict[str, str]  # tap -> stored name (the tap itself, or LABEL/TAP with several teachers)
+    seconds: float = (
+        0.0  # time in this teacher's forwards (device work included: the features come back to host)
+    )
+
+
+def ensemble_features(teachers: list[TeacherRun], msg: dict, rt: Runtime) -> dict[str, np.ndarray]:
+    """Every teacher on the batch's views at its resolution -> {stored tap name: (n*K, D) float32}."""
+    out: dict[str, np.ndarray] = {}
+    for t in teachers:
+        views = msg["views"] if t.resolution not in msg.get("views_at", {}) else msg["views_at"][t.resolution]
+        start = time.perf_counter()
+        feats = teacher_features(t.taps, views, rt)
+        t.seconds += time.perf_counter() - start
+        out.update({t.names[tap]: f for tap, f in feats.items()})
+    return out
+
+
 def cache_shards(
     store: FeatureStore,
     tasks: list[ShardTask],
-    taps: FeatureTaps,
+    teachers: FeatureTaps | list[TeacherRun],
     spec: ViewSpec,
     rt: Runtime,
 ) -> dict:
-    """Cache every task's shard into its slot; returns counts and timing."""
+    """Cache every task's shard into its slot; returns counts and timing (per teacher in ``teacher_seconds``).
+    ``teachers``: one teacher's taps (stored under their own names), or the runs of every teacher."""
+    if isinstance(teachers, FeatureTaps):
+        teachers = [TeacherRun("", teachers, spec.resolution, {t: t for t in teachers.taps})]
     loader = DataLoader(
         ShardViews(tasks, spec, rt.skip_bad),
         batch_size=None,
@@ -88,7 +116,7 @@ def cache_shards(
                 raise CacheError(msg["message"])
             assembly = assemblies[msg["shard"]]
             if msg["kind"] == "views":
-                assembly.add(msg, teacher_features(taps, msg["views"], rt))
+                assembly.add(msg, ensemble_features(teachers, msg, rt))
                 images += len(msg["keys"])
                 bar.update(len(msg["keys"]))
             else:
@@ -108,4 +136,5 @@ def cache_shards(
         "shards": len(tasks),
         "seconds": seconds,
         "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "teacher_seconds": {t.label: t.seconds for t in teachers},
     }

@@ -2,22 +2,25 @@
 
 For a seeded sample of (key, view) pairs: find the sample in its source shard, join it to its row with the cache's
 one join (image hash and size, then the replay of the stored view parameters), run the teacher rebuilt from the
-recorded architecture and weights, and compare with the cached row. This is DESIGN.md decision 9 as a command.
+recorded architecture and weights (each teacher of a multi-teacher cache at its own input side), and compare with
+the cached row. This is DESIGN.md decision 9 as a command.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.cache.join import JoinError, join_row, rebuild_teacher, source_shard_paths
+from pipeline.cache.join import JoinError, join_row, rebuild_teachers, source_shard_paths
 from pipeline.cache.store import FeatureStore
 from pipeline.data.images import image_bytes
 from pipeline.data.shards import iter_samples
 from pipeline.errors import KdepError
+from pipeline.teachers import cache_tap
 
 # Expected error of a cached value against a float32 recomputation, relative to the row's largest magnitude:
 # float16 storage rounds at 2^-11 (~5e-4); bf16 / fp16 autocast on the GPU adds its own rounding.
@@ -57,8 +60,7 @@ def verify_store(
 ) -> VerifyReport:
     """Recompute ``samples`` random (key, view) features and compare them with the cache (``shards``: where the
     source shards are now, if they moved; default: the recorded source)."""
-    taps = rebuild_teacher(store)
-    res = store.provenance["preprocessing"]["resolution"]
+    teachers = rebuild_teachers(store)  # each with its label and input side
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[store.provenance["compute"]["amp"]]
     paths = source_shard_paths(store, shards)
     worst, max_abs, max_rel = "", 0.0, 0.0
@@ -77,17 +79,18 @@ def verify_store(
             )
         }
         images = _find_images(Path(paths[shard]), {block.keys[r] for r, _ in wanted})
-        for row, view in wanted:
+        for (row, view), (teacher, taps) in itertools.product(wanted, teachers):
             key = block.keys[row]
             try:
-                x = join_row(block, row, images[key], paths[shard], view, res).image[None]
+                x = join_row(block, row, images[key], paths[shard], view, teacher["resolution"]).image[None]
             except JoinError:
                 raise VerifyError(
                     f"{key}: image bytes differ from the cached image's hash; the source shard changed"
                 ) from None
             with torch.inference_mode():
                 out = taps(x)
-            for tap, feats in out.items():
+            for plain, feats in out.items():
+                tap = cache_tap(teacher["label"], plain, bool(teacher["label"]))
                 ref = feats[0].double().numpy()
                 err = np.abs(cached[(tap, row, view)].astype(np.float64) - ref)
                 rel = float(err.max() / max(np.abs(ref).max(), 1e-12))

@@ -1,8 +1,9 @@
 """Stage 1 pieces: decode each image once, draw and replay its K views, assemble per-shard blocks, write them.
 
 Data flow per rank: DataLoader workers each take whole input shards (the unit of work), check the shard against
-its recorded identity, decode every image once, replay its K views, and send batches of views (never spanning two
-shards) with their metadata. The main process runs the teacher and fills one :class:`ShardAssembly` per shard;
+its recorded identity, decode every image once, replay its K views (once per distinct teacher resolution), and send
+batches of views (never spanning two shards) with their metadata. The main process runs the teacher(s) and fills one
+:class:`ShardAssembly` per shard;
 a complete shard goes to a background writer thread (so writing never stalls the teacher), which writes its
 slot, fsyncs it and then writes its done marker.
 
@@ -56,6 +57,15 @@ class ViewSpec:
     center_first: bool
     images_per_batch: int
     center_recipe: str = "center"  # view 0's recipe when center_first: center or center-coss
+    extra_resolutions: tuple[
+        int, ...
+    ] = ()  # other teachers' input sides: each view is also replayed at these
+
+    def __post_init__(self) -> None:
+        if self.resolution in self.extra_resolutions or len(set(self.extra_resolutions)) != len(
+            self.extra_resolutions
+        ):
+            raise ValueError(f"extra_resolutions {self.extra_resolutions} repeat a resolution")
 
 
 class ShardViews(IterableDataset):
@@ -126,9 +136,10 @@ class ShardViews(IterableDataset):
         s = self.spec
         h, w = int(image.shape[1]), int(image.shape[2])
         params = sample_views(s.recipe, s.seed, sample.key, s.views, h, w, s.center_first, s.center_recipe)
-        views = stack_views(
-            [replay_for_transport(image, p, s.resolution) for p in params]
-        )  # uint8 where exact
+        views = {  # each resolution's K views, replayed from the same parameters; uint8 where exact
+            res: stack_views([replay_for_transport(image, p, res) for p in params])
+            for res in (s.resolution, *s.extra_resolutions)
+        }
         return {
             "pos": pos,
             "key": sample.key,
@@ -145,10 +156,12 @@ def _changed(task: ShardTask) -> CacheError:
 
 
 def _batch(shard: int, items: list[dict]) -> dict:
+    res0, *extra = items[0]["views"]
     return {
         "kind": "views", "shard": shard,
         "positions": [it["pos"] for it in items], "keys": [it["key"] for it in items],
-        "views": cat_views([it["views"] for it in items]),  # (n*K, 3, r, r) uint8 or float32, image-major
+        "views": cat_views([it["views"][res0] for it in items]),  # (n*K, 3, r, r) uint8/float32, image-major
+        "views_at": {res: cat_views([it["views"][res] for it in items]) for res in extra},  # other sides
         "params": np.stack([it["params"] for it in items]), "hw": np.array([it["hw"] for it in items], np.int32),
         "hashes": np.stack([it["hash"] for it in items]),
     }  # fmt: skip
