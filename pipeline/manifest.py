@@ -35,6 +35,7 @@ SECTIONS = (
     "verify",
     "bench",
     "study",
+    "search_process",
 )
 
 

@@ -76,6 +76,8 @@ COMMANDS = (
     Command("study-views", "stages.study_views", cfg.StudyViewsConfig, "study",
             "How many cached views match a fresh view every epoch: students on the first k of E views, several "
             "seeds, a table and plot with 95% intervals (= kdep study views)."),
+    Command("search-process", "stages.search_process", cfg.SearchProcessConfig, "search_process",
+            "DistPro: search alpha per teacher-stage -> student-stage pathway on a held-out split; write the process."),
 )  # fmt: skip
 
 

@@ -22,8 +22,13 @@ from pipeline.choices import (
     LOSSES,
     LR_SCHEDULES,
     OUT_OF_RANGE,
+    PATHWAY_SETS,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
+    SEARCH_LR_SCHEDULES,
+    SEARCH_MODES,
+    SEARCH_OBJECTIVES,
+    SEARCH_TRANSFORMS,
     TAPS,
     VIEW_POLICIES,
     VIEW_RECIPES,
@@ -473,3 +478,85 @@ class StudyViewsConfig:
     def study_ks(self) -> tuple[int, ...]:
         """The k values trained: ``ks`` up to E, and E itself (the fresh-view baseline), ascending."""
         return tuple(sorted({k for k in self.ks if k <= self.epochs} | {self.epochs}))
+
+
+@dataclass(frozen=True)
+class SearchProcessConfig:
+    CHOICES: ClassVar[dict] = {"mode": SEARCH_MODES, "pathways": PATHWAY_SETS, "transform": SEARCH_TRANSFORMS,
+                               "objective": SEARCH_OBJECTIVES, "lr_schedule": SEARCH_LR_SCHEDULES}  # fmt: skip
+    cache: str = (
+        ""  # feature cache folder; cached mode needs taps stage1..stageN (cache-teacher --taps stage1,...)
+    )
+    out: str = ""  # output folder: process.json, alpha.png, config.search_process.json
+    student: str = "resnet18"  # student model (torchvision name or timm:NAME), random init
+    shards: str = ""  # source shards, if they moved since caching (default: the cache's recorded source)
+    mode: str = "cached"  # cached: pooled stage taps from the cache, the teacher never runs; online: spatial
+    # stage maps with the teacher run live on the same views (maps are too large to cache: ~3 MB per view for all
+    # ResNet-50 stages at 224 px in float16)
+    pathways: str = (
+        "paper"  # paper: teacher stage i -> student stage j <= i (appendix); reference: j >= i (code)
+    )
+    transform: str = (
+        "auto"  # transform block per pathway: mlp/linear on pooled rows, conv on maps (auto: by mode)
+    )
+    hidden: int = 512  # hidden width of the mlp transform blocks
+    objective: str = (
+        "auto"  # held-out objective: ce (labels, as DistPro) or regress (label-free, last stage tap)
+    )
+    classes: int = 0  # classes for ce when the shards have no index.json (0 = from the index)
+    val_fraction: float = 0.2  # share of the images held out for alpha, by seeded key hash, (0, 1)
+    epochs: int = 1  # passes over the train split
+    max_steps: int = 0  # stop after this many search steps (0 = all epochs)
+    batch_size: int = 64  # images per train batch and per held-out batch
+    lr: float = 0.1  # network SGD learning rate (also the xi of the unrolled step)
+    lr_schedule: str = "cosine"  # network lr over the search steps: cosine, step (/10 at 1/3, 2/3), constant
+    momentum: float = 0.9  # network SGD momentum (in the virtual step too)
+    weight_decay: float = 5e-4  # network SGD weight decay (in the virtual step too)
+    alpha_lr: float = (
+        0.1  # Adam lr of alpha (public code default 0.1 for CNNs; appendix 1e-3 for transformers)
+    )
+    alpha_weight_decay: float = 0.0  # Adam weight decay of alpha (public code: 0)
+    fd_radius: float = (
+        0.01  # r of the finite-difference Hessian-vector product, eps = r / ||v|| (DARTS: 0.01)
+    )
+    kd_weight: float = 1.0  # weight of the alpha-weighted sum of pathway MSEs in the training loss
+    seed: int = 0  # student and block init, held-out split, shard order and view schedule
+    workers: int = 2  # DataLoader workers per split (0 = in the main process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (the search runs in float32)
+    skip_bad: bool = False  # skip samples that do not join the cache instead of stopping
+    quiet: bool = False  # no banner or progress bar
+
+    def __post_init__(self) -> None:
+        if not self.cache or not self.out:
+            raise ConfigError("keys 'cache' and 'out' are required (--cache CACHE --out DIR)")
+        check_choices(self)
+        check_choice("device", self.device.split(":")[0], DEVICES)
+        pooled_kinds = ("mlp", "linear")
+        if (self.mode == "cached" and self.transform == "conv") or (
+            self.mode == "online" and self.transform in pooled_kinds
+        ):
+            raise ConfigError(
+                f"key 'transform': {self.transform!r} does not fit mode {self.mode!r}; cached pathways carry pooled "
+                "rows (mlp, linear), online pathways spatial maps (conv)"
+            )
+        check_range("hidden", self.hidden, 1)
+        check_range("classes", self.classes, 0)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.9, open_lo=True)
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0)
+        check_range("batch_size", self.batch_size, 2)
+        check_range("lr", self.lr, 0.0, open_lo=True)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("alpha_lr", self.alpha_lr, 0.0, open_lo=True)
+        check_range("alpha_weight_decay", self.alpha_weight_decay, 0.0)
+        check_range("fd_radius", self.fd_radius, 0.0, open_lo=True)
+        check_range("kd_weight", self.kd_weight, 0.0, open_lo=True)
+        check_range("workers", self.workers, 0, 64)
+
+    @property
+    def transform_kind(self) -> str:
+        """The transform block actually built: ``auto`` -> mlp (cached) or conv (online)."""
+        if self.transform != "auto":
+            return self.transform
+        return "mlp" if self.mode == "cached" else "conv"

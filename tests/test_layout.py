@@ -10,13 +10,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 SHARED = {"errors", "manifest", "provenance", "models", "models_timm", "models_torchvision", "runtime", "files", "progress", "choices", "teachers"}  # fmt: skip
-STAGES = ("cache", "projection", "student", "evaluation", "demo")
+STAGES = ("cache", "projection", "student", "process", "evaluation", "demo")
 ARTEFACTS = {
     "cache": {"pipeline.cache.store", "pipeline.cache.join"},
     "projection": {"pipeline.projection.artefact"},
+    # the training-view schedule: DistPro's search reads views the way stage 3 does
+    "student": {"pipeline.student.pairs"},
 }
 EARLIER = {"cache": (), "projection": ("cache",), "student": ("cache", "projection"),
-           "evaluation": ("cache", "projection"), "demo": ()}  # fmt: skip
+           "process": ("cache", "projection", "student"), "evaluation": ("cache", "projection"), "demo": ()}  # fmt: skip
 
 
 def _pipeline_imports(path: Path) -> set[str]:

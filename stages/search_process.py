@@ -1,0 +1,215 @@
+"""`search-process`: DistPro's search of a distillation process (alpha per pathway per step) from a feature cache.
+
+    kdep cache-teacher --shards out/demo/data/train --teacher resnet18 --weights out/demo/teacher-r18.pt \\
+        --taps stage1,stage2,stage3,stage4 --views 4 --resolution 64 --out out/demo/cache-stages
+    kdep search-process --cache out/demo/cache-stages --student resnet18 --epochs 2 --out out/demo/process
+    kdep search-process --cache C --mode online --student mobilenet_v2 --out out/process-online   # spatial maps
+
+Reads the cache (rows of the stage taps, view parameters, keys) and its source shards (the images, and the 'cls'
+labels when there are any). Cached mode uses the cached pooled ``stageK`` rows (the teacher never runs); online
+mode rebuilds the teacher from the cache's record and runs it live for spatial maps. Writes into ``--out``:
+``process.json`` (pipeline/process/artefact.py), ``alpha.png`` (alpha(t) per pathway) and
+``config.search_process.json``. The algorithm is in pipeline/process/search.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+import pipeline
+from pipeline.cache.join import rebuild_teacher, source_shard_paths
+from pipeline.cache.store import FeatureStore, open_store
+from pipeline.data.shards import index_classes
+from pipeline.manifest import ConfigError, config_to_dict
+from pipeline.models import build_model
+from pipeline.process.artefact import Process, make_pathways, stage_count, stage_tap
+from pipeline.process.batches import SearchSpec, endless, search_batches, shards_have_labels, split_counts
+from pipeline.process.online import StageMaps, stage_shapes
+from pipeline.process.plots import plot_alpha
+from pipeline.process.search import Architect, Batch, ProcessSearch, lr_at, search_loop
+from pipeline.progress import progress_bar
+from pipeline.provenance import library_versions
+from pipeline.runtime import pick_device
+from stages.common import write_resolved_config
+from stages.config import SearchProcessConfig
+
+BETAS = (0.5, 0.999)  # alpha's Adam betas (DARTS and the public code)
+
+
+@dataclass(frozen=True)
+class SearchProcessResult:
+    process: Process  # as saved
+    path: Path  # process.json
+    plot: Path  # alpha.png
+
+
+@dataclass(frozen=True)
+class SearchData:
+    spec: SearchSpec  # what the batches read
+    counts: object  # pipeline.process.batches.SplitCounts
+    objective: str  # ce or regress
+    classes: int  # ce classes (0 for regress)
+
+
+def plan_data(config: SearchProcessConfig, store: FeatureStore) -> SearchData:
+    """Source shards, the objective (labels or not), the taps to read, and the split's counts."""
+    if "teacher" not in store.provenance:
+        raise ConfigError(f"{store.path} holds several teachers; search-process takes a single-teacher cache")
+    paths = tuple(source_shard_paths(store, config.shards))
+    labelled = shards_have_labels(paths)
+    objective = config.objective if config.objective != "auto" else ("ce" if labelled else "regress")
+    if objective == "ce" and not labelled:
+        raise ConfigError(
+            f"key 'objective': ce needs labelled shards; {paths[0]} has no 'cls' field (use regress)"
+        )
+    classes = _classes(config, store) if objective == "ce" else 0
+    n_t = stage_count(store.taps)
+    if n_t == 0:
+        raise ConfigError(
+            f"{store.path} holds taps {store.taps}, no stage1..stageN; cache them with "
+            "`kdep cache-teacher --taps stage1,stage2,stage3,stage4`"
+        )
+    taps = tuple(stage_tap(k) for k in range(1, n_t + 1)) if config.mode == "cached" else ()
+    resolution = int(store.provenance["preprocessing"]["resolution"])
+    spec = SearchSpec(str(store.path), paths, taps, resolution, config.seed, config.val_fraction,
+                      objective == "ce", config.skip_bad)  # fmt: skip
+    return SearchData(spec, split_counts(store, config.seed, config.val_fraction), objective, classes)
+
+
+def _classes(config: SearchProcessConfig, store: FeatureStore) -> int:
+    names = index_classes(config.shards or store.provenance["recorded"]["source"])
+    if config.classes:
+        return config.classes
+    if not names:
+        raise ConfigError("key 'classes': the shards have no index.json with class names; pass --classes N")
+    return len(names)
+
+
+def build_search(config: SearchProcessConfig, store: FeatureStore, data: SearchData, device: torch.device):
+    """(the search model, the live teacher's stage maps or None) on ``device``."""
+    torch.manual_seed(config.seed)
+    model, _ = build_model(config.student, None)
+    student = StageMaps(model)
+    s_shapes = stage_shapes(student, data.spec.resolution)
+    teacher = None
+    if config.mode == "online":
+        live = rebuild_teacher(store)  # FeatureTaps: the recorded model and its normalisation
+        teacher = torch.nn.Sequential(live.normalize, StageMaps(live.model)).eval().to(device)
+        t_dims = {k: v[0] for k, v in stage_shapes(teacher[1], data.spec.resolution).items()}
+    else:
+        t_dims = {t: int(store.layout.dims[t]) for t in data.spec.taps}
+    pathways = make_pathways(t_dims, {k: v[0] for k, v in s_shapes.items()}, config.pathways)
+    final = stage_tap(stage_count(list(t_dims)))
+    head = (s_shapes[final][0], data.classes if data.objective == "ce" else t_dims[final])
+    search = ProcessSearch(student, pathways, config.transform_kind, data.objective, head, config.hidden,
+                           config.kd_weight)  # fmt: skip
+    return search.to(device), teacher
+
+
+def with_teacher(batches, teacher, device: torch.device):
+    """Online mode: the live teacher's stage maps (no grad) as each batch's targets, on ``device``."""
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.no_grad():
+            targets = teacher(batch.x)
+        yield Batch(batch.x, targets, batch.labels)
+
+
+def describe(config: SearchProcessConfig, store: FeatureStore, data: SearchData, model, total: int) -> str:
+    return (
+        f"search-process: {store.path} | {config.mode} | student {config.student} | {len(model.pathways)} pathways "
+        f"({config.pathways}), transform {config.transform_kind} | objective {data.objective} | images "
+        f"{data.counts.train} train / {data.counts.val} held out | {total} steps x batch {config.batch_size}"
+    )
+
+
+def provenance(config: SearchProcessConfig, store: FeatureStore, data: SearchData) -> dict:
+    teacher = store.provenance["teacher"]
+    return {
+        "cache_fingerprint": store.fingerprint(), "cache_path": str(Path(config.cache).resolve()),
+        "teacher": {k: teacher[k] for k in ("arch", "weights", "taps", "dims", "normalization")},
+        "student": {"arch": config.student, "weights": "random-init", "seed": config.seed},
+        "resolution": data.spec.resolution, "config": config_to_dict(config),
+        "versions": {**library_versions(), "kdep": pipeline.__version__, "host_python": platform.python_version()},
+    }  # fmt: skip
+
+
+def to_process(config: SearchProcessConfig, store: FeatureStore, data: SearchData, model, record) -> Process:
+    kind = config.transform_kind
+    detail = {"mlp": f"Linear(D_s, {config.hidden}) + BatchNorm1d + ReLU + Linear(., D_t) on pooled rows",
+              "linear": "Linear(D_s, D_t) on pooled rows",
+              "conv": "Conv1x1(C_s, min(512, C_s, C_t)) + BN + ReLU, resize to the teacher map (area down, nearest "
+                      "up), Conv3x3(., C_t) + BN"}[kind]  # fmt: skip
+    n = len(record.train_loss)
+    return Process(
+        pathways=[p.to_dict() for p in model.pathways], logits=np.asarray(record.logits, np.float64),
+        pathway_set=config.pathways, transform={"kind": kind, "detail": detail, "loss": "MSE"},
+        stages={"teacher": max(p.teacher_stage for p in model.pathways),
+                "student": max(p.student_stage for p in model.pathways)},
+        epochs=record.epochs,
+        losses={"steps": list(range(1, n + 1)), "train": record.train_loss, "val": record.val_loss},
+        search={"mode": config.mode, "order": "second", "xi": "the network's lr at the step",
+                "objective": data.objective, "classes": data.classes, "lr": config.lr,
+                "lr_schedule": config.lr_schedule, "momentum": config.momentum, "weight_decay": config.weight_decay,
+                "alpha_optimizer": {"kind": "Adam", "lr": config.alpha_lr, "betas": list(BETAS),
+                                    "weight_decay": config.alpha_weight_decay},
+                "alpha_init": "zeros (uniform softmax)", "fd_radius": config.fd_radius,
+                "kd_weight": config.kd_weight, "batch_size": config.batch_size, "epochs": config.epochs,
+                "steps": n, "precision": "float32"},
+        split={"rule": "blake2b('<seed>\\x1fheld-out\\x1f<key>', 8 bytes, little endian) / 2**64 < val_fraction",
+               "seed": config.seed, "val_fraction": config.val_fraction, **dataclasses.asdict(data.counts)},
+        provenance=provenance(config, store, data),
+    )  # fmt: skip
+
+
+def run(config: SearchProcessConfig) -> SearchProcessResult:
+    """Plan the data, build student, blocks and alpha, run the bi-level search, save the process and its plot."""
+    device = pick_device(config.device)
+    store = open_store(config.cache)
+    data = plan_data(config, store)
+    model, teacher = build_search(config, store, data, device)
+    per_epoch = data.counts.train // config.batch_size
+    total = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    if total == 0:
+        raise ConfigError(
+            f"key 'batch_size': {config.batch_size} is more than the {data.counts.train} train images"
+        )
+    if not config.quiet:
+        typer.echo(describe(config, store, data, model, total), err=True)
+    network = torch.optim.SGD(model.weight_parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)  # fmt: skip
+    architect = Architect(
+        model, network, config.alpha_lr, BETAS, config.alpha_weight_decay, "second", config.fd_radius
+    )
+    train = lambda epoch: search_batches(data.spec, "train", epoch, config.batch_size, config.workers)  # noqa: E731
+    val = endless(data.spec, "val", config.batch_size, config.workers)
+    if teacher is not None:
+        train_fn = train
+        train = lambda epoch: with_teacher(train_fn(epoch), teacher, device)  # noqa: E731
+        val = with_teacher(val, teacher, device)
+    with progress_bar(total=total, desc="search", unit="step", disable=config.quiet) as bar:
+        record = search_loop(model, network, architect, train, val, config.epochs, total,
+                             lambda s: lr_at(config.lr_schedule, config.lr, s, total), device,
+                             lambda _s: bar.update(1))  # fmt: skip
+    process = to_process(config, store, data, model, record)
+    out = Path(config.out)
+    path = process.save(out / "process.json")
+    plot = plot_alpha(process, out / "alpha.png")
+    write_resolved_config(out, "search_process", config, {"artefact": path.name})
+    return SearchProcessResult(process, path, plot)
+
+
+def report(config: SearchProcessConfig, result: SearchProcessResult) -> None:
+    p = result.process
+    last = dict(zip(p.names, p.weights[-1], strict=True))
+    top = ", ".join(f"{n} {w:.3f}" for n, w in sorted(last.items(), key=lambda kv: -kv[1])[:3])
+    typer.echo(
+        f"wrote {result.path} ({len(p.names)} pathways, {p.steps} steps; final top: {top}); plot {result.plot}"
+    )

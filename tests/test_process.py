@@ -1,0 +1,363 @@
+"""DistPro's search (pipeline/process) against references: the alpha step equals DARTS' unrolled gradient written out
+by hand (exact, by differentiating through the virtual step, and as the same finite difference); softmax weights
+sum to 1 at every step; the process file round-trips and is refused for a pair whose pathways differ; alpha_at
+interpolates and the threshold drops exactly the pathways below it; GAP of the online stage maps equals the cached
+stage taps of a tiny random-init teacher, so online and cached pathways see the same numbers; the stage end to end
+on tiny data (cached mode fast, online mode slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.cache.join import rebuild_teacher
+from pipeline.cache.store import open_store
+from pipeline.data.shards import list_shards
+from pipeline.manifest import ConfigError
+from pipeline.process.artefact import (
+    Pathway,
+    Process,
+    ProcessError,
+    alpha_at,
+    check_fits,
+    kept_at,
+    kept_fraction,
+    kept_pathways,
+    load_process,
+    make_pathways,
+    pathway_pairs,
+    read_process,
+)
+from pipeline.process.batches import SearchSpec, SearchStream, held_out
+from pipeline.process.online import StageMaps, pooled
+from pipeline.process.search import (
+    Architect,
+    Batch,
+    ProcessSearch,
+    hypergradient,
+    momentum_buffers,
+    search_loop,
+)
+from stages.cache_teacher import CacheTeacherConfig
+from stages.cache_teacher import run as cache_run
+from stages.config import SearchProcessConfig
+from stages.search_process import run as search_run
+
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here: on 2 shared cores, 2 threads made ResNet-18 steps ~30x slower (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TinyStudent(nn.Module):
+    """Two linear stages with a tanh between: {stage1: (B, 3), stage2: (B, 2)}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        h1 = torch.tanh(self.l1(x))
+        return {"stage1": h1, "stage2": self.l2(h1)}
+
+
+def _tiny(seed: int = 0) -> tuple[ProcessSearch, Batch, Batch]:
+    """2 pathways (teacher stage 2 <- student stages 1 and 2, linear blocks), CE head with 3 classes, float64."""
+    torch.manual_seed(seed)
+    pathways = [Pathway(2, 1, 5, 3), Pathway(2, 2, 5, 2)]
+    model = ProcessSearch(TinyStudent(), pathways, "linear", "ce", (2, 3)).double()
+    with torch.no_grad():
+        model.alpha.copy_(torch.tensor([0.3, -0.2]))
+
+    def batch(n: int) -> Batch:
+        return Batch(torch.randn(n, 4, dtype=torch.float64), {"stage2": torch.randn(n, 5, dtype=torch.float64)},
+                     torch.randint(0, 3, (n,)))  # fmt: skip
+
+    return model, batch(6), batch(5)
+
+
+def _losses(p: dict, alpha: torch.Tensor, b: Batch, val: bool) -> torch.Tensor:
+    """L_train / L_val of the tiny model, written out with plain tensor ops (independent of ProcessSearch)."""
+    h1 = torch.tanh(b.x @ p["student.l1.weight"].T)
+    h2 = h1 @ p["student.l2.weight"].T
+    ce = F.cross_entropy(h2 @ p["head.weight"].T + p["head.bias"], b.labels)
+    if val:
+        return ce
+    t = b.targets["stage2"]
+    m1 = ((h1 @ p["transforms.t2-s1.linear.weight"].T + p["transforms.t2-s1.linear.bias"] - t) ** 2).mean()
+    m2 = ((h2 @ p["transforms.t2-s2.linear.weight"].T + p["transforms.t2-s2.linear.bias"] - t) ** 2).mean()
+    a = torch.softmax(alpha, 0)
+    return ce + a[0] * m1 + a[1] * m2
+
+
+def _sgd_with_momentum(model: ProcessSearch, train: Batch, lr: float, wd: float) -> torch.optim.SGD:
+    """SGD after one real step, so momentum buffers exist and enter the virtual step."""
+    opt = torch.optim.SGD(model.weight_parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    task, losses = model(train.x, train.targets, train.labels)
+    model.train_objective(task, losses, model.alpha.detach()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.alpha.grad = None
+    return opt
+
+
+def _by_hand(model: ProcessSearch, opt, train: Batch, val: Batch, xi: float, wd: float, radius: float | None):
+    """DARTS' unrolled alpha gradient: exact (radius None: autograd through w'(alpha)) or the finite difference."""
+    w = {n: p.detach().clone() for n, p in model.named_parameters() if n != "alpha"}
+    buf = {n: b if b is not None else torch.zeros_like(w[n]) for n, b in momentum_buffers(model, opt).items()}
+    alpha = model.alpha.detach().clone().requires_grad_()
+    leaves = {n: p.clone().requires_grad_() for n, p in w.items()}
+    grads = torch.autograd.grad(
+        _losses(leaves, alpha, train, False), list(leaves.values()), create_graph=True
+    )
+    virtual = {
+        n: leaves[n] - xi * (0.9 * buf[n] + g + wd * leaves[n]) for n, g in zip(leaves, grads, strict=True)
+    }
+    if radius is None:  # d L_val(w'(alpha)) / d alpha, w fixed
+        return torch.autograd.grad(_losses(virtual, alpha, val, True), alpha)[0]
+    fixed = {n: p.detach().requires_grad_() for n, p in virtual.items()}
+    v = torch.autograd.grad(_losses(fixed, alpha, val, True), list(fixed.values()), allow_unused=True)
+    v = [torch.zeros_like(p) if g is None else g for g, p in zip(v, fixed.values(), strict=True)]  # blocks: 0
+    eps = radius / torch.sqrt(sum((g**2).sum() for g in v))
+    plus = {n: w[n] + eps * g for n, g in zip(w, v, strict=True)}
+    minus = {n: w[n] - eps * g for n, g in zip(w, v, strict=True)}
+    g_plus = torch.autograd.grad(_losses(plus, alpha, train, False), alpha)[0]
+    g_minus = torch.autograd.grad(_losses(minus, alpha, train, False), alpha)[0]
+    return -xi * (g_plus - g_minus) / (2 * eps)
+
+
+def test_the_alpha_step_equals_the_hand_computed_unrolled_gradient():
+    model, train, val = _tiny()
+    xi, wd = 0.3, 1e-3
+    opt = _sgd_with_momentum(model, train, xi, wd)
+    buffers = momentum_buffers(model, opt)
+    args = (model, train, val, xi, 0.9, wd, buffers)
+    # the same finite difference (DARTS' r = 0.01), written out by hand
+    ours, _ = hypergradient(*args, radius=0.01)
+    assert torch.allclose(ours, _by_hand(model, opt, train, val, xi, wd, 0.01), atol=1e-10)
+    # the exact unrolled gradient; a small radius makes the central difference exact to O(r^2)
+    exact = _by_hand(model, opt, train, val, xi, wd, None)
+    fine, _ = hypergradient(*args, radius=1e-4)
+    assert exact.abs().max() > 1e-4  # a real signal, not two zeros
+    assert torch.allclose(fine, exact, atol=1e-6)
+    # the architect feeds that gradient to Adam (betas 0.5, 0.999) and leaves the weights alone
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n != "alpha"}
+    reference = model.alpha.detach().clone().requires_grad_()
+    adam = torch.optim.Adam([reference], lr=0.05, betas=(0.5, 0.999))
+    reference.grad = ours.clone()
+    adam.step()
+    Architect(model, opt, alpha_lr=0.05).step(train, val)
+    assert torch.allclose(model.alpha.detach(), reference.detach(), atol=1e-12)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n != "alpha")
+
+
+def test_first_order_gives_alpha_no_gradient_when_the_held_out_loss_ignores_it():
+    model, train, val = _tiny()
+    grad, loss = hypergradient(model, train, val, 0.3, order="first")
+    assert torch.equal(grad, torch.zeros(2, dtype=torch.float64)) and loss > 0
+
+
+def test_batch_norm_running_stats_are_untouched_by_the_architect():
+    torch.manual_seed(0)
+    model = ProcessSearch(
+        TinyStudent(), [Pathway(2, 1, 5, 3), Pathway(2, 2, 5, 2)], "mlp", "regress", (2, 5), 8
+    )
+    b = Batch(torch.randn(6, 4), {"stage2": torch.randn(6, 5)})
+    stats = {n: t.clone() for n, t in model.named_buffers()}
+    opt = torch.optim.SGD(model.weight_parameters(), lr=0.1, momentum=0.9)
+    Architect(model, opt, 0.1).step(b, b)
+    assert all(torch.equal(t, stats[n]) for n, t in model.named_buffers())
+
+
+def _loop(steps: int = 6) -> tuple[ProcessSearch, object]:
+    model, train, val = _tiny()
+    opt = torch.optim.SGD(model.weight_parameters(), lr=0.2, momentum=0.9)
+    arch = Architect(model, opt, alpha_lr=0.1)
+    record = search_loop(model, opt, arch, lambda e: [train] * 3, iter([val] * 100), epochs=2, total_steps=steps,
+                         lr_at_step=lambda s: 0.2, device=torch.device("cpu"))  # fmt: skip
+    return model, record
+
+
+def test_search_records_softmax_weights_that_sum_to_one_at_every_step():
+    model, record = _loop()
+    process = Process(pathways=[p.to_dict() for p in model.pathways], logits=np.asarray(record.logits))
+    assert process.steps == 6 and len(record.epochs) == 2 and record.epochs[-1]["step"] == 6
+    assert np.allclose(process.weights.sum(1), 1.0, atol=1e-12)
+    assert not np.allclose(process.logits[0], process.logits[-1])  # alpha moved
+    assert len(record.train_loss) == len(record.val_loss) == 6
+
+
+def _process(logits, stages: int = 2, pathway_set: str = "paper") -> Process:
+    dims = {f"stage{k}": 4 * k for k in range(1, stages + 1)}
+    pathways = make_pathways(dims, dims, pathway_set)
+    return Process(pathways=[p.to_dict() for p in pathways], logits=np.asarray(logits, np.float64),
+                   pathway_set=pathway_set, stages={"teacher": stages, "student": stages})  # fmt: skip
+
+
+def test_pathway_sets_have_ten_pathways_for_four_stages():
+    assert len(pathway_pairs(4, "paper")) == len(pathway_pairs(4, "reference")) == 10
+    assert all(j <= i for i, j in pathway_pairs(4, "paper"))
+    assert all(j >= i for i, j in pathway_pairs(4, "reference"))
+    with pytest.raises(ProcessError, match="same number of stages"):
+        make_pathways({"stage1": 4, "stage2": 8}, {"stage1": 4, "stage2": 8, "stage3": 9})
+
+
+def test_the_process_file_round_trips_and_is_refused_for_a_pair_it_does_not_fit(tmp_path):
+    process = _process(np.random.default_rng(0).normal(size=(5, 3)))
+    path = process.save(tmp_path / "process.json")
+    back = load_process(path, student_taps=("stage1", "stage2", "pooled"), teacher_taps=("stage1", "stage2"))
+    assert back.names == ["t1-s1", "t2-s1", "t2-s2"]
+    assert np.array_equal(back.logits, process.logits) and back.stages == process.stages
+    with pytest.raises(
+        ProcessError, match="searched for 2 teacher and 2 student stages; this pair has 4 and 4"
+    ):
+        check_fits(back, STAGES, STAGES)
+    with pytest.raises(ProcessError, match="this pair has 2 and 1"):
+        load_process(path, student_taps=("stage1",), teacher_taps=("stage1", "stage2"))
+    data = json.loads(path.read_text())
+    data["alpha"]["weights"][2][0] += 0.1
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    with pytest.raises(ProcessError, match="not the softmax of its logits"):
+        read_process(tmp_path / "edited.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "kdep-projection/1"}))
+    with pytest.raises(ProcessError, match="is not 'kdep-process/1'"):
+        read_process(tmp_path / "other.json")
+    with pytest.raises(ProcessError, match="run `kdep search-process` first"):
+        read_process(tmp_path / "missing.json")
+
+
+def test_alpha_at_interpolates_the_weights_over_training_progress():
+    process = _process([[0.0, 0.0, 0.0], [1.0, 0.0, -1.0], [2.0, 0.0, -2.0]])
+    w = process.weights
+    assert list(alpha_at(process, 0.0).values()) == pytest.approx(w[0].tolist())
+    assert list(alpha_at(process, 1.0).values()) == pytest.approx(w[2].tolist())
+    assert list(alpha_at(process, 0.25).values()) == pytest.approx(((w[0] + w[1]) / 2).tolist())
+    assert sum(alpha_at(process, 0.7).values()) == pytest.approx(1.0)
+    with pytest.raises(ProcessError, match=r"must be in \[0, 1\]"):
+        alpha_at(process, 1.5)
+
+
+def test_the_threshold_drops_exactly_the_pathways_below_it():
+    # normalised alpha (weight / max of the step): step 0 (1, 1, 1); step 1 (1, e^-1, e^-3)
+    process = _process([[0.0, 0.0, 0.0], [0.0, -1.0, -3.0]])
+    assert kept_pathways(process, 0.0) == ["t1-s1", "t2-s1", "t2-s2"]
+    # the uniform initial row (step 0, every pathway at 1) does not count: only the searched steps do
+    assert kept_pathways(process, 1.0) == ["t1-s1"]
+    assert kept_pathways(process, 0.3) == ["t1-s1", "t2-s1"]  # e^-1 = 0.37 stays, e^-3 = 0.05 goes
+    assert kept_at(process, 1.0, 0.3) == ["t1-s1", "t2-s1"]
+    assert kept_at(process, 1.0, 0.4) == ["t1-s1"]
+    assert kept_fraction(process, 0.3) == pytest.approx(2 / 3)
+    late = _process([[0.0, -1.0, -3.0], [0.0, -0.5, -4.0], [0.0, -2.0, -4.0]])
+    assert kept_pathways(late, 0.3) == ["t1-s1", "t2-s1"]  # t2-s1 reaches 0.61 at step 1; t2-s2 never 0.3
+    with pytest.raises(ProcessError, match="threshold"):
+        kept_pathways(process, -0.1)
+
+
+def test_the_held_out_split_is_a_seeded_key_hash():
+    keys = [f"img{i:05d}" for i in range(4000)]
+    share = np.mean([held_out(k, 0, 0.2) for k in keys])
+    assert 0.17 < share < 0.23
+    assert [held_out(k, 0, 0.2) for k in keys] == [held_out(k, 0, 0.2) for k in keys]
+    assert [held_out(k, 0, 0.2) for k in keys] != [held_out(k, 1, 0.2) for k in keys]
+
+
+def test_config_refuses_a_transform_that_does_not_fit_the_mode():
+    with pytest.raises(ConfigError, match="does not fit mode 'cached'"):
+        SearchProcessConfig(cache="c", out="o", transform="conv")
+    with pytest.raises(ConfigError, match="val_fraction"):
+        SearchProcessConfig(cache="c", out="o", val_fraction=0.0)
+    assert SearchProcessConfig(cache="c", out="o", mode="online").transform_kind == "conv"
+
+
+@pytest.fixture(scope="module")
+def staged(demo_shards, tmp_path_factory):
+    """A tiny cache of a random-init ResNet-18 teacher's four pooled stage taps (2 views at 32 px)."""
+    d = tmp_path_factory.mktemp("process")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), d / "teacher.pt")
+    cache_run(CacheTeacherConfig(shards=str(demo_shards["train"]), out=str(d / "cache"), teacher="resnet18",
+                                 weights=str(d / "teacher.pt"), taps=STAGES, views=2, resolution=32, batch_size=6,
+                                 workers=0, device="cpu", dtype="float32", quiet=True))  # fmt: skip
+    return {"dir": d, "cache": d / "cache", "shards": demo_shards["train"]}
+
+
+def test_gap_of_online_stage_maps_equals_the_cached_stage_taps(staged):
+    paths = tuple(s.path for s in list_shards(staged["shards"]))
+    spec = SearchSpec(str(staged["cache"]), paths, STAGES, 32, seed=0, val_fraction=0.2, labels=True)
+    x, rows, labels = next(iter(DataLoader(SearchStream(spec, "train", 0), batch_size=8)))
+    teacher = rebuild_teacher(open_store(staged["cache"]))
+    with torch.no_grad():
+        maps = StageMaps(teacher.model.eval())(teacher.normalize(x))
+    assert [tuple(m.shape[1:]) for m in maps.values()] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+    online = pooled(maps)
+    for tap in STAGES:
+        torch.testing.assert_close(online[tap], rows[tap], rtol=1e-4, atol=1e-5)
+    # so the pooled (cached-mode) pathways see the same losses from either source
+    torch.manual_seed(1)
+    student = StageMaps(torchvision.models.resnet18())
+    dims = {t: int(online[t].shape[1]) for t in STAGES}
+    model = ProcessSearch(student, make_pathways(dims, dims), "mlp", "ce", (512, 4), hidden=16).eval()
+    with torch.no_grad():
+        cached = model(x, dict(rows), labels)[1]
+        live = model(x, online, labels)[1]
+    torch.testing.assert_close(cached, live, rtol=1e-4, atol=1e-6)
+
+
+def test_timm_stage_maps_pool_to_the_models_stage_taps():
+    timm = pytest.importorskip("timm")
+    from pipeline.models import FeatureTaps
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = pooled(StageMaps(model)(x))
+        taps = FeatureTaps(model, STAGES)(x)
+    for tap in STAGES:
+        torch.testing.assert_close(maps[tap], taps[tap])
+
+
+def _search_config(staged, out, **kw) -> SearchProcessConfig:
+    base = dict(cache=str(staged["cache"]), out=str(out), student="resnet18", epochs=2, batch_size=4, hidden=16,
+                workers=0, device="cpu", quiet=True)  # fmt: skip
+    return SearchProcessConfig(**{**base, **kw})
+
+
+def test_the_stage_searches_a_process_from_the_cache_end_to_end(staged, tmp_path):
+    result = search_run(_search_config(staged, tmp_path / "p", batch_size=6, val_fraction=0.3))
+    process = load_process(result.path, student_taps=STAGES, teacher_taps=STAGES)
+    assert len(process.names) == 10 and process.names[-1] == "t4-s4"
+    assert process.steps == len(process.losses["train"]) == 2 * (process.split["train"] // 6) > 0
+    assert np.allclose(process.weights.sum(1), 1.0)
+    assert not np.allclose(process.logits[0], process.logits[-1])
+    assert process.search["objective"] == "ce" and process.search["classes"] == 4
+    assert process.split["train"] + process.split["val"] == 24 and process.split["val"] > 0
+    assert process.transform["kind"] == "mlp" and len(process.epochs) == 2
+    assert process.provenance["cache_fingerprint"] == open_store(staged["cache"]).fingerprint()
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "p" / "config.search_process.json").is_file()
+    regress = search_run(_search_config(staged, tmp_path / "r", objective="regress", max_steps=1))
+    assert regress.process.search["objective"] == "regress" and regress.process.steps == 1
+
+
+@pytest.mark.slow
+def test_the_stage_searches_with_the_online_teacher_on_spatial_maps(staged, tmp_path):
+    result = search_run(_search_config(staged, tmp_path / "o", mode="online", max_steps=3))
+    process = result.process
+    assert process.transform["kind"] == "conv" and process.steps == 3
+    assert [p["teacher_dim"] for p in process.pathways][-1] == 512
+    assert np.allclose(process.weights.sum(1), 1.0)
+
