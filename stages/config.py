@@ -110,15 +110,15 @@ class CacheTeacherConfig:
     out: str = ""  # the cache folder to create or resume (its store.zarr is the Zarr hierarchy)
     teacher: tuple[str, ...] = ("resnet50",)  # model(s): NAME, tv:NAME or timm:NAME; several: LABEL=NAME each
     weights: tuple[str, ...] = ("IMAGENET1K_V2",)  # one per teacher: library weights name/tag, a file, random
-    taps: tuple[str, ...] = ("pre_relu",)  # pre_relu (KDEP), post_relu, pooled, stageK; LABEL/TAP: one teacher's
+    taps: tuple[str, ...] = ("pre_relu",)  # pre_relu (KDEP), post_relu, pooled, stageK, or LABEL/TAP
     views: int = 10  # K views cached per image
     recipe: str = "paper"  # view recipe
     center_view: bool = False  # view 0 is the deterministic centre view (neighbour mining, evaluation)
     center_recipe: str = "center"  # center (0.875 crop, bilinear) or center-coss (CoSS: 224/235, bicubic)
     resolution: int = 224  # view side in pixels (every teacher's input); 0 = each teacher's own
-    teacher_resolution: tuple[int, ...] = ()  # one per teacher, overriding resolution (0 = that teacher's own)
-    mean: tuple[float, ...] = ()  # override the teacher's normalisation mean (default: its library's; one teacher)
-    std: tuple[float, ...] = ()  # override the teacher's normalisation std (default: its library's; one teacher)
+    teacher_resolution: tuple[int, ...] = ()  # one per teacher, overriding resolution (0: the teacher's own)
+    mean: tuple[float, ...] = ()  # override the teacher's mean (default: its library's; one teacher only)
+    std: tuple[float, ...] = ()  # override the teacher's std (default: its library's; one teacher only)
     seed: int = 0  # base seed of the view parameters
     dtype: str = "float16"  # stored feature dtype
     out_of_range: str = "error"  # float16 overflow or a row below its normal range: stop, or skip the image
@@ -143,7 +143,7 @@ class CacheTeacherConfig:
             )
         teacher_specs(self.teacher, self.weights, self.taps)  # labels, weights and taps fit together
         if len(self.teacher) > 1 and (self.mean or self.std):
-            raise ConfigError("keys 'mean'/'std' override one teacher's normalisation; cache that teacher alone")
+            raise ConfigError("keys 'mean'/'std' override one teacher's normalisation; cache it alone")
         check_range("views", self.views, 1, 1000)
         for res in (self.resolution, *self.teacher_resolution):
             if res:
@@ -208,17 +208,19 @@ class FitSvdConfig:
 
 @dataclass(frozen=True)
 class TrainStudentConfig:
-    CHOICES: ClassVar[dict] = {"loss": LOSSES, "tap": TAPS, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
+    CHOICES: ClassVar[dict] = {"loss": LOSSES, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
                                "amp": AMP_MODES, "coss_head": COSS_HEADS, "lr_schedule": LR_SCHEDULES}  # fmt: skip
     cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     projection: tuple[
         str, ...
-    ] = ()  # projection(s) from fit-svd, one per student (optional for coss/linear-*)
+    ] = ()  # projection(s) from fit-svd, one per student (optional for coss/linear-*); several targets: a,b per student
     student: tuple[str, ...] = ("resnet18",)  # torchvision model name(s); several train in one data pass
     out: str = ""  # run folder
     shards: str = ""  # source shards, if they moved since caching (default: the cache's recorded source)
-    tap: str = "pre_relu"  # cached teacher tap paired with the views
+    tap: str = "pre_relu"  # cached teacher tap paired with the views (a multi-teacher cache: LABEL/TAP)
     student_tap: str = "pre_relu"  # student feature tap (KDEP: pre_relu; CoSS: post_relu)
+    targets: tuple[str, ...] = ()  # STUDENT_TAP=CACHE_TAP each (multi-layer KD); empty = student_tap=tap
+    target_weights: tuple[float, ...] = ()  # w_i of each target's loss, in target order; empty = all 1.0
     loss: str = "kdep"  # distillation loss
     loss_weight: float = 3.0  # w in w * MSE (METHOD.md: 3, 20, 1 depending on the teacher)
     coss_l0: float = 1.0  # CoSS feature-similarity weight
@@ -248,6 +250,8 @@ class TrainStudentConfig:
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
     channels_last: bool = True  # channels_last on CUDA
     online_teacher: bool = False  # run the teacher live on the same views instead of reading the cache
+    process: str = ""  # DistPro process.json (search-process): its pathways are the targets, by alpha(t)
+    alpha_threshold: float = 0.0  # with process: drop a pathway while its normalised alpha is below it
     skip_bad: bool = False  # count and skip samples that do not join the cache
     max_steps: int = 0  # stop each epoch after this many steps (0 = whole epoch; for benchmarks)
     log_every: int = 10  # steps between metrics records
@@ -258,13 +262,10 @@ class TrainStudentConfig:
         if not self.cache or not self.out:
             raise ConfigError("keys 'cache' and 'out' are required (--cache STORE --out RUN_DIR)")
         check_choices(self)
-        if self.loss in ("kdep", "cosine") and len(self.projection) != len(self.student):
-            raise ConfigError(
-                f"key 'projection': the {self.loss} loss needs one projection per student "
-                f"({len(self.student)} students, {len(self.projection)} projections); run kdep fit-svd"
-            )
-        if self.projection and len(self.projection) != len(self.student):
-            raise ConfigError("key 'projection': give one projection per student, in the same order")
+        check_tap_name("tap", self.tap)
+        self._check_process()
+        self._check_targets()
+        self._check_projections()
         check_range("neighbours", self.neighbours, 0)
         if self.neighbours > self.neighbour_pool:
             raise ConfigError(
@@ -284,6 +285,108 @@ class TrainStudentConfig:
         check_range("checkpoint_every", self.checkpoint_every, 1)
         for name in ("coss_tau_t", "coss_tau_s"):
             check_range(name, getattr(self, name), 0.0, open_lo=True)
+
+    def _check_process(self) -> None:
+        """A process brings its own targets, weights and transform blocks, for the distpro loss only."""
+        check_range("alpha_threshold", self.alpha_threshold, 0.0, 1.0)
+        if self.loss == "distpro" and not self.process:
+            raise ConfigError("key 'loss': distpro trains on a searched process; pass --process process.json "
+                              "(kdep search-process)")  # fmt: skip
+        if not self.process:
+            return
+        if self.loss != "distpro":
+            raise ConfigError(f"key 'process': a process trains with --loss distpro (its transform blocks and MSE), "
+                              f"not {self.loss!r}")  # fmt: skip
+        given = [k for k in ("targets", "target_weights", "projection") if getattr(self, k)]
+        if given:
+            raise ConfigError(f"key {given[0]!r}: a process names the targets, their weights and needs no "
+                              "projection; leave targets, target_weights and projection empty")  # fmt: skip
+
+    def _check_targets(self) -> None:
+        """Targets parse as STUDENT_TAP=CACHE_TAP, once each; weights and projection lists match their count."""
+        if self.targets and (self.tap, self.student_tap) != ("pre_relu", "pre_relu"):
+            raise ConfigError(
+                f"keys 'tap'/'student_tap' ({self.tap!r}, {self.student_tap!r}) are not used when 'targets' is "
+                f"set; name the pair in targets instead (e.g. --targets {self.student_tap}={self.tap})"
+            )
+        pairs = self.target_pairs
+        names = [f"{s}={c}" for s, c in pairs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"key 'targets': {names} repeats a target; list each pair once")
+        if self.target_weights and len(self.target_weights) != len(pairs):
+            raise ConfigError(
+                f"key 'target_weights': {len(self.target_weights)} weight(s) for {len(pairs)} target(s) "
+                f"({', '.join(names)}); give one per target, in the same order, or none (all 1.0)"
+            )
+        for w in self.target_weights:
+            check_range("target_weights", w, 0.0)
+
+    def _check_projections(self) -> None:
+        """One projection per student (kdep, cosine: required), each a comma-separated path per target when there
+        are several; or, with several targets, students x targets paths (student-major, e.g. a YAML list)."""
+        n, students, given = len(self.target_pairs), len(self.student), len(self.projection)
+        if self.loss in ("kdep", "cosine") and not given:
+            raise ConfigError(
+                f"key 'projection': the {self.loss} loss needs one projection per student "
+                f"({students} students, 0 projections); run kdep fit-svd"
+            )
+        if given and given not in (students, students * n):
+            several = f" (each a,b: a path per target) or students x targets = {students * n}" * (n > 1)
+            raise ConfigError(
+                f"key 'projection': {given} given for {students} student(s); give one per student, in the same "
+                f"order{several}"
+            )
+        names = ", ".join(f"{a}={b}" for a, b in self.target_pairs)
+        for student, paths in zip(self.student, self.projection_paths, strict=False):
+            if len(paths) != n or not all(paths):
+                raise ConfigError(
+                    f"key 'projection': {','.join(paths)!r} (student {student}) names {len(paths)} projection(s) "
+                    f"for {n} target(s) ({names}); give one comma-separated path per target, in target order "
+                    "(kdep fit-svd CACHE --tap CACHE_TAP --dim D for each)"
+                )
+
+    @property
+    def projection_paths(self) -> tuple[tuple[str, ...], ...]:
+        """Per student, one projection path per target (empty when no projection is given)."""
+        n, students = len(self.target_pairs), len(self.student)
+        if n > 1 and len(self.projection) == students * n:  # students x targets items, student-major
+            return tuple(self.projection[i * n : (i + 1) * n] for i in range(students))
+        return tuple(tuple(item.split(",")) if n > 1 else (item,) for item in self.projection)
+
+    @property
+    def target_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``((student_tap, cache_tap), ...)``: the parsed ``targets``, or the one pair (student_tap, tap)."""
+        if not self.targets:
+            return ((self.student_tap, self.tap),)
+        return tuple(parse_target(item) for item in self.targets)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per target (``target_weights``, or 1.0 each)."""
+        return self.target_weights or (1.0,) * len(self.target_pairs)
+
+
+def check_tap_name(key: str, name: str) -> None:
+    """A cached teacher tap name for stage 3: opaque (the store says which it holds, checked at run time), but never empty and
+    without the separators of ``targets`` and ``projection`` lists."""
+    if not name or any(c in name for c in "=, ") or name.startswith("/") or name.endswith("/"):
+        raise ConfigError(
+            f"key {key!r}: {name!r} is not a cache tap name; use a tap the cache holds (kdep inspect CACHE), "
+            "e.g. pre_relu or, in a multi-teacher cache, LABEL/pre_relu"
+        )
+
+
+def parse_target(item: str, key: str = "targets") -> tuple[str, str]:
+    """``STUDENT_TAP=CACHE_TAP`` -> (student tap, cache tap); the student tap must be one of TAPS."""
+    student, sep, cache = item.partition("=")
+    if not sep:
+        raise ConfigError(
+            f"key {key!r}: {item!r} is not STUDENT_TAP=CACHE_TAP (e.g. stage3=stage3, pre_relu=vit/pooled)"
+        )
+    if student not in TAPS:
+        raise ConfigError(f"key {key!r}: student tap {student!r} in {item!r} is not one of {', '.join(TAPS)}")
+    check_tap_name(key, cache)
+    return student, cache
 
 
 @dataclass(frozen=True)

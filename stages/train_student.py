@@ -4,20 +4,35 @@
         --epochs 90 --batch-size 512 --out runs/r18
     torchrun --nproc_per_node 8 --no-python kdep train-student --manifest manifests/imagenet10p-r50.yaml
     kdep train-student ... --online-teacher      # the baseline: the teacher runs live on the same views
+    kdep train-student --manifest manifests/demo-multilayer.yaml   # multi-layer KD: several targets per student
+    kdep train-student ... --targets stage3=stage3 --targets pre_relu=pre_relu --target-weights 0.5,1 \
+        --projection proj-stage3-256.npz,proj-pre_relu-512.npz
+
+Targets: each ``STUDENT_TAP=CACHE_TAP`` pairs a student tap with a cached teacher tap (a key of the store's taps:
+``pre_relu``, or ``LABEL/TAP`` in a multi-teacher cache); without ``--targets`` the one target is
+``student_tap=tap``, exactly as before. The loss is sum_i w_i * loss_i (``--target-weights``, default 1 each), each
+loss_i the configured loss with its own head (CoSS, linear baselines) and, per student, its own projection:
+``--projection`` is one item per student listing one path per target (``a.npz,b.npz``), or students x targets
+items in student-major order (a YAML list). Each projection must be fitted on this cache and its target's cache
+tap, to the student's width at its student tap for kdep / cosine. The rows of all cache taps are read together
+(one read per shard and view); metrics.jsonl and loss.png show each target's loss (``loss/<target>``).
 
 Reads the cache (read-only: many students can train from one cache at once), its source shards (checked against
 the cache's record, joined by key), and the projection(s). Writes into ``--out``: ``checkpoints/epoch-NNNN.pt``
 (atomic; a re-run resumes from the newest), ``backbone-<student>.pt`` (torchvision-loadable without the
 classifier), ``metrics.jsonl``, ``loss.png``, ``provenance.json``, ``config.train_student.json`` and, last,
 ``done.json``. Several ``--student``/``--projection`` pairs train in one data pass, sharing decoding.
+provenance.json and the checkpoints record the targets; a resume with other targets or weights is refused.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 
+from pipeline.files import file_sha256
 from pipeline.manifest import config_to_dict
 from pipeline.student.run import train_students
 from pipeline.student.specs import (
@@ -27,7 +42,10 @@ from pipeline.student.specs import (
     RecipeSpec,
     RuntimeSpec,
     StudentSpec,
+    TargetSpec,
     TrainSpec,
+    WeightSchedule,
+    distinct_cache_taps,
 )
 from stages.config import TrainStudentConfig
 
@@ -44,7 +62,9 @@ def coss_differences(config: TrainStudentConfig, cache_views: dict) -> list[str]
     """How a ``--loss coss`` run differs from CoSS's reference set-up: ``key value (reference value)`` items."""
     if config.loss != "coss":
         return []
-    out = [f"{k} {getattr(config, k)} ({v})" for k, v in COSS_REFERENCE.items() if getattr(config, k) != v]
+    student_tap, tap = config.target_pairs[0]
+    now = {**{k: getattr(config, k) for k in COSS_REFERENCE}, "tap": tap, "student_tap": student_tap}
+    out = [f"{k} {now[k]} ({v})" for k, v in COSS_REFERENCE.items() if now[k] != v]
     out += [
         f"cache {k} {cache_views.get(k)} ({v})"
         for k, v in COSS_REFERENCE_CACHE.items()
@@ -69,23 +89,76 @@ def run(config: TrainStudentConfig) -> dict:
     """Train every student for ``epochs`` (resuming from the newest checkpoint); returns the final metrics."""
     c = config
     warn_if_not_coss_reference(config)
-    projections = c.projection or (None,) * len(c.student)  # None: the raw teacher rows are the targets
-    students = tuple(StudentSpec(a, c.student_tap, p) for a, p in zip(c.student, projections, strict=True))
+    schedule, head = None, ("mlp", 512)
+    if c.process:
+        targets, schedule, head = process_targets(config)
+    else:
+        targets = tuple(TargetSpec(s, t, w) for (s, t), w in zip(c.target_pairs, c.weights, strict=True))
     spec = TrainSpec(
-        students=students,
-        data=DataSpec(cache=c.cache, shards=c.shards, tap=c.tap, resolution=c.resolution, view_policy=c.view_policy,
-                      shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad, neighbours=c.neighbours,
-                      neighbour_pool=c.neighbour_pool, anchors=c.anchors, views_used=c.views_used),
+        targets=targets,
+        schedule=schedule,
+        students=student_specs(config, len(targets)),
+        data=DataSpec(cache=c.cache, shards=c.shards, taps=distinct_cache_taps(targets), resolution=c.resolution,
+                      view_policy=c.view_policy, shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad,
+                      neighbours=c.neighbours, neighbour_pool=c.neighbour_pool, anchors=c.anchors,
+                      views_used=c.views_used),
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
                           lr_schedule=c.lr_schedule),
         loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
-                      coss_head=c.coss_head),
+                      coss_head=c.coss_head, pathway_head=head),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
                             prefetch_factor=c.prefetch_factor, online_teacher=c.online_teacher),
         output=OutputSpec(out=c.out, log_every=c.log_every, checkpoint_every=c.checkpoint_every, quiet=c.quiet),
     )  # fmt: skip
     return train_students(spec, settings=config_to_dict(config))  # settings: recorded, compared on resume
+
+
+def student_specs(config: TrainStudentConfig, targets: int) -> tuple[StudentSpec, ...]:
+    """One spec per ``--student`` with one projection per target (None: the raw teacher rows are the targets)."""
+    paths = config.projection_paths or ((None,) * targets,) * len(config.student)
+    return tuple(StudentSpec(arch, tuple(p)) for arch, p in zip(config.student, paths, strict=True))
+
+
+def process_targets(
+    config: TrainStudentConfig,
+) -> tuple[tuple[TargetSpec, ...], WeightSchedule, tuple[str, int]]:
+    """A DistPro process as stage 3 targets: each kept pathway ``t{i}-s{j}`` is the target ``stage{j}=stage{i}``
+    (teacher stage i's cached row regressed from student stage j through a fresh transform block of the process's
+    kind), weighted at each step by its searched softmax alpha, set to 0 where its normalised alpha is under
+    ``--alpha-threshold`` (pathways under it at every step are not computed at all). The process must fit every
+    student and the cache (the same stage counts; it may come from another pair of architectures with them,
+    DistPro's Table 1, which is recorded)."""
+    import numpy as np
+
+    from pipeline.cache.store import open_store
+    from pipeline.models import build_for_resolution, supported_taps
+    from pipeline.process.artefact import kept_pathways, load_process, normalised
+
+    store = open_store(config.cache)
+    process = load_process(config.process)
+    resolution = config.resolution or store.provenance["preprocessing"]["resolution"]
+    for arch in config.student:
+        model, _ = build_for_resolution(arch, None, resolution)
+        load_process(config.process, supported_taps(model), store.taps)  # refuses a pair it does not fit
+    kept = kept_pathways(process, config.alpha_threshold)
+    index = [process.names.index(n) for n in kept]
+    weights = np.where(normalised(process) >= config.alpha_threshold, process.weights, 0.0)[:, index]
+    pathways = [process.pathways[i] for i in index]
+    targets = tuple(TargetSpec(p["student_tap"], p["teacher_tap"]) for p in pathways)
+    searched = process.provenance.get("student", {}).get("arch")
+    hidden = int(process.provenance.get("config", {}).get("hidden", 512))
+    record = {
+        "path": str(Path(config.process).resolve()), "sha256": file_sha256(config.process),
+        "alpha_threshold": config.alpha_threshold, "kept": kept,
+        "dropped": [n for n in process.names if n not in kept], "transform": process.transform.get("kind", "mlp"),
+        "searched_for": {"student": searched, "cache_fingerprint": process.provenance.get("cache_fingerprint")},
+        "transferred": searched not in config.student
+        or process.provenance.get("cache_fingerprint") != store.fingerprint(),
+    }  # fmt: skip
+    schedule = WeightSchedule(tuple(process.progress.tolist()), tuple(map(tuple, weights.tolist())),
+                              tuple(record.items()))  # fmt: skip
+    return targets, schedule, (record["transform"], hidden)
 
 
 def report(config: TrainStudentConfig, result: dict) -> None:

@@ -94,14 +94,24 @@ def test_fit_svd_fits_one_teachers_tap(caches, tmp_path):
     [
         (dict(teacher=("resnet18", "resnet18"), weights=("random", "random")), "names two teachers"),
         (dict(teacher=("a=resnet18", "b=resnet50"), weights=("random",)), "1 given for 2 teacher"),
-        (dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), taps=("c/pooled",)),
-         "names no teacher"),
-        (dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), taps=("a/pooled",)),
-         "no tap for teacher 'b'"),
-        (dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), teacher_resolution=(32,)),
-         "1 given for 2"),
-        (dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), mean=(0.5, 0.5, 0.5)),
-         "one teacher's normalisation"),
+        (
+            dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), taps=("c/pooled",)),
+            "names no teacher",
+        ),
+        (
+            dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), taps=("a/pooled",)),
+            "no tap for teacher 'b'",
+        ),
+        (
+            dict(
+                teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), teacher_resolution=(32,)
+            ),
+            "1 given for 2",
+        ),
+        (
+            dict(teacher=("a=resnet18", "b=resnet50"), weights=("random", "random"), mean=(0.5, 0.5, 0.5)),
+            "one teacher's normalisation",
+        ),
         (dict(teacher=("a b=resnet18",), weights=("random",)), "must be letters"),
         (dict(teacher=("resnet18",), weights=("random",), taps=("x/y",)), "is not a cache tap"),
     ],
@@ -125,5 +135,8 @@ def test_each_teachers_arrays_open_in_another_zarr_reader(caches):
 
     group = zarr.open_group(str(caches / "both" / "store.zarr"), mode="r")
     for name in ("features/cnn/pre_relu", "features/vit/pooled"):
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(caches / "both" / "store.zarr" / name)}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(caches / "both" / "store.zarr" / name)},
+        }
         np.testing.assert_array_equal(ts.open(spec, read=True).result().read().result(), group[name][...])

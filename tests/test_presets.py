@@ -33,8 +33,8 @@ def test_the_kdep_presets_are_the_paper_recipe(name, recipe):
     m = _load(name)
     c, f, t = m["cache"], m["fit"], m["train"]
     assert (c.teacher, c.weights, c.taps, c.recipe, c.resolution) == (
-        "resnet50",
-        "IMAGENET1K_V2",
+        ("resnet50",),
+        ("IMAGENET1K_V2",),
         ("pre_relu",),
         recipe,
         224,
@@ -115,8 +115,8 @@ def test_the_dinov2_manifest_resolves():
     f = resolve_config(FitSvdConfig, "fit_svd", path)
     t = resolve_config(TrainStudentConfig, "train_student", path)
     assert (c.teacher, c.weights, c.taps, c.resolution) == (
-        "timm:vit_base_patch14_dinov2.lvd142m",
-        "pretrained",
+        ("timm:vit_base_patch14_dinov2.lvd142m",),
+        ("pretrained",),
         ("pooled",),
         224,
     )
@@ -125,3 +125,15 @@ def test_the_dinov2_manifest_resolves():
         and t.projection == (f.out,)
         and (f.tap, t.tap, f.dim) == ("pooled", "pooled", 512)
     )
+
+
+def test_the_two_teacher_manifest_resolves():
+    path = MANIFESTS / "two-teachers-r18.yaml"
+    c = resolve_config(CacheTeacherConfig, "cache_teacher", path)
+    f = resolve_config(FitSvdConfig, "fit_svd", path)
+    t = resolve_config(TrainStudentConfig, "train_student", path)
+    assert c.teacher == ("cnn=resnet50", "dino=timm:vit_base_patch14_dinov2.lvd142m")
+    assert c.taps == ("cnn/pre_relu", "dino/pooled") and c.weights == ("IMAGENET1K_V2", "pretrained")
+    assert f.cache == c.out == t.cache and f.tap == "cnn/pre_relu"
+    assert t.target_pairs == (("pre_relu", "cnn/pre_relu"), ("pre_relu", "dino/pooled"))
+    assert t.projection_paths[0][0] == f.out and t.projection_paths[0][1].endswith("dino-svd512-pts.npz")

@@ -361,3 +361,102 @@ def test_the_stage_searches_with_the_online_teacher_on_spatial_maps(staged, tmp_
     assert [p["teacher_dim"] for p in process.pathways][-1] == 512
     assert np.allclose(process.weights.sum(1), 1.0)
 
+
+@pytest.fixture(scope="module")
+def searched(staged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("searched")
+    return search_run(_search_config(staged, out, batch_size=6, epochs=1, val_fraction=0.3)).path
+
+
+def _train(staged, out, process, **kw):
+    from stages.train_student import TrainStudentConfig
+    from stages.train_student import run as train_run
+
+    base = dict(cache=str(staged["cache"]), out=str(out), student=("resnet18",), loss="distpro", process=str(process),
+                epochs=2, batch_size=6, lr=0.05, workers=0, device="cpu", quiet=True, log_every=1)  # fmt: skip
+    return train_run(TrainStudentConfig(**{**base, **kw}))
+
+
+def test_train_student_follows_the_process_alpha_and_drops_the_pathways_below_the_threshold(
+    staged, searched, tmp_path
+):
+    import json
+
+    from pipeline.process.artefact import alpha_at, kept_pathways, normalised, searched_rows
+
+    process = load_process(searched)
+    threshold = float(np.sort(searched_rows(process).max(axis=0))[4])  # a threshold that drops the 4 weakest
+    kept = kept_pathways(process, threshold)
+    assert 0 < len(kept) < 10
+    _train(staged, tmp_path / "run", searched, alpha_threshold=threshold)
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    by_name = {p["name"]: p for p in process.pathways}
+    assert [t["name"] for t in prov["targets"]] == [
+        f"{by_name[n]['student_tap']}={by_name[n]['teacher_tap']}" for n in kept
+    ]
+    assert prov["process"]["kept"] == kept and len(prov["process"]["dropped"]) == 10 - len(kept)
+    assert prov["process"]["transferred"] is False and prov["process"]["alpha_threshold"] == threshold
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    per_epoch = 24 * 1 // 6  # the cache's 24 images, batch 6, one rank
+    for record in steps:
+        epoch, within = record["epoch"], record["step"] - record["epoch"] * per_epoch
+        progress = (epoch + within / per_epoch) / 2
+        alpha = alpha_at(process, progress)
+        # between two search steps each weight is interpolated, with 0 where the pathway is under the threshold
+        low = [
+            alpha[n] if normalised(process)[:, process.names.index(n)].min() >= threshold else 0.0
+            for n in kept
+        ]
+        assert all(w <= alpha[n] + 1e-9 for w, n in zip(record["weights"], kept, strict=True))
+        assert all(w >= lo - 1e-9 for w, lo in zip(record["weights"], low, strict=True))
+        if threshold == 0:
+            assert record["weights"] == pytest.approx([alpha[n] for n in kept])
+
+
+def test_train_student_with_threshold_zero_weights_every_pathway_by_its_alpha(staged, searched, tmp_path):
+    import json
+
+    from pipeline.process.artefact import alpha_at
+
+    process = load_process(searched)
+    _train(staged, tmp_path / "run", searched, epochs=1, max_steps=2)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps[0]["weights"]) == 10
+    for r in steps:
+        progress = min(r["step"] / 2, 1.0)  # max_steps 2 is the epoch
+        assert r["weights"] == pytest.approx(list(alpha_at(process, progress).values()), abs=1e-12)
+
+
+def test_a_process_transfers_to_another_student_with_the_same_stages_and_is_recorded(
+    staged, searched, tmp_path
+):
+    import json
+
+    _train(staged, tmp_path / "mnv2", searched, student=("mobilenet_v2",), epochs=1, max_steps=1)
+    prov = json.loads((tmp_path / "mnv2" / "provenance.json").read_text())
+    assert prov["process"]["transferred"] is True and prov["process"]["searched_for"]["student"] == "resnet18"
+
+
+def test_train_student_refuses_a_process_that_does_not_fit_or_is_misused(
+    staged, searched, tmp_path, demo_shards
+):
+    from pipeline.manifest import ConfigError
+    from stages.train_student import TrainStudentConfig
+
+    other = tmp_path / "pre"
+    cache_run(CacheTeacherConfig(shards=str(demo_shards["train"]), out=str(other), teacher="resnet18",
+                                 weights=str(staged["dir"] / "teacher.pt"), taps=("pre_relu",), views=1,
+                                 resolution=32, workers=0, device="cpu", dtype="float32", quiet=True))  # fmt: skip
+    with pytest.raises(Exception, match="searched for 4 teacher and 4 student stages; this pair has 0"):
+        _train({"cache": other}, tmp_path / "x", searched)
+    base = dict(cache="c", out="o")
+    with pytest.raises(ConfigError, match="pass --process"):
+        TrainStudentConfig(**base, loss="distpro")
+    with pytest.raises(ConfigError, match="with --loss distpro"):
+        TrainStudentConfig(**base, process=str(searched), projection=("p.npz",))
+    with pytest.raises(ConfigError, match="leave targets"):
+        TrainStudentConfig(**base, loss="distpro", process=str(searched), targets=("stage1=stage1",))
+    with pytest.raises(ConfigError, match="alpha_threshold"):
+        TrainStudentConfig(**base, loss="distpro", process=str(searched), alpha_threshold=1.5)

@@ -14,7 +14,7 @@ from pipeline.files import atomic_path, write_json_atomic
 from pipeline.models import backbone_state_dict
 from pipeline.provenance import require_same
 from pipeline.runtime import Dist
-from pipeline.student.specs import StudentSpec
+from pipeline.student.specs import StudentSpec, TargetSpec
 from pipeline.student.training import Trainee
 
 KEEP_CHECKPOINTS = 2  # the newest epochs kept on disk
@@ -41,12 +41,14 @@ def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
 
 
 def checkpoint_state(epoch: int, global_step: int, settings: dict, store: FeatureStore,
-                     trainees: list[Trainee]) -> dict:  # fmt: skip
-    """Everything an exact resume after finished ``epoch`` needs: students, optimizers, scalers, settings, inputs."""
+                     trainees: list[Trainee], targets: tuple[TargetSpec, ...] = ()) -> dict:  # fmt: skip
+    """Everything an exact resume after finished ``epoch`` needs: students, optimizers, scalers, settings, inputs
+    and the targets (student tap, cache tap, weight) the heads and losses were built for."""
     return {
         "epoch": epoch,
         "global_step": global_step,
         "config": settings,
+        "targets": target_records(targets),
         "inputs": run_inputs(store, trainees),
         "scalers": {
             t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None and t.scaler.is_enabled()
@@ -95,7 +97,8 @@ def trim_metrics(path: Path, last_epoch: int) -> None:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path:
-    """Per-step loss (light) and per-epoch mean (bold) of every student (log scale for positive losses)."""
+    """Per-step loss (light) and per-epoch mean (bold) of every student (log scale for positive losses); with
+    several targets also each target's epoch mean (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +119,9 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
                 lw=2,
                 label=f"{name} (epoch mean)",
             )
+        for key in sorted({k for r in epochs for k in r if k.startswith("loss/")}):  # several targets: each
+            ax.plot([r["step"] for r in epochs if key in r], [r[key] for r in epochs if key in r], marker=".",
+                    ls="--", lw=1.2, label=f"{name} {key} (epoch mean, unweighted)")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if records and min(r["loss"] for r in records) > 0:
@@ -140,31 +146,60 @@ RESUME_FREE = (
 )  # settings a resumed run may change
 
 
+def target_records(targets: tuple[TargetSpec, ...]) -> list[dict]:
+    """The targets as JSON records (provenance.json, checkpoints)."""
+    return [{"name": t.name, "student_tap": t.student_tap, "cache_tap": t.cache_tap, "weight": t.weight}
+            for t in targets]  # fmt: skip
+
+
+def _sha(projection) -> str | None:
+    return projection.meta.get("npz_sha256") if projection is not None else None
+
+
 def run_inputs(store: FeatureStore, trainees: list[Trainee]) -> dict:
-    """The identities a run trains from: the cache fingerprint and each projection's sha256."""
+    """The identities a run trains from: the cache fingerprint and each projection's sha256 (per student: one, or
+    a list with one per target when there are several)."""
     projections = [
-        t.projection.meta.get("npz_sha256") if t.projection is not None else None for t in trainees
+        _sha(t.projection) if len(t.projections) == 1 else [_sha(p) for p in t.projections] for t in trainees
     ]
     return {"cache_fingerprint": store.fingerprint(), "projection_sha256": projections}
 
 
-def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Trainee], job: Dist, quiet: bool
-           ) -> tuple[int, int]:  # fmt: skip
-    """Load the newest checkpoint if there is one (same settings and inputs required); returns (first epoch, step)."""
+# Settings added after runs were checkpointed without them, with the value that means "as before": a resumed
+# older run matches when the new setting has it.
+ADDED_SETTINGS = {"targets": [], "target_weights": []}
+
+
+def upgrade_student_state(state: dict) -> dict:
+    """A student state dict from before per-target heads (``head.*``) -> today's names (``heads.0.*``)."""
+    return {("heads.0." + k[len("head.") :] if k.startswith("head.") else k): v for k, v in state.items()}
+
+
+def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Trainee], job: Dist, quiet: bool,
+           targets: tuple[TargetSpec, ...] = ()) -> tuple[int, int]:  # fmt: skip
+    """Load the newest checkpoint if there is one (same settings, inputs and targets required); returns (first
+    epoch, step)."""
     path = latest_checkpoint(out)
     if path is None:
         if job.is_main:
             trim_metrics(out / "metrics.jsonl", -1)  # a run that died before its first checkpoint starts over
         return 0, 0
     state = load_checkpoint(path)
-    stored = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
+    stored = {**ADDED_SETTINGS, **{k: v for k, v in state["config"].items() if k not in RESUME_FREE}}
     now = {k: v for k, v in settings.items() if k not in RESUME_FREE}
     hint = "resume with the same settings and inputs, or choose another --out"
+    if (
+        "targets" in state
+    ):  # checkpoints from before multi-target runs had one target: their settings say which
+        stored, now = (
+            {**stored, "targets_built": state["targets"]},
+            {**now, "targets_built": target_records(targets)},
+        )
     require_same(
         f"the run in {out}", {**stored, **state["inputs"]}, {**now, **run_inputs(store, trainees)}, hint
     )
     for t in trainees:
-        t.student.load_state_dict(state["students"][t.name])
+        t.student.load_state_dict(upgrade_student_state(state["students"][t.name]))
         t.optimizer.load_state_dict(state["optimizers"][t.name])
         if t.scaler is not None and state.get("scalers", {}).get(t.name):
             t.scaler.load_state_dict(state["scalers"][t.name])
@@ -176,22 +211,27 @@ def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Traine
 
 
 def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...], store: FeatureStore,
-                     trainees: list[Trainee], resolution: int, job: Dist,
-                     views: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
-    """provenance.json (inputs, their identities, the students, the settings) and config.train_student.json."""
+                     trainees: list[Trainee], resolution: int, job: Dist, views: tuple[int, int] = (0, 0),
+                     targets: tuple[TargetSpec, ...] = (), process: dict | None = None) -> None:  # fmt: skip
+    """provenance.json (inputs, their identities, the targets, the students, the settings, the DistPro process the
+    target weights follow, if any) and config.train_student.json."""
     if not job.is_main:
         return
+    several = len(targets) > 1
     record = {
         "cache": str(store.path),
         "cache_fingerprint": store.fingerprint(),
         "projections": [
-            {"path": s.projection, "sha256": t.projection.meta.get("npz_sha256") if t.projection else None}
+            {"path": path, "sha256": _sha(proj), **({"student": t.name, "target": g.name} if several else {})}
             for s, t in zip(students, trainees, strict=True)
-            if s.projection is not None
+            for path, proj, g in zip(s.projections, t.projections, targets or (None,), strict=True)
+            if path is not None
         ],
+        "targets": target_records(targets),
         "students": [t.name for t in trainees],
         "resolution": resolution,
         "training_views": list(views),  # [first, stop): the cache views the students trained on
+        **({"process": process} if process is not None else {}),
         "config": settings,
     }
     write_json_atomic(out / "provenance.json", record)

@@ -62,7 +62,7 @@ def resolve_workers(workers: int) -> int:
 
 def collate_pairs(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[(view, row, ids)] -> (views (B, 3, r, r) uint8, or float32 normalised if any view is not exactly uint8;
-    rows (B, D_t) float16; ids (B, 3) int64)."""
+    rows (B, D_t) float16, or (B, sum D_i) with several carried taps; ids (B, 3) int64)."""
     views, rows, ids = zip(*batch, strict=True)
     return stack_views(list(views)), torch.stack(rows), torch.stack(ids)
 
@@ -80,7 +80,7 @@ class PairLoaders:
             neighbours = mine_neighbours_once(centre, spec.neighbour_pool, torch.device(spec.mine_device))
             self.dataset = RandomAccessPairs(s.store, s.shard_paths, rows, s.tap, s.resolution, s.seed,
                                              s.view_policy, uint8_views=s.uint8_views,
-                                             views_used=s.views_used)  # fmt: skip
+                                             views_used=s.views_used, taps=s.carried)  # fmt: skip
             self.sampler = NeighbourBatchSampler(
                 neighbours, spec.anchors, spec.neighbours, s.seed, s.rank, s.world
             )

@@ -1,7 +1,7 @@
 """CoSS's neighbour-mined batches: anchors plus k nearest neighbours among cached teacher features.
 
-Neighbours are mined once from the cached features of view 0, which must be the deterministic centre view
-(``cache-teacher --center-view``): cosine top-``pool`` per image, computed in chunks. Each epoch, anchors are
+Neighbours are mined once from the cached features of view 0 (of the first target's cache tap), which must be the
+deterministic centre view (``cache-teacher --center-view``): cosine top-``pool`` per image, computed in chunks. Each epoch, anchors are
 shuffled from (seed, epoch); each anchor brings ``per_anchor`` neighbours drawn from its top-``pool``; batches are
 ``anchors`` such groups (CoSS: 16 anchors x (1 + 15 drawn from the top 31)). Such batches need images by key in any
 order, so this path reads samples by byte offset from the tars (:class:`RandomAccessPairs`) instead of streaming
@@ -143,8 +143,10 @@ class RandomAccessPairs(Dataset):
         cached_blocks: int = 256,
         uint8_views: bool = False,
         views_used: int = 0,
+        taps: tuple[str, ...] = (),
     ) -> None:
         self.store_path, self.shard_paths, self.rows, self.tap = store_path, shard_paths, rows, tap
+        self.taps = taps or (tap,)  # carried taps: rows concatenate them in this order (PairStream's rows)
         self.resolution, self.seed, self.view_policy = resolution, seed, view_policy
         self.cached_blocks, self.uint8_views, self.views_used = cached_blocks, uint8_views, views_used
         self._epoch = SharedEpoch()
@@ -198,7 +200,7 @@ class RandomAccessPairs(Dataset):
         out: list = [None] * len(indices)
         for shard, js in sorted(by_shard.items()):
             view = self.view_of(shard)
-            feats = self.store.read_rows(shard, [located[j][1] for j in js], view, self.tap)
+            feats = self._features(shard, [located[j][1] for j in js], view)
             for j, feat in zip(js, feats, strict=True):
                 out[j] = self._item(shard, located[j][1], view, feat)
         return out
@@ -206,7 +208,12 @@ class RandomAccessPairs(Dataset):
     def __getitem__(self, i: int):
         shard, row = self._locate(i)
         view = self.view_of(shard)
-        return self._item(shard, row, view, self.store.read_rows(shard, [row], view, self.tap)[0])
+        return self._item(shard, row, view, self._features(shard, [row], view)[0])
+
+    def _features(self, shard: int, rows: list[int], view: int) -> np.ndarray:
+        """(len(rows), sum D_i) float16: one ``read_rows`` per carried tap, concatenated in tap order."""
+        feats = [self.store.read_rows(shard, rows, view, tap) for tap in self.taps]
+        return feats[0] if len(feats) == 1 else np.concatenate(feats, axis=1)
 
     def _item(self, shard: int, row: int, view: int, feat: np.ndarray):
         block, path = self._block(shard, view), self.shard_paths[shard]

@@ -59,6 +59,14 @@ class StreamSpec:
     world: int = 1
     uint8_views: bool = False  # uint8 views before normalisation where exact (4x less shared memory)
     views_used: int = 0  # train on the first k views of the cache (0 = all K)
+    taps: tuple[
+        str, ...
+    ] = ()  # several cached taps (multi-target): rows concatenate them in this order; () = (tap,)
+
+    @property
+    def carried(self) -> tuple[str, ...]:
+        """The cached taps each row carries, in row order (one: ``tap``, as a single-target run reads it)."""
+        return self.taps or (self.tap,)
 
 
 def _stable_int(*parts: object) -> int:
@@ -130,7 +138,8 @@ class SharedEpoch:
 
 class PairStream(IterableDataset):
     """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch;
-    with ``uint8_views`` the view is uint8 before normalisation where that is exact."""
+    with ``uint8_views`` the view is uint8 before normalisation where that is exact. With several carried taps the
+    row is their features concatenated, (sum D_i,), read in the same one ``read_slot`` per (shard, view)."""
 
     def __init__(self, spec: StreamSpec) -> None:
         self.spec, self._epoch = spec, SharedEpoch()
@@ -161,7 +170,7 @@ class PairStream(IterableDataset):
         for shard in shards:
             path = self.spec.shard_paths[shard]
             view = scheduled_view(self.spec.seed, shard, self.epoch, first, stop, self.spec.view_policy)
-            block, seen = store.read_slot(shard, taps=[self.spec.tap], views=[view]), set()
+            block, seen = store.read_slot(shard, taps=list(self.spec.carried), views=[view]), set()
             for i, sample in enumerate(iter_samples(path)):
                 if i % group != member:  # another member of this shard's group pairs it
                     seen.add(sample.key)
@@ -183,7 +192,7 @@ class PairStream(IterableDataset):
             return None
         self.counts["pairs"] += 1
         row = joined.row
-        target = torch.from_numpy(np.ascontiguousarray(block.feature(self.spec.tap, row, view)))
+        target = torch.from_numpy(joined_row([block.feature(t, row, view) for t in self.spec.carried]))
         return joined.image, target, torch.tensor([shard, row, view])
 
     def _bad(self, err: JoinError) -> None:
@@ -203,6 +212,14 @@ class PairStream(IterableDataset):
                     "missing",
                 )
             )
+
+
+def joined_row(features: list[np.ndarray]) -> np.ndarray:
+    """One sample's cached features, one (D_i,) array per carried tap -> its row (sum D_i,), taps concatenated in
+    order (one tap: that array, contiguous, as a single-target run has always sent it)."""
+    if len(features) == 1:
+        return np.ascontiguousarray(features[0])
+    return np.concatenate(features)
 
 
 def _shuffled(items: Iterator, size: int, seed: int) -> Iterator:

@@ -47,13 +47,13 @@ from pipeline.student.checkpoints import (
 )
 from pipeline.student.loaders import LoaderSpec, PairLoaders, batches, resolve_workers
 from pipeline.student.pairs import StreamSpec, training_views
-from pipeline.student.specs import TrainSpec
+from pipeline.student.specs import StudentSpec, TrainSpec
 from pipeline.student.training import (
     StepContext,
     Trainee,
     build_trainees,
     lr_at,
-    teacher_targets,
+    teacher_rows,
     train_step,
     views_on_device,
 )
@@ -87,23 +87,24 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
     out = Path(spec.output.out)
     out.mkdir(parents=True, exist_ok=True)
     store = open_store(spec.data.cache)
-    require_complete(store, spec.data.tap)
+    require_complete(store, spec.data.taps)
     shard_paths = tuple(source_shard_paths(store, spec.data.shards))
-    projections = [load_checked_projection(s.projection, store, spec.data.tap) for s in spec.students]
+    projections = [student_projections(s, spec, store) for s in spec.students]
     resolution = spec.data.resolution or store.provenance["preprocessing"]["resolution"]
-    trainees = build_trainees(
-        spec, projections, store.layout.dims[spec.data.tap], resolution, device, amp, job
-    )
-    start, global_step = resume(out, settings, store, trainees, job, spec.output.quiet)
+    trainees = build_trainees(spec, projections, store.layout.dims, resolution, device, amp, job)
+    start, global_step = resume(out, settings, store, trainees, job, spec.output.quiet, spec.targets)
     teacher = None
     if spec.runtime.online_teacher:  # a library weight downloads once per node
         teacher = local_leader_first(
-            lambda: online_teacher(store, spec.data.tap, device, spec.runtime.channels_last)
+            lambda: online_teacher(store, spec.data.taps, device, spec.runtime.channels_last)
         )
-    ctx = StepContext(device, amp, spec.loss, spec.runtime.channels_last, spec.data.tap, teacher)
+    widths = tuple(store.layout.dims[t] for t in spec.data.taps)
+    ctx = StepContext(device, amp, spec.loss, spec.runtime.channels_last, spec.data.taps[0], teacher,
+                      spec.targets, widths)  # fmt: skip
     loaders = PairLoaders(loader_spec(spec, str(store.path), shard_paths, resolution, job, device), store)
     views = training_views(store, spec.data.views_used)  # refuses a views_used the cache does not hold
-    write_provenance(out, settings, spec.students, store, trainees, resolution, job, views)
+    write_provenance(out, settings, spec.students, store, trainees, resolution, job, views, spec.targets,
+                     dict(spec.schedule.record) if spec.schedule is not None else None)  # fmt: skip
     expected = int(store.valid().sum())
     run = Run(spec, settings, job, store, ctx, loaders, trainees, expected, global_step)
     for epoch in range(start, spec.recipe.epochs):
@@ -125,9 +126,15 @@ def configure_numerics(device: torch.device, amp: str) -> str:
     return amp
 
 
-def require_complete(store: FeatureStore, tap: str) -> None:
+def require_complete(store: FeatureStore, taps: str | tuple[str, ...]) -> None:
     """Training reads every shard: refuse an unfinished cache (naming what is missing) or a tap it does not hold."""
-    store.feature_array(tap)  # StoreError naming the taps it has
+    for tap in (taps,) if isinstance(taps, str) else taps:
+        if tap not in store.layout.dims:
+            raise StoreError(
+                f"{store.path} has no tap {tap!r} (it has: {', '.join(store.layout.dims)}); name a cached tap in "
+                "--tap / --targets STUDENT_TAP=CACHE_TAP, or re-cache with `kdep cache-teacher --taps ...`"
+            )
+        store.feature_array(tap)  # StoreError naming the taps it has
     missing = store.missing_shards()
     if missing:
         raise StoreError(
@@ -152,12 +159,28 @@ def load_checked_projection(path: str | None, store: FeatureStore, tap: str) -> 
     return proj
 
 
+def student_projections(
+    student: StudentSpec, spec: TrainSpec, store: FeatureStore
+) -> tuple[Projection | None, ...]:
+    """The student's projection of each target, each checked against this cache and the target's cache tap."""
+    if len(student.projections) != len(spec.targets):
+        raise KdepError(
+            f"student {student.arch}: {len(student.projections)} projection(s) for {len(spec.targets)} target(s); "
+            "give one per target (--projection a.npz,b.npz per student)"
+        )
+    return tuple(
+        load_checked_projection(p, store, t.cache_tap)
+        for p, t in zip(student.projections, spec.targets, strict=True)
+    )
+
+
 def online_teacher(
-    store: FeatureStore, tap: str, device: torch.device, channels_last: bool = False
+    store: FeatureStore, taps: str | tuple[str, ...], device: torch.device, channels_last: bool = False
 ) -> FeatureTaps:
-    """The recorded teacher, live on ``device`` for the ``--online-teacher`` baseline: (B, 3, r, r) -> {tap: (B, D_t)};
-    channels_last on CUDA when asked (like the students and the views)."""
-    teacher = rebuild_teacher(store, (tap,)).to(device).requires_grad_(False)
+    """The recorded teacher, live on ``device`` for the ``--online-teacher`` baseline: (B, 3, r, r) -> {tap: (B, D_t)}
+    for the cache tap(s) ``taps``; channels_last on CUDA when asked (like the students and the views)."""
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    teacher = rebuild_teacher(store, taps).to(device).requires_grad_(False)
     if device.type == "cuda" and channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher
@@ -167,9 +190,10 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
                 device: torch.device) -> LoaderSpec:  # fmt: skip
     """This rank's loader: the key-joined stream over the shards, or neighbour-mined batches."""
     d = spec.data
-    stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.tap, resolution=resolution, seed=spec.recipe.seed,
+    stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.taps[0], resolution=resolution, seed=spec.recipe.seed,
                         view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
-                        rank=job.rank, world=job.world, uint8_views=True, views_used=d.views_used)  # fmt: skip
+                        rank=job.rank, world=job.world, uint8_views=True, views_used=d.views_used,
+                        taps=d.taps if len(d.taps) > 1 else ())  # fmt: skip
     return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
                       d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
                       mine_device=str(device))  # fmt: skip
@@ -189,9 +213,10 @@ def run_epoch(run: Run, epoch: int) -> dict:
                 singletons += 1
                 continue
             x = views_on_device(x, run.ctx)
-            raw = teacher_targets(rows, x, run.ctx)
+            raw = teacher_rows(rows, x, run.ctx)
+            weights = scheduled_weights(run, epoch, steps)
             for t in run.trainees:
-                step_trainee(run, t, x, raw, epoch, steps)
+                step_trainee(run, t, x, raw, epoch, steps, weights)
             images, steps = images + len(x), steps + 1
             bar.update(len(x))
             if recipe.max_steps and steps >= recipe.max_steps:
@@ -222,17 +247,40 @@ def start_epoch(trainees: list[Trainee], epoch: int, epochs: int, schedule: str 
         for group in t.optimizer.param_groups:
             group["lr"] = lr_at(epoch, epochs, t.base_lr, schedule)
         t.model.train()
-        t.losses = []
+        t.losses, t.parts = [], []
 
 
-def step_trainee(run: Run, t: Trainee, x: torch.Tensor, raw: torch.Tensor, epoch: int, steps: int) -> None:
-    """One student's step on views (B, 3, r, r) and teacher rows (B, D_t); a metrics record every log_every steps."""
-    target = t.projection.targets(raw) if t.projection is not None else raw
-    loss, parts = train_step(t.model, t.optimizer, x, target, run.ctx, t.scaler, to_host=False)
+def scaled_progress(run: Run, epoch: int, steps: int) -> float:
+    """How far training is, in [0, 1]: epochs done plus this epoch's share (its steps over an epoch's expected
+    steps on this rank, or ``max_steps``)."""
+    per_epoch = max(1, run.expected // (run.spec.batch_per_rank * run.job.world))
+    if run.spec.recipe.max_steps:
+        per_epoch = min(per_epoch, run.spec.recipe.max_steps)
+    return (epoch + min(steps / per_epoch, 1.0)) / run.spec.recipe.epochs
+
+
+def scheduled_weights(run: Run, epoch: int, steps: int) -> tuple[float, ...] | None:
+    """The targets' weights at this step from the run's schedule (DistPro's alpha(t)), or None (fixed weights)."""
+    if run.spec.schedule is None:
+        return None
+    return run.spec.schedule.at(scaled_progress(run, epoch, steps))
+
+
+def step_trainee(run: Run, t: Trainee, x: torch.Tensor, raw: dict[str, torch.Tensor], epoch: int, steps: int,
+                 weights: tuple[float, ...] | None = None) -> None:  # fmt: skip
+    """One student's step on views (B, 3, r, r) and teacher rows {cache tap: (B, D_t)} (``weights``: the targets'
+    weights at this step, from a schedule); a metrics record every log_every steps."""
+    targets = [p.targets(raw[s.cache_tap]) if p is not None else raw[s.cache_tap]
+               for p, s in zip(t.projections, run.spec.targets, strict=True)]  # fmt: skip
+    loss, parts = train_step(
+        t.model, t.optimizer, x, targets, run.ctx, t.scaler, to_host=False, weights=weights
+    )
     t.losses.append(loss)  # a device scalar: converted only here every log_every steps and at the epoch end
+    if len(targets) > 1:
+        t.parts.append({k: v for k, v in parts.items() if k.startswith("loss/")})
     if steps % run.spec.output.log_every == 0 and run.job.is_main:
         record = {"kind": "step", "student": t.name, "epoch": epoch, "step": run.global_step + steps,
-                  "loss": float(loss)}  # fmt: skip
+                  "loss": float(loss), **({"weights": list(weights)} if weights is not None else {})}  # fmt: skip
         append_metrics(run.out / "metrics.jsonl", {**record, **{k: float(v) for k, v in parts.items()}})
 
 
@@ -279,16 +327,25 @@ def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
             "kind": "epoch", "student": t.name, "epoch": epoch, "step": run.global_step, "loss": loss,
             "lr": t.optimizer.param_groups[0]["lr"], "images": stats["images"], "seconds": stats["seconds"],
             "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "skipped": stats["skipped"],
-            "singletons_dropped": stats["singletons_dropped"],
+            "singletons_dropped": stats["singletons_dropped"], **epoch_parts(t),
         })  # fmt: skip
     if stats["skipped"] and not run.spec.output.quiet:
         print(
             f"epoch {epoch + 1}: skipped {stats['skipped']} samples that did not join the cache (--skip-bad)"
         )
     if checkpoint_due(epoch, run.spec.recipe.epochs, run.spec.output.checkpoint_every):
-        state = checkpoint_state(epoch, run.global_step, run.settings, run.store, run.trainees)
+        state = checkpoint_state(
+            epoch, run.global_step, run.settings, run.store, run.trainees, run.spec.targets
+        )
         save_checkpoint(run.out, epoch, state)
     barrier()
+
+
+def epoch_parts(t: Trainee) -> dict[str, float]:
+    """The epoch mean of each target's (unweighted) loss, ``loss/<name>``; empty for a single-target run."""
+    if not t.parts:
+        return {}
+    return {k: float(torch.stack([p[k] for p in t.parts]).double().mean()) for k in t.parts[0]}
 
 
 def load_call(arch: str, model_kwargs: dict, path: Path) -> str:

@@ -17,15 +17,33 @@ class LossSpec:
     weight: float = 3.0  # w of the KDEP loss (and the baselines' MSE)
     coss: tuple[float, float, float, float, float] = (1.0, 1.0, 0.07, 0.1, 1.0)  # l0, l1, tau_t, tau_s, beta
     coss_head: str = "mlp"  # coss / coss-bn head when D_s != D_t: mlp (the reference) or mlp-bn
+    pathway_head: tuple[str, int] = (
+        "mlp",
+        512,
+    )  # distpro: each pathway's transform block (mlp or linear), hidden
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One distillation target: a student tap regresses a cached teacher tap; the run's loss is the sum over its
+    targets of ``weight`` x the configured loss of each."""
+
+    student_tap: str  # student feature tap (KDEP: pre_relu; CoSS: post_relu; multi-layer: stageK)
+    cache_tap: str  # cached teacher tap: a key of the store's taps (plain ``pre_relu`` or ``LABEL/TAP``)
+    weight: float = 1.0  # w_i in sum_i w_i * loss_i (on top of the loss's own weight, e.g. KDEP's w)
+
+    @property
+    def name(self) -> str:
+        """``STUDENT_TAP=CACHE_TAP``: how settings, metrics (``loss/<name>``) and records name the target."""
+        return f"{self.student_tap}={self.cache_tap}"
 
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """One student of the run and the projection that aligns the teacher to it."""
+    """One student of the run and, per target, the projection that aligns the teacher tap to it."""
 
     arch: str  # torchvision model name (resnet18, mobilenet_v2, ...)
-    tap: str  # student feature tap (KDEP: pre_relu; CoSS: post_relu)
-    projection: str | None  # projection artefact from fit-svd; None: targets are the raw teacher rows
+    projections: tuple[str | None, ...]  # one per target: fit-svd artefact, or None (the raw teacher rows)
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,7 @@ class DataSpec:
 
     cache: str  # feature cache folder from cache-teacher
     shards: str  # source shards if they moved since caching; "" = the cache's recorded source
-    tap: str  # cached teacher tap paired with the views
+    taps: tuple[str, ...]  # the targets' distinct cached teacher taps paired with the views, in target order
     resolution: int  # student input side in pixels; 0 = the teacher's
     view_policy: str  # walk (seeded walk over an image's K views) or random (uniform per epoch)
     shuffle_buffer: int  # per-worker shuffle buffer, in samples
@@ -83,14 +101,16 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """A whole stage 3 run: its students and the five specs above."""
+    """A whole stage 3 run: its targets, its students and the five specs above."""
 
+    targets: tuple[TargetSpec, ...]  # every student distils all of them (one: today's single-tap KDEP)
     students: tuple[StudentSpec, ...]  # trained together, one data pass
     data: DataSpec
     recipe: RecipeSpec
     loss: LossSpec
     runtime: RuntimeSpec
     output: OutputSpec
+    schedule: WeightSchedule | None = None  # target weights that change over training (DistPro); None: fixed
 
     @property
     def batch_per_rank(self) -> int:
@@ -98,3 +118,27 @@ class TrainSpec:
         if self.data.neighbours:
             return self.data.anchors * (1 + self.data.neighbours)
         return self.recipe.batch_size
+
+
+@dataclass(frozen=True)
+class WeightSchedule:
+    """Target weights over training (a searched DistPro process): ``weights[k][i]`` is target i's weight at training
+    progress ``progress[k]`` (increasing, in [0, 1]); in between, linear interpolation; they replace the targets'
+    fixed weights. ``record`` says where the schedule came from (written to provenance.json)."""
+
+    progress: tuple[float, ...]
+    weights: tuple[tuple[float, ...], ...]
+    record: tuple[tuple[str, object], ...] = ()
+
+    def at(self, progress: float) -> tuple[float, ...]:
+        """Every target's weight at ``progress`` (clipped to [0, 1])."""
+        import numpy as np
+
+        p = min(max(progress, 0.0), 1.0)
+        table = np.asarray(self.weights, np.float64)
+        return tuple(float(np.interp(p, self.progress, table[:, i])) for i in range(table.shape[1]))
+
+
+def distinct_cache_taps(targets: tuple[TargetSpec, ...]) -> tuple[str, ...]:
+    """The cache taps the targets read, each once, in the order the targets first name them."""
+    return tuple(dict.fromkeys(t.cache_tap for t in targets))

@@ -8,6 +8,7 @@ data fraction and epochs. AMP (bf16) and channels_last on CUDA.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ from pipeline.student.losses import (
     coss_loss,
     kdep_loss,
 )
-from pipeline.student.specs import LossSpec, TrainSpec
+from pipeline.student.specs import LossSpec, TargetSpec, TrainSpec, distinct_cache_taps
 
 # Supplement Table S.4: (data fraction, epochs) -> weight decay.
 WEIGHT_DECAY_TABLE = {(0.1, 90): 5e-4, (0.1, 180): 4e-4, (1.0, 9): 5e-4, (1.0, 18): 4e-4, (1.0, 90): 1e-4}
@@ -64,16 +65,25 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str = "step") -> float
 
 
 class Student(nn.Module):
-    """A torchvision or timm backbone (random init), its feature tap and the loss's trainable head (if any), fed
-    the ImageNet-normalised views re-normalised with the backbone's own mean/std (its library's: a no-op for
-    torchvision's and timm's ImageNet ones). forward -> (B, D_out)."""
+    """A torchvision or timm backbone (random init), its feature taps and the loss's trainable head per target (if
+    the loss has one), fed the ImageNet-normalised views re-normalised with the backbone's own mean/std (its
+    library's: a no-op for torchvision's and timm's ImageNet ones).
 
-    def __init__(
-        self, arch: str, tap: str, loss: str, d_target: int, resolution: int, coss_head: str = "mlp"
-    ) -> None:
+    ``tap`` and ``d_target`` are one value (one target, as KDEP) or one per target (multi-layer KD: a student tap
+    may repeat, e.g. one tap distilling two teachers). All taps come from one forward; ``forward`` -> one
+    (B, D_out_i) tensor per target, in target order. ``cache_taps`` (one per target) only names the teacher taps in
+    errors."""
+
+    def __init__(self, arch: str, tap: str | tuple[str, ...], loss: str, d_target: int | tuple[int, ...],
+                 resolution: int, coss_head: str = "mlp", cache_taps: tuple[str, ...] = (),
+                 pathway_head: tuple[str, int] = ("mlp", 512)) -> None:  # fmt: skip
         super().__init__()
+        taps = (tap,) if isinstance(tap, str) else tuple(tap)
+        d_targets = (d_target,) * len(taps) if isinstance(d_target, int) else tuple(d_target)
+        if len(d_targets) != len(taps):
+            raise ModelError(f"student {arch}: {len(taps)} target taps but {len(d_targets)} target widths")
         model, identity = build_for_resolution(arch, None, resolution)
-        self.arch, self.tap, self.loss = arch, tap, loss
+        self.arch, self.tap, self.target_taps, self.loss = arch, taps[0], taps, loss
         self.backbone = model
         for p in last_linear(
             model
@@ -83,23 +93,56 @@ class Student(nn.Module):
         self.model_kwargs = identity.get(
             "model_kwargs", {}
         )  # what timm.create_model needs to load the export
-        self.taps = FeatureTaps(model, (tap,), from_imagenet=self.preprocessing)
-        self.d_feature = tap_dims(model, (tap,), resolution=min(resolution, 64))[tap]
-        self.head: nn.Module = nn.Identity()
-        if loss in ("linear-pre", "linear-post"):
-            self.head = LinearHead(self.d_feature, d_target, after_relu=loss == "linear-post")
-        elif loss == "coss" and self.d_feature != d_target:
-            self.head = CossHead(self.d_feature, d_target, kind=coss_head)
-        elif loss == "coss-bn":
-            self.head = BatchNormHead(self.d_feature, d_target, kind=coss_head)
-        elif loss in ("kdep", "cosine") and self.d_feature != d_target:
+        distinct = tuple(dict.fromkeys(taps))
+        try:
+            self.taps = FeatureTaps(model, distinct, from_imagenet=self.preprocessing)
+        except ModelError as err:
             raise ModelError(
-                f"student {arch} {tap} width is {self.d_feature} but the projection gives {d_target}; "
-                f"fit a projection with --dim {self.d_feature} (kdep fit-svd)"
-            )
+                f"student {arch}: {err}; choose student taps it has (--student-tap, or --targets STUDENT_TAP=CACHE_TAP)"
+            ) from None
+        widths = tap_dims(model, distinct, resolution=min(resolution, 64))
+        self.d_features = tuple(widths[t] for t in taps)
+        self.d_feature = self.d_features[0]
+        sources = cache_taps or (None,) * len(taps)
+        self.heads = nn.ModuleList(
+            loss_head(loss, arch, t, d_s, d_t, coss_head, source, pathway_head)
+            for t, d_s, d_t, source in zip(taps, self.d_features, d_targets, sources, strict=True)
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.taps(x)[self.tap])
+    @property
+    def head(self) -> nn.Module:
+        """The first target's head (the only one of a single-target student)."""
+        return self.heads[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.taps(x)
+        return tuple(head(feats[t]) for head, t in zip(self.heads, self.target_taps, strict=True))
+
+
+def loss_head(loss: str, arch: str, tap: str, d_feature: int, d_target: int, coss_head: str = "mlp",
+              cache_tap: str | None = None, pathway_head: tuple[str, int] = ("mlp", 512)) -> nn.Module:  # fmt: skip
+    """The trainable head between the student tap (B, d_feature) and the loss: a parametric baseline's
+    Linear + BN, CoSS's MLP when the widths differ, coss-bn's BatchNorm, DistPro's transform block (``distpro``:
+    Linear-BN-ReLU-Linear with ``pathway_head`` = ("mlp", hidden), or a Linear); nothing (Identity) for kdep / cosine,
+    whose projected target must already have the tap's width (refused otherwise, naming the fit that gives it)."""
+    if loss in ("linear-pre", "linear-post"):
+        return LinearHead(d_feature, d_target, after_relu=loss == "linear-post")
+    if loss == "coss" and d_feature != d_target:
+        return CossHead(d_feature, d_target, kind=coss_head)
+    if loss == "coss-bn":
+        return BatchNormHead(d_feature, d_target, kind=coss_head)
+    if loss == "distpro":  # DistPro's pooled transform block (pipeline/process/search.py), per pathway
+        kind, hidden = pathway_head
+        if kind == "linear":
+            return nn.Linear(d_feature, d_target)
+        return CossHead(d_feature, d_target, hidden=hidden, kind="mlp-bn")  # Linear-BN-ReLU-Linear
+    if loss in ("kdep", "cosine") and d_feature != d_target:
+        fit = f"kdep fit-svd CACHE --tap {cache_tap} --dim {d_feature}" if cache_tap else f"--dim {d_feature}"
+        raise ModelError(
+            f"student {arch} {tap} width is {d_feature} but the projection gives {d_target}; "
+            f"fit a projection with {fit} (kdep fit-svd)"
+        )
+    return nn.Identity()
 
 
 @dataclass(frozen=True)
@@ -110,8 +153,15 @@ class StepContext:
     amp: str  # resolved AMP mode (pipeline.runtime.resolve_amp): off, bf16 or fp16; autocast on CUDA only
     loss: LossSpec
     channels_last: bool = False  # channels_last views on CUDA
-    tap: str = "pre_relu"  # teacher tap the targets come from
+    tap: str = "pre_relu"  # teacher tap the targets come from (several targets: the first one's)
     teacher: nn.Module | None = None  # live teacher FeatureTaps (--online-teacher); None: the cached rows
+    targets: tuple[TargetSpec, ...] = ()  # the run's targets (weights, names); () = one target of weight 1
+    widths: tuple[int, ...] = ()  # D_i of each carried cache tap (``carried``), to split a (B, sum D_i) row
+
+    @property
+    def carried(self) -> tuple[str, ...]:
+        """The cache taps in a cached row, in order (PairStream's ``carried``)."""
+        return distinct_cache_taps(self.targets) if self.targets else (self.tap,)
 
 
 def compute_loss(
@@ -119,7 +169,7 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(B, D_out)`` student output and ``(B, D_out)`` float32 targets -> (scalar loss, named detached scalar
     parts, on the device)."""
-    if spec.name == "kdep" or spec.name.startswith("linear"):
+    if spec.name in ("kdep", "distpro") or spec.name.startswith("linear"):
         return kdep_loss(out, target, spec.weight)
     if spec.name == "cosine":
         return cosine_loss(out, target)
@@ -127,6 +177,32 @@ def compute_loss(
         return coss_bn_loss(out, target)
     l0, l1, tau_t, tau_s, beta = spec.coss
     return coss_loss(out, target, l0, l1, tau_t, tau_s, beta)
+
+
+def combined_loss(ctx: StepContext, outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...],
+                  weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """sum_i w_i * loss_i over the targets (each the configured loss of its output and target) and the parts: per
+    target ``loss/<name>`` (unweighted) and its loss's parts as ``<part>/<name>``. ``weights`` (one per target)
+    replace the targets' own at this step (a DistPro schedule). One target of weight 1 is exactly
+    :func:`compute_loss` (no multiply, no rename): single-target runs are unchanged bit for bit."""
+    if len(outs) != len(targets):
+        raise ValueError(f"{len(outs)} student outputs for {len(targets)} targets")
+    specs = ctx.targets or (None,) * len(outs)
+    if weights is None:
+        weights = tuple(1.0 if s is None else s.weight for s in specs)
+    if len(weights) != len(outs):
+        raise ValueError(f"{len(weights)} weights for {len(outs)} targets")
+    if len(outs) == 1 and weights[0] == 1.0:
+        return compute_loss(ctx.loss, outs[0], targets[0])
+    total, parts = None, {}
+    for i, (spec, out, target) in enumerate(zip(specs, outs, targets, strict=True)):
+        loss_i, parts_i = compute_loss(ctx.loss, out, target)
+        name = spec.name if spec is not None else str(i)
+        weighted = weights[i] * loss_i
+        total = weighted if total is None else total + weighted
+        parts[f"loss/{name}"] = loss_i.detach()
+        parts.update({f"{k}/{name}": v for k, v in parts_i.items()})
+    return total, parts
 
 
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -145,30 +221,45 @@ def views_on_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
 
 
 def teacher_targets(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """(B, D_t) float32 teacher features: the cached rows (B, D_t) float16, or the live teacher on the views ``x``
-    (B, 3, r, r) already on the device."""
+    """(B, D_t) float32 teacher features of ``ctx.tap``: the cached rows (B, D_t) float16, or the live teacher on
+    the views ``x`` (B, 3, r, r) already on the device."""
+    return teacher_rows(rows, x, ctx)[ctx.tap]
+
+
+def teacher_rows(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """{cache tap: (B, D_i) float32} for every carried tap: the cached rows (B, sum D_i) float16 split per tap, or
+    the live teacher's taps on the views ``x`` (B, 3, r, r) already on the device (one forward for all)."""
+    taps = ctx.carried
     if ctx.teacher is None:
-        return rows.to(ctx.device, non_blocking=True).float()
+        flat = rows.to(ctx.device, non_blocking=True).float()
+        if len(taps) == 1:
+            return {taps[0]: flat}
+        return dict(zip(taps, flat.split(list(ctx.widths), dim=1), strict=True))
     # no_grad, not inference_mode: the loss's backward saves the targets
     with torch.no_grad(), autocast_for(ctx.device, ctx.amp):
-        return ctx.teacher(x)[ctx.tap].float()
+        out = ctx.teacher(x)
+    return {t: out[t].float() for t in taps}
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Sequence[torch.Tensor],
     ctx: StepContext,
     scaler: torch.amp.GradScaler | None = None,
     to_host: bool = True,
+    weights: tuple[float, ...] | None = None,
 ) -> tuple[float | torch.Tensor, dict[str, float | torch.Tensor]]:
-    """One SGD step on views ``x`` (B, 3, r, r) and targets (B, D_out) float32, both on ``ctx.device``;
-    returns the loss and its named parts as floats, or with ``to_host=False`` as detached scalar tensors on the
-    device (no host sync per step on CUDA: the loop converts them only when it logs)."""
+    """One SGD step on views ``x`` (B, 3, r, r) and targets (B, D_out) float32 (one per target of the model, in
+    target order; a tensor for one), all on ``ctx.device``; the loss is :func:`combined_loss`. Returns the loss
+    and its named parts as floats, or with ``to_host=False`` as detached scalar tensors on the device (no host
+    sync per step on CUDA: the loop converts them only when it logs)."""
     with autocast_for(ctx.device, ctx.amp):
-        out = model(x)
-    loss, parts = compute_loss(ctx.loss, out.float(), target)
+        outs = model(x)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    targets = (target,) if isinstance(target, torch.Tensor) else tuple(target)
+    loss, parts = combined_loss(ctx, tuple(o.float() for o in outs), targets, weights)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -196,15 +287,26 @@ class Trainee:
     model: nn.Module  # Student, or DDP(Student)
     student: Student
     optimizer: torch.optim.Optimizer
-    projection: Projection | None  # teacher row (B, D_t) -> target (B, D_s); None: the raw row is the target
+    projections: tuple[
+        Projection | None, ...
+    ]  # per target: teacher (B, D_t) -> target (B, D_s); None: raw rows
     base_lr: float
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (None or disabled otherwise)
     losses: list[torch.Tensor] = field(default_factory=list)  # this epoch's detached scalar losses (device)
+    parts: list[dict[str, torch.Tensor]] = field(
+        default_factory=list
+    )  # this epoch's per-target losses (several)
+
+    @property
+    def projection(self) -> Projection | None:
+        """The first target's projection (the only one of a single-target run)."""
+        return self.projections[0]
 
 
-def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teacher: int, resolution: int,
-                   device: torch.device, amp: str, job: Dist) -> list[Trainee]:  # fmt: skip
-    """Each student seeded with ``seed + 1000 i`` (the same init on every rank), with its optimizer and scaler."""
+def build_trainees(spec: TrainSpec, projections: list[tuple[Projection | None, ...]], d_teacher: dict[str, int],
+                   resolution: int, device: torch.device, amp: str, job: Dist) -> list[Trainee]:  # fmt: skip
+    """Each student seeded with ``seed + 1000 i`` (the same init on every rank), with its optimizer and scaler;
+    ``projections``: per student, one per target; ``d_teacher``: each cache tap's width D_t."""
     recipe = spec.recipe
     global_batch = spec.batch_per_rank * job.world  # the lr scales with the batch actually trained on
     wd = (
@@ -214,10 +316,14 @@ def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teac
     )
     archs = [s.arch for s in spec.students]
     out = []
-    for i, (s, proj) in enumerate(zip(spec.students, projections, strict=True)):
+    student_taps = tuple(t.student_tap for t in spec.targets)
+    cache_taps = tuple(t.cache_tap for t in spec.targets)
+    for i, (s, projs) in enumerate(zip(spec.students, projections, strict=True)):
         torch.manual_seed(recipe.seed + 1000 * i)
-        d_target = proj.dim_student if proj is not None else d_teacher
-        student = Student(s.arch, s.tap, spec.loss.name, d_target, resolution, spec.loss.coss_head).to(device)
+        d_targets = tuple(p.dim_student if p is not None else d_teacher[c]
+                          for p, c in zip(projs, cache_taps, strict=True))  # fmt: skip
+        student = Student(s.arch, student_taps, spec.loss.name, d_targets, resolution, spec.loss.coss_head,
+                          cache_taps=cache_taps, pathway_head=spec.loss.pathway_head).to(device)  # fmt: skip
         if device.type == "cuda" and spec.runtime.channels_last:
             student = student.to(memory_format=torch.channels_last)
         model: nn.Module = student
@@ -231,6 +337,6 @@ def build_trainees(spec: TrainSpec, projections: list[Projection | None], d_teac
         lr = recipe.lr or base_lr_for(s.arch, global_batch)
         name = s.arch if archs.count(s.arch) == 1 else f"{s.arch}-{i}"
         out.append(
-            Trainee(name, model, student, make_optimizer(model, lr, wd), proj, lr, make_scaler(device, amp))
+            Trainee(name, model, student, make_optimizer(model, lr, wd), projs, lr, make_scaler(device, amp))
         )
     return out
