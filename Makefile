@@ -7,7 +7,7 @@ MANIFEST ?= manifests/demo.yaml
 KDEP := $(BIN)/kdep
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo demo-data cache-teacher fit-svd train-student eval bench study lint format clean
+.PHONY: install test test-all demo demo-data cache-teacher fit-svd train-student eval bench study study-layers lint format clean
 
 install: $(STAMP)  ## venv + the project (editable) with dev extras; fast when already done
 
@@ -46,6 +46,9 @@ bench: install  ## benchmark ratios -> benchmarks/results/ (QUICK=1 for the shor
 
 study: install  ## views study: students on the first k of E cached views vs a fresh view every epoch (CPU, < 45 min)
 	$(KDEP) study views --manifest manifests/study-views.yaml
+
+study-layers: install  ## layers study: single-tap vs multi-layer KDEP vs DistPro, 3 seeds each (CPU, about an hour)
+	$(KDEP) study layers --manifest manifests/study-layers.yaml
 
 lint: install
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -76,6 +76,9 @@ COMMANDS = (
     Command("study-views", "stages.study_views", cfg.StudyViewsConfig, "study",
             "How many cached views match a fresh view every epoch: students on the first k of E views, several "
             "seeds, a table and plot with 95% intervals (= kdep study views)."),
+    Command("study-layers", "stages.study_layers", cfg.StudyLayersConfig, "study",
+            "Single-tap vs multi-layer KDEP (KDEP Table 7) vs DistPro on the demo: several seeds per arm, a "
+            "random-init reference, a table and plot with 95% intervals (= kdep study layers)."),
     Command("search-process", "stages.search_process", cfg.SearchProcessConfig, "search_process",
             "DistPro: search alpha per teacher-stage -> student-stage pathway on a held-out split; write the process."),
 )  # fmt: skip
@@ -214,6 +217,8 @@ study_app = typer.Typer(
 )
 _study_views = next(c for c in COMMANDS if c.name == "study-views")
 study_app.command("views", help=_study_views.help)(build_command(_study_views))  # = kdep study-views
+_study_layers = next(c for c in COMMANDS if c.name == "study-layers")
+study_app.command("layers", help=_study_layers.help)(build_command(_study_layers))  # = kdep study-layers
 app.add_typer(study_app, name="study")
 
 

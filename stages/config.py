@@ -584,6 +584,94 @@ class StudyViewsConfig:
 
 
 @dataclass(frozen=True)
+class StudyLayersConfig:
+    CHOICES: ClassVar[dict] = {"recipe": VIEW_RECIPES, "agreement_views": VIEW_RECIPES, "loss": STUDY_LOSSES}
+    out: str = "out/study-layers"  # output folder: data, teacher, cache, projections, students, eval, study.*
+    seeds: int = 3  # students per arm (seeds 0..seeds-1: student init, shard order, view schedule, shuffle)
+    single: str = "pre_relu=pre_relu"  # the single-tap arm's target, STUDENT_TAP=CACHE_TAP (KDEP)
+    targets: tuple[str, ...] = (
+        "stage2=stage2",
+        "stage3=stage3",
+        "pre_relu=pre_relu",
+    )  # the multi-layer arm's targets, STUDENT_TAP=CACHE_TAP each
+    target_weights: tuple[float, ...] = ()  # the multi-layer arm's weight per target; empty = all 1.0
+    epochs: int = 16  # student epochs
+    views: int = 8  # K views cached per train image
+    classes: int = 10  # demo classes, 2..10
+    train_per_class: int = 60  # train images per class: cached, distilled on, and the probe / k-NN train set
+    val_per_class: int = 100  # held-out images per class: the evaluation set (never cached)
+    min_side: int = 64  # smallest generated image side in pixels
+    max_side: int = 256  # largest generated image side in pixels
+    per_shard: int = 100  # images per shard
+    data_seed: int = 0  # seed of the generated images and of the cached views' parameters
+    resolution: int = 64  # view side in pixels for the teacher, the cache, the students and the evaluation
+    teacher: str = "resnet18"  # architecture of the labelled demo teacher (trained here, then cached)
+    teacher_epochs: int = 30  # supervised epochs of the demo teacher
+    recipe: str = "paper"  # view recipe of the cache
+    student: str = "resnet18"  # student architecture (torchvision name)
+    loss: str = "kdep"  # distillation loss of both arms
+    loss_weight: float = 3.0  # w in w * MSE, for every target
+    dim: int = (
+        512  # the pre_relu projection width (cosine to target); stage taps get the student's stage width
+    )
+    batch_size: int = 64  # student images per step
+    lr: float = 0.1  # student peak SGD learning rate (step schedule: / 10 at 1/3 and at 2/3 of the epochs)
+    knn_k: int = 20  # neighbours for cosine k-NN
+    agreement_views: str = "paper"  # recipe of the held-out val views for the cosine to the pre_relu target
+    agreement_images: int = 1000  # val images for the cosine (first whole shards, at least so many); 0 = all
+    distpro: bool = True  # add the DistPro arm: search a process on the cache's stage taps, retrain with it
+    search_epochs: int = 4  # DistPro arm: epochs of the process search (kdep search-process, seed 0)
+    alpha_threshold: float = 0.5  # DistPro arm: drop pathways whose normalised alpha stays below it (Table 3)
+    threads: int = 0  # CPU threads of torch and BLAS (0 = their defaults; 1 on a machine shared with others)
+    workers: int = 1  # DataLoader workers for caching, training and evaluation (0 = in the main process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    quiet: bool = False  # no progress bars
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.out:
+            raise ConfigError("key 'out' is required (--out DIR)")
+        check_range("seeds", self.seeds, 1)
+        check_range("search_epochs", self.search_epochs, 1)
+        check_range("alpha_threshold", self.alpha_threshold, 0.0, 1.0)
+        for key, items in (("single", (self.single,)), ("targets", self.targets)):
+            for item in items:
+                parse_target(item, key)
+        if len(self.targets) < 2 or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"key 'targets': {list(self.targets)} must name two or more targets, each once")
+        if self.target_weights and len(self.target_weights) != len(self.targets):
+            raise ConfigError(
+                f"key 'target_weights': {len(self.target_weights)} for {len(self.targets)} targets; one each"
+            )
+        check_range("epochs", self.epochs, 1, 1000)
+        check_range("views", self.views, 1, 1000)
+        check_range("classes", self.classes, 2, DEMO_CLASSES)
+        check_range("train_per_class", self.train_per_class, 2)
+        check_range("val_per_class", self.val_per_class, 1)
+        check_range("min_side", self.min_side, 16)
+        check_range("max_side", self.max_side, self.min_side)
+        check_range("per_shard", self.per_shard, 1)
+        check_range("resolution", self.resolution, 16, 1024)
+        check_range("teacher_epochs", self.teacher_epochs, 1)
+        check_range("dim", self.dim, 1)
+        check_range("batch_size", self.batch_size, 2)
+        check_range("lr", self.lr, 0.0, open_lo=True)
+        check_range("knn_k", self.knn_k, 1)
+        check_range("agreement_images", self.agreement_images, 0)
+        check_range("threads", self.threads, 0, 256)
+        check_range("workers", self.workers, 0, 64)
+        _check_device(self.device)
+
+    @property
+    def cache_taps(self) -> tuple[str, ...]:
+        """The taps the study caches: pre_relu (the cosine to target), every arm's teacher taps and, for the
+        DistPro arm, every stage tap, each once."""
+        named = [parse_target(t)[1] for t in (self.single, *self.targets)]
+        stages = ["stage1", "stage2", "stage3", "stage4"] if self.distpro else []  # DistPro's pathways
+        return tuple(dict.fromkeys(["pre_relu", *named, *stages]))
+
+
+@dataclass(frozen=True)
 class SearchProcessConfig:
     CHOICES: ClassVar[dict] = {"mode": SEARCH_MODES, "pathways": PATHWAY_SETS, "transform": SEARCH_TRANSFORMS,
                                "objective": SEARCH_OBJECTIVES, "lr_schedule": SEARCH_LR_SCHEDULES}  # fmt: skip

@@ -3,6 +3,8 @@
     from pipeline.evaluation.study_table import summarise_k, write_tables
     row = summarise_k(8, runs_with_k_8, val_images=4000, agreement_images=1000)
 
+``summarise_runs`` is the row without its label, shared with other studies (``pipeline/evaluation/arm_table.py``).
+
 A run is one student: ``{"name", "k", "seed", "probe_top1", "knn_top1", "agree_cosine", "agree_cosine_sd"}``
 (accuracies on the same ``val_images`` images; the cosine's mean and standard deviation over ``agreement_images``
 held-out views). A row holds, per metric, the mean over the row's seeds, its 95% interval
@@ -30,6 +32,12 @@ CSV_COLUMNS = ("k", "seeds", *(f"{m}{p}" for m in METRICS for p in PARTS))
 
 def summarise_k(k: int, runs: list[dict], val_images: int, agreement_images: int) -> dict:
     """One row: each metric's mean over the seeds, 95% interval, seed sd, evaluation-set se and t's dof."""
+    return {"k": k, "seeds": len(runs), **summarise_runs(runs, val_images, agreement_images)}
+
+
+def summarise_runs(runs: list[dict], val_images: int, agreement_images: int) -> dict:
+    """Per metric of :data:`METRICS`, over the runs (seeds) of one row: ``<metric>`` (mean), ``_ci95``,
+    ``_seed_sd``, ``_eval_se`` and ``_dof`` (None: the normal quantile)."""
     summaries = {
         "probe_top1": accuracy_over_seeds([r["probe_top1"] for r in runs], val_images),
         "knn_top1": accuracy_over_seeds([r["knn_top1"] for r in runs], val_images),
@@ -37,7 +45,7 @@ def summarise_k(k: int, runs: list[dict], val_images: int, agreement_images: int
             [r["agree_cosine"] for r in runs], [r["agree_cosine_sd"] for r in runs], agreement_images
         ),
     }
-    row: dict = {"k": k, "seeds": len(runs)}
+    row: dict = {}
     for metric, s in summaries.items():
         row.update({metric: s.mean, f"{metric}_ci95": s.interval(), f"{metric}_seed_sd": s.seed_sd,
                     f"{metric}_eval_se": s.eval_se,
