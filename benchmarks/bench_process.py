@@ -9,7 +9,13 @@ widths of a ResNet-50's stages: the teacher's own cost is left out, as in cached
 on the alpha-weighted pathway loss (what a retrain with a fixed process costs); *search* is the architect's
 second-order alpha step (virtual step, held-out gradient, two finite-difference gradients) plus the same weight
 step. DARTS' count says the ratio is about 5 (five forward/backward passes against one). Steps alternate
-(plain, search, plain, ...) after warm-up, so drift on a shared machine hits both alike. Prints JSON.
+(plain, search, plain, ...) after warm-up, so drift on a shared machine hits both alike.
+
+Retrain speed by alpha threshold (cached mode, DistPro's Table 3 trade-off): stage 3's own student and
+``train_step`` (``--loss distpro``) with the pathways a threshold keeps, against all 10. The pathways kept come
+from ``--process FILE`` (its ``kept_pathways``), or, without one, from a synthetic process whose pathways' largest
+normalised alphas are 1.0, 0.9, ..., 0.1 (thresholds 0.3 / 0.5 / 0.7 keep 8 / 6 / 4 of 10, near Table 3's 80% /
+50% / 26% of the alphas). Prints JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +59,54 @@ def time_steps(fn, steps: int, device: torch.device) -> list[float]:
     return out
 
 
+THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
+
+
+def kept_by_threshold(process_file: str, names: list[str]) -> dict[float, list[str]]:
+    """{threshold: pathway names kept}: from a process file, or the synthetic reach 1.0, 0.9, ... (module doc)."""
+    if process_file:
+        from pipeline.process.artefact import kept_pathways, load_process
+
+        process = load_process(process_file)
+        return {t: kept_pathways(process, t) for t in THRESHOLDS}
+    reach = {n: 1.0 - 0.1 * i for i, n in enumerate(names)}
+    return {t: [n for n in names if reach[n] >= t - 1e-9] for t in THRESHOLDS}
+
+
+def bench_retrain(args, pathways, device: torch.device) -> dict:
+    """Median seconds of one stage 3 distpro step per threshold (the steps of each variant interleaved)."""
+    from pipeline.student.specs import LossSpec, TargetSpec
+    from pipeline.student.training import StepContext, Student, make_optimizer, train_step
+
+    by_name = {p.name: p for p in pathways}
+    kept = kept_by_threshold(args.process, [p.name for p in pathways])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=g).to(device)
+    rows = {t: torch.randn(args.batch, d, generator=g).to(device) for t, d in TEACHER.items()}
+    runs = {}
+    for t, names in kept.items():
+        targets = tuple(TargetSpec(by_name[n].student_tap, by_name[n].teacher_tap) for n in names)
+        torch.manual_seed(0)
+        student = Student("resnet18", tuple(a.student_tap for a in targets), "distpro",
+                          tuple(TEACHER[a.cache_tap] for a in targets), args.resolution).to(device)  # fmt: skip
+        ctx = StepContext(device, "off", LossSpec("distpro", 3.0), targets=targets)
+        opt = make_optimizer(student, 0.01, 5e-4)
+        step = lambda s=student, o=opt, c=ctx, tg=targets: train_step(  # noqa: E731
+            s, o, x, [rows[a.cache_tap] for a in tg], c
+        )
+        time_steps(step, 1, device)  # warm-up
+        runs[t] = (step, [])
+    for _ in range(args.steps):
+        for step, times in runs.values():
+            times += time_steps(step, 1, device)
+    base = statistics.median(runs[0.0][1])
+    return {
+        f"threshold_{t:g}": {"pathways": len(kept[t]), "step_s": round(statistics.median(v[1]), 4),
+                             "speedup_vs_all": round(base / statistics.median(v[1]), 3)}
+        for t, v in runs.items()
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("cached", "online"), default="cached")
@@ -61,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--process", default="", help="process.json whose kept pathways the retrain uses")
     args = parser.parse_args()
     if args.quick:
         args.resolution, args.batch, args.steps = 32, 8, 3
@@ -95,6 +150,8 @@ def main() -> None:
         "mode": args.mode, "transform": kind, "pathways": len(pathways), "resolution": args.resolution,
         "batch": args.batch, "device": str(device), "threads": torch.get_num_threads(), "steps": args.steps,
         "plain_step_s": round(p, 4), "search_step_s": round(s, 4), "search_over_plain": round(s / p, 2),
+        "retrain_by_threshold": bench_retrain(args, pathways, device),
+        "process": args.process or "synthetic (largest normalised alphas 1.0, 0.9, ..., 0.1)",
     }, indent=1))  # fmt: skip
 
 
