@@ -395,7 +395,7 @@ class EvalConfig:
     train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
     val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
     out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
-    backbones: tuple[str, ...] = ()  # "name=arch:weights"; weights: random | torchvision enum name | file
+    backbones: tuple[str, ...] = ()  # name=arch:weights (arch resnet18, timm:NAME; weights random|name|file)
     resolution: int = 224  # side in pixels of the centre view fed to every backbone
     tap: str = "post_relu"  # pooled feature for probe and k-NN
     batch_size: int = 64  # images per forward pass during extraction

@@ -74,7 +74,7 @@ def run(config: EvalConfig) -> dict:
     """Evaluate every backbone; write results.json, results.png and config.eval.json; return the results."""
     specs = [parse_backbone(b) for b in config.backbones]
     splits = {"train": list_shards(config.train), "val": list_shards(config.val)}
-    loaded = {s.name: load_backbone(s, config.seed) for s in specs}
+    loaded = {s.name: load_backbone(s, config.seed, config.resolution) for s in specs}
     models = {n: model for n, (model, _) in loaded.items()}
     feats = features_per_split(specs, loaded, splits, config)
     classes = count_classes(config.train, feats)
@@ -193,7 +193,7 @@ def finetune_backbone(
 def score_agreement(models: dict[str, nn.Module], val: list[ShardInfo], config: EvalConfig) -> dict:
     """Teacher-student agreement on val views: {teacher, identity, views, ..., rows: {name: agree_* values}}."""
     teacher, identity = load_backbone(
-        BackboneSpec("teacher", config.teacher, config.teacher_weights), config.seed
+        BackboneSpec("teacher", config.teacher, config.teacher_weights), config.seed, config.resolution
     )
     students, t = agreement_features(
         models, teacher, val, config.agreement_tap, config.resolution, config.batch_size, config.device,

@@ -364,3 +364,41 @@ def test_cpu_feature_cache_is_reused_on_cpu(demo_shards: dict[str, Path], tmp_pa
     again = run(config)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 2
     assert again["backbones"][0]["probe_top1"] == first["backbones"][0]["probe_top1"]
+
+
+def test_timm_backbones_parse_and_are_evaluated_with_their_own_normalisation(
+    demo_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    timm = pytest.importorskip("timm")
+    from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD
+
+    assert parse_backbone("v=timm:vit_tiny_patch16_224:random") == BackboneSpec(
+        "v", "timm:vit_tiny_patch16_224", "random"
+    )
+    assert parse_backbone("s=tv:resnet18:a/b.pt").arch == "tv:resnet18"
+    with pytest.raises(EvalError, match="expected name=arch:weights"):
+        parse_backbone("v=timm:vit_tiny_patch16_224")
+    # a ViT (mean/std 0.5, one input side) built for the evaluation's resolution, fed its own normalisation
+    vit, identity = load_backbone(
+        BackboneSpec("v", "timm:vit_tiny_patch16_224", "random"), seed=0, resolution=32
+    )
+    assert identity["model_kwargs"] == {"img_size": 32}
+    feats = extract_features({"v": vit}, str(demo_shards["val"]), resolution=32, batch_size=6)
+    from pipeline.data.shards import list_shards
+    from pipeline.evaluation.batches import iter_view_batches
+
+    x, _, _ = next(
+        iter_view_batches(list_shards(str(demo_shards["val"])), 32, 6, "center", 0, 0, torch.device("cpu"))
+    )
+    x = x.float() if x.dtype != torch.uint8 else x.float() / 255.0
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    unit = x * std + mean if x.min() < 0 else x  # back to [0, 1] when the batch came normalised
+    with torch.no_grad():
+        own = vit.eval().forward_head(vit.forward_features((unit - 0.5) / 0.5), pre_logits=True)
+    np.testing.assert_allclose(feats["v"].taps["post_relu"][:6], own.numpy(), rtol=1e-4, atol=1e-4)
+    results = run(tiny_config(demo_shards, tmp_path, backbones=("v=timm:vit_tiny_patch16_224:random",)))
+    assert (
+        results["backbones"][0]["arch"] == "timm:vit_tiny_patch16_224"
+        and results["backbones"][0]["dim"] == 192
+    )
+    del timm

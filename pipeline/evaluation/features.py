@@ -30,7 +30,14 @@ from pipeline.data.shards import ShardInfo, list_shards, shard_record
 from pipeline.evaluation.backbones import BackboneSpec, EvalError
 from pipeline.evaluation.batches import iter_view_batches
 from pipeline.files import atomic_path
-from pipeline.models import FeatureTaps, ModelError, build_model, supported_taps
+from pipeline.models import (
+    FeatureTaps,
+    ModelError,
+    build_for_resolution,
+    build_model,
+    model_preprocessing,
+    supported_taps,
+)
 from pipeline.progress import progress_bar
 from pipeline.runtime import autocast_for
 
@@ -67,17 +74,20 @@ def swap_module(model: nn.Module, dotted: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def load_backbone(spec: BackboneSpec, seed: int) -> tuple[nn.Module, dict]:
-    """A complete torchvision model for ``spec`` and its weights identity.
+def load_backbone(spec: BackboneSpec, seed: int, resolution: int = 0) -> tuple[nn.Module, dict]:
+    """A complete torchvision or timm model for ``spec`` and its weights identity.
 
     ``random`` is a seeded init; a file may lack the classifier (then the head is a seeded random layer, unused by
-    the taps); anything else is a torchvision weights name.
+    the taps); anything else is the library's weights name. ``resolution``: a model that takes one input side
+    only (a timm ViT) is built for it.
     """
     torch.manual_seed(seed)
-    if spec.weights == RANDOM_WEIGHTS:
-        model, identity = build_model(spec.arch, None)
-        return model, {**identity, "seed": seed}
-    return build_model(spec.arch, spec.weights)
+    weights = None if spec.weights == RANDOM_WEIGHTS else spec.weights
+    if resolution:
+        model, identity = build_for_resolution(spec.arch, weights, resolution)
+    else:
+        model, identity = build_model(spec.arch, weights)
+    return model, ({**identity, "seed": seed} if weights is None else identity)
 
 
 def model_taps(model: nn.Module) -> tuple[str, ...]:
@@ -136,7 +146,10 @@ def extract_features(
     processes; the same numbers for any count), keyed like ``models``."""
     device = resolve_device(str(device))
     shards = list_shards(split) if isinstance(split, str) else split
-    taps = {n: FeatureTaps(prepare_model(m, device), model_taps(m)) for n, m in models.items()}
+    taps = {  # each model re-normalises the ImageNet-normalised views with its own mean/std (no-op for ImageNet's)
+        n: FeatureTaps(prepare_model(m, device), model_taps(m), from_imagenet=model_preprocessing(m))
+        for n, m in models.items()
+    }
     rows: dict[str, dict[str, list[np.ndarray]]] = {n: {t: [] for t in tp.taps} for n, tp in taps.items()}
     labels, keys = [], []
     total = sum(s.samples or 0 for s in shards) or None
