@@ -516,6 +516,27 @@ class BenchConfig:
         check_range("scale_shards", self.scale_shards, 1)
 
 
+def _check_study(c) -> None:
+    """The settings every demo study shares (StudyViewsConfig, StudyLayersConfig): data, teacher, students,
+    evaluation and runtime ranges."""
+    check_range("classes", c.classes, 2, DEMO_CLASSES)
+    check_range("train_per_class", c.train_per_class, 2)
+    check_range("val_per_class", c.val_per_class, 1)
+    check_range("min_side", c.min_side, 16)
+    check_range("max_side", c.max_side, c.min_side)
+    check_range("per_shard", c.per_shard, 1)
+    check_range("resolution", c.resolution, 16, 1024)
+    check_range("teacher_epochs", c.teacher_epochs, 1)
+    check_range("dim", c.dim, 1)
+    check_range("batch_size", c.batch_size, 2)
+    check_range("lr", c.lr, 0.0, open_lo=True)
+    check_range("knn_k", c.knn_k, 1)
+    check_range("agreement_images", c.agreement_images, 0)
+    check_range("threads", c.threads, 0, 256)
+    check_range("workers", c.workers, 0, 64)
+    _check_device(c.device)
+
+
 STUDY_LOSSES = ("kdep", "cosine")  # losses whose target is the projected teacher feature (the cosine)
 
 
@@ -560,22 +581,7 @@ class StudyViewsConfig:
         for k in self.ks:
             check_range("ks", k, 1, 1000)
         check_range("seeds", self.seeds, 1)
-        check_range("classes", self.classes, 2, DEMO_CLASSES)
-        check_range("train_per_class", self.train_per_class, 2)
-        check_range("val_per_class", self.val_per_class, 1)
-        check_range("min_side", self.min_side, 16)
-        check_range("max_side", self.max_side, self.min_side)
-        check_range("per_shard", self.per_shard, 1)
-        check_range("resolution", self.resolution, 16, 1024)
-        check_range("teacher_epochs", self.teacher_epochs, 1)
-        check_range("dim", self.dim, 1)
-        check_range("batch_size", self.batch_size, 2)
-        check_range("lr", self.lr, 0.0, open_lo=True)
-        check_range("knn_k", self.knn_k, 1)
-        check_range("agreement_images", self.agreement_images, 0)
-        check_range("threads", self.threads, 0, 256)
-        check_range("workers", self.workers, 0, 64)
-        _check_device(self.device)
+        _check_study(self)
 
     @property
     def study_ks(self) -> tuple[int, ...]:
@@ -645,22 +651,7 @@ class StudyLayersConfig:
             )
         check_range("epochs", self.epochs, 1, 1000)
         check_range("views", self.views, 1, 1000)
-        check_range("classes", self.classes, 2, DEMO_CLASSES)
-        check_range("train_per_class", self.train_per_class, 2)
-        check_range("val_per_class", self.val_per_class, 1)
-        check_range("min_side", self.min_side, 16)
-        check_range("max_side", self.max_side, self.min_side)
-        check_range("per_shard", self.per_shard, 1)
-        check_range("resolution", self.resolution, 16, 1024)
-        check_range("teacher_epochs", self.teacher_epochs, 1)
-        check_range("dim", self.dim, 1)
-        check_range("batch_size", self.batch_size, 2)
-        check_range("lr", self.lr, 0.0, open_lo=True)
-        check_range("knn_k", self.knn_k, 1)
-        check_range("agreement_images", self.agreement_images, 0)
-        check_range("threads", self.threads, 0, 256)
-        check_range("workers", self.workers, 0, 64)
-        _check_device(self.device)
+        _check_study(self)
 
     @property
     def cache_taps(self) -> tuple[str, ...]:

@@ -35,17 +35,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.demo.shards import DemoSpec, write_demo_data
 from pipeline.evaluation.arm_table import markdown_arms, summarise_arms, write_arm_tables
 from pipeline.evaluation.intervals import LEVEL
 from pipeline.evaluation.seed_intervals import METHOD
 from pipeline.manifest import config_to_dict
 from pipeline.models import build_model, tap_dims
 from pipeline.projection.artefact import manifest_path
-from stages import cache_teacher, demo_teacher, fit_svd, search_process, train_student
+from stages import cache_teacher, fit_svd, search_process, train_student
 from stages.config import (
     CacheTeacherConfig,
-    DemoTeacherConfig,
     FitSvdConfig,
     SearchProcessConfig,
     StudyLayersConfig,
@@ -60,6 +58,7 @@ from stages.study_views import (
     check_resume,
     cpu_threads,
     evaluate_runs,
+    prepare_data_and_teacher,
 )
 
 STUDY_FORMAT = "kdep-study-layers/1"
@@ -130,23 +129,8 @@ def prepare_process(config: StudyLayersConfig, paths: StudyPaths, start: float) 
 
 
 def prepare_data(config: StudyLayersConfig, paths: StudyPaths, start: float) -> None:
-    """Demo shards, the labelled demo teacher and its cache with every tap of both arms (each once)."""
-    if not (paths.data / "val" / "index.json").is_file():
-        _step(
-            f"generating {config.classes} x {config.train_per_class} train / {config.val_per_class} val images",
-            start,
-        )
-        spec = DemoSpec(config.data_seed, config.classes, config.train_per_class, config.val_per_class,
-                        config.per_shard, config.min_side, config.max_side)  # fmt: skip
-        write_demo_data(spec, paths.data)
-    if not paths.teacher.is_file():
-        _step(
-            f"training the demo teacher ({config.teacher}, {config.teacher_epochs} epochs, with labels)",
-            start,
-        )
-        demo_teacher.run(DemoTeacherConfig(train=str(paths.data / "train"), out=str(paths.teacher), arch=config.teacher,
-                                           epochs=config.teacher_epochs, resolution=config.resolution,
-                                           seed=config.data_seed, quiet=config.quiet))  # fmt: skip
+    """Demo shards, the labelled demo teacher and its cache with every tap of every arm (each once)."""
+    prepare_data_and_teacher(config, paths, lambda title: _step(title, start))
     _step(
         f"caching {config.views} views per train image, taps {', '.join(config.cache_taps)} (resumes)", start
     )

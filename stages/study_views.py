@@ -31,7 +31,7 @@ import contextlib
 import gc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,24 +148,26 @@ def check_resume(config: StudyViewsConfig) -> None:
     write_resolved_config(config.out, "study", config)
 
 
-def prepare_cache(config: StudyViewsConfig, paths: StudyPaths, start: float) -> None:
-    """Demo shards, the labelled demo teacher, the E-view cache and the SVD + PTS projection (each once)."""
+def prepare_data_and_teacher(config, paths: StudyPaths, step: Callable[[str], None]) -> None:
+    """The demo shards and the labelled demo teacher of a study (each made once); ``config`` is a study config
+    (StudyViewsConfig or StudyLayersConfig: the data, teacher and resolution fields), ``step`` says what runs."""
     if not (paths.data / "val" / "index.json").is_file():
-        _step(
-            f"generating {config.classes} x {config.train_per_class} train / {config.val_per_class} val images",
-            start,
+        step(
+            f"generating {config.classes} x {config.train_per_class} train / {config.val_per_class} val images"
         )
         spec = DemoSpec(config.data_seed, config.classes, config.train_per_class, config.val_per_class,
                         config.per_shard, config.min_side, config.max_side)  # fmt: skip
         write_demo_data(spec, paths.data)
     if not paths.teacher.is_file():
-        _step(
-            f"training the demo teacher ({config.teacher}, {config.teacher_epochs} epochs, with labels)",
-            start,
-        )
+        step(f"training the demo teacher ({config.teacher}, {config.teacher_epochs} epochs, with labels)")
         demo_teacher.run(DemoTeacherConfig(train=str(paths.data / "train"), out=str(paths.teacher), arch=config.teacher,
                                            epochs=config.teacher_epochs, resolution=config.resolution,
                                            seed=config.data_seed, quiet=config.quiet))  # fmt: skip
+
+
+def prepare_cache(config: StudyViewsConfig, paths: StudyPaths, start: float) -> None:
+    """Demo shards, the labelled demo teacher, the E-view cache and the SVD + PTS projection (each once)."""
+    prepare_data_and_teacher(config, paths, lambda title: _step(title, start))
     _step(f"caching E = {config.epochs} views per train image (resumes)", start)
     cache_teacher.run(CacheTeacherConfig(shards=str(paths.data / "train"), out=str(paths.cache), teacher=config.teacher,
                                          weights=str(paths.teacher), views=config.epochs, recipe=config.recipe,

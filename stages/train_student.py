@@ -133,14 +133,16 @@ def process_targets(
 
     from pipeline.cache.store import open_store
     from pipeline.models import build_for_resolution, supported_taps
-    from pipeline.process.artefact import kept_pathways, load_process, normalised
+    from pipeline.process.artefact import check_fits, kept_pathways, load_process, normalised
 
     store = open_store(config.cache)
     process = load_process(config.process)
     resolution = config.resolution or store.provenance["preprocessing"]["resolution"]
     for arch in config.student:
         model, _ = build_for_resolution(arch, None, resolution)
-        load_process(config.process, supported_taps(model), store.taps)  # refuses a pair it does not fit
+        check_fits(
+            process, supported_taps(model), store.taps, config.process
+        )  # refuses a pair it does not fit
     kept = kept_pathways(process, config.alpha_threshold)
     index = [process.names.index(n) for n in kept]
     weights = np.where(normalised(process) >= config.alpha_threshold, process.weights, 0.0)[:, index]

@@ -85,14 +85,12 @@ def ensemble_features(teachers: list[TeacherRun], msg: dict, rt: Runtime) -> dic
 def cache_shards(
     store: FeatureStore,
     tasks: list[ShardTask],
-    teachers: FeatureTaps | list[TeacherRun],
+    teachers: list[TeacherRun],
     spec: ViewSpec,
     rt: Runtime,
 ) -> dict:
-    """Cache every task's shard into its slot; returns counts and timing (per teacher in ``teacher_seconds``).
-    ``teachers``: one teacher's taps (stored under their own names), or the runs of every teacher."""
-    if isinstance(teachers, FeatureTaps):
-        teachers = [TeacherRun("", teachers, spec.resolution, {t: t for t in teachers.taps})]
+    """Cache every task's shard into its slot with every teacher; returns counts and timing (per teacher in
+    ``teacher_seconds``)."""
     loader = DataLoader(
         ShardViews(tasks, spec, rt.skip_bad),
         batch_size=None,

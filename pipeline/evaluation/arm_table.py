@@ -12,14 +12,19 @@ arm (the baseline).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from pipeline.evaluation.intervals import format_with_interval
-from pipeline.evaluation.study_table import METRICS, PARTS, REFERENCE_LABELS, summarise_runs
-from pipeline.files import atomic_path, write_json_atomic
+from pipeline.evaluation.study_table import (
+    METRICS,
+    PARTS,
+    REFERENCE_LABELS,
+    reference_lines,
+    summarise_runs,
+    write_study_files,
+)
 
 CSV_COLUMNS = ("arm", "seeds", *(f"{m}{p}" for m in METRICS for p in PARTS))
 
@@ -51,9 +56,7 @@ def markdown_arms(summary: dict) -> str:
             + " | ".join(cells)
             + " |"
         )
-    for name, ref in summary["references"].items():
-        cells = [format_with_interval(ref[m], ref[f"{m}_ci95"]) for m in ("probe_top1", "knn_top1")]
-        lines.append(f"| {REFERENCE_LABELS.get(name, name)} | – | " + " | ".join(cells + ["–"] * 4) + " |")
+    lines += reference_lines(summary)
     lines += ["", f"Probe and k-NN top-1 on {d['val_samples']} held-out images (centre views, {d['resolution']} px); "
               f"cosine between the student's pre_relu feature and the projected teacher pre_relu target on "
               f"{d['agreement_images']} of them ({d['agreement_views']} views, seed {d['agreement_seed']}). "
@@ -96,22 +99,4 @@ def plot_arms(summary: dict, path: Path) -> None:
 
 def write_arm_tables(out: Path, summary: dict) -> dict[str, Path]:
     """study.json (everything), study.csv (the rows), study.md (the table) and study.png (the plot) in ``out``."""
-    paths = {ext: Path(out) / f"study.{ext}" for ext in ("json", "csv", "md", "png")}
-    write_json_atomic(paths["json"], summary)
-    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in summary["rows"]:
-            flat = {
-                **row,
-                **{
-                    f"{m}_{e}": v
-                    for m in METRICS
-                    for e, v in zip(("low", "high"), row[f"{m}_ci95"], strict=True)
-                },
-            }
-            writer.writerow({c: flat[c] for c in CSV_COLUMNS})
-    with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown_arms(summary))
-    plot_arms(summary, paths["png"])
-    return paths
+    return write_study_files(out, summary, CSV_COLUMNS, markdown_arms, plot_arms)

@@ -61,12 +61,21 @@ def add_deltas(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def csv_row(row: dict) -> dict:
+def csv_row(row: dict, columns: tuple[str, ...] = CSV_COLUMNS) -> dict:
     """A row flattened for CSV (intervals as ``_low`` / ``_high``)."""
     flat = dict(row)
     for metric in METRICS:
         flat[f"{metric}_low"], flat[f"{metric}_high"] = row[f"{metric}_ci95"]
-    return {c: flat[c] for c in CSV_COLUMNS}
+    return {c: flat[c] for c in columns}
+
+
+def reference_lines(summary: dict) -> list[str]:
+    """Markdown lines of the reference backbones (teacher, random init): probe and k-NN with intervals."""
+    lines = []
+    for name, ref in summary["references"].items():
+        cells = [format_with_interval(ref[m], ref[f"{m}_ci95"]) for m in ("probe_top1", "knn_top1")]
+        lines.append(f"| {REFERENCE_LABELS.get(name, name)} | – | " + " | ".join(cells + ["–"] * 4) + " |")
+    return lines
 
 
 def markdown_table(summary: dict) -> str:
@@ -80,9 +89,7 @@ def markdown_table(summary: dict) -> str:
         cells = [format_with_interval(row[m], row[f"{m}_ci95"]) for m in METRICS]
         cells += [f"{row[f'{m}_delta']:+.3f}" for m in METRICS]
         lines.append(f"| {label} | {row['seeds']} | " + " | ".join(cells) + " |")
-    for name, ref in summary["references"].items():
-        cells = [format_with_interval(ref[m], ref[f"{m}_ci95"]) for m in ("probe_top1", "knn_top1")]
-        lines.append(f"| {REFERENCE_LABELS.get(name, name)} | – | " + " | ".join(cells + ["–"] * 4) + " |")
+    lines += reference_lines(summary)
     lines += ["", f"Probe and k-NN top-1 on {d['val_samples']} held-out images (centre views, {d['resolution']} px); "
               f"cosine to the projected teacher target on {d['agreement_images']} of them ({d['agreement_views']} "
               f"views, seed {d['agreement_seed']}). 95% intervals: {summary['intervals']['method']} "
@@ -116,13 +123,19 @@ def plot_study(summary: dict, path: Path) -> None:
 
 def write_tables(out: Path, summary: dict) -> dict[str, Path]:
     """study.json (everything), study.csv (the rows), study.md (the table) and study.png (the plot) in ``out``."""
+    return write_study_files(out, summary, CSV_COLUMNS, markdown_table, plot_study)
+
+
+def write_study_files(out: Path, summary: dict, columns: tuple[str, ...], markdown, plot) -> dict[str, Path]:
+    """A study's study.json (everything), study.csv (the rows, ``columns``), study.md (``markdown(summary)``) and
+    study.png (``plot(summary, path)``) in ``out``, each written whole."""
     paths = {ext: Path(out) / f"study.{ext}" for ext in ("json", "csv", "md", "png")}
     write_json_atomic(paths["json"], summary)
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(csv_row(r) for r in summary["rows"])
+        writer.writerows(csv_row(r, columns) for r in summary["rows"])
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown_table(summary))
-    plot_study(summary, paths["png"])
+        tmp.write_text(markdown(summary))
+    plot(summary, paths["png"])
     return paths

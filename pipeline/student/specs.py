@@ -6,6 +6,7 @@ benchmarks and tests may build them directly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -130,13 +131,21 @@ class WeightSchedule:
     weights: tuple[tuple[float, ...], ...]
     record: tuple[tuple[str, object], ...] = ()
 
+    @functools.cached_property
+    def _columns(self) -> tuple:
+        """(progress, one weight column per target) as float64 arrays, built once (``at`` runs every step)."""
+        import numpy as np
+
+        table = np.asarray(self.weights, np.float64)
+        return np.asarray(self.progress, np.float64), [table[:, i] for i in range(table.shape[1])]
+
     def at(self, progress: float) -> tuple[float, ...]:
         """Every target's weight at ``progress`` (clipped to [0, 1])."""
         import numpy as np
 
         p = min(max(progress, 0.0), 1.0)
-        table = np.asarray(self.weights, np.float64)
-        return tuple(float(np.interp(p, self.progress, table[:, i])) for i in range(table.shape[1]))
+        x, columns = self._columns
+        return tuple(float(np.interp(p, x, w)) for w in columns)
 
 
 def distinct_cache_taps(targets: tuple[TargetSpec, ...]) -> tuple[str, ...]:
