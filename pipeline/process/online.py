@@ -28,7 +28,7 @@ def torchvision_stage_nodes(model: nn.Module) -> dict[str, str]:
     from torchvision.models.mobilenetv2 import MobileNetV2
     from torchvision.models.resnet import ResNet
 
-    from pipeline.models_torchvision import MOBILENET_V2_STAGES
+    from pipeline.models.from_torchvision import MOBILENET_V2_STAGES
 
     if isinstance(model, ResNet):
         return {f"layer{k}": stage_tap(k) for k in range(1, 5)}
@@ -47,7 +47,7 @@ class StageMaps(nn.Module):
         super().__init__()
         self.timm = is_timm_model(model)
         if self.timm:
-            from pipeline.models_timm import stage_indices
+            from pipeline.models.from_timm import stage_indices
 
             self.indices = stage_indices(model)
             if not self.indices:

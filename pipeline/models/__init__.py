@@ -28,7 +28,7 @@ what each is for that model):
   stageK = ``blocks[ceil(K * depth / 4) - 1]`` (depth 12: blocks 2, 5, 8, 11; depth <= 4: every block).
 
 This module is library-agnostic (names, weights files, export, preprocessing, the tap API); each library's code is
-in :mod:`pipeline.models_torchvision` / :mod:`pipeline.models_timm`, which have the same functions (``build``,
+in :mod:`pipeline.models.from_torchvision` / :mod:`pipeline.models.from_timm`, which have the same functions (``build``,
 ``head_names``, ``last_linear``, ``preprocessing``, ``fixed_input_size``, ``tap_definitions``, ``run_taps``) and
 are imported on first use (``import timm`` takes seconds).
 """
@@ -74,10 +74,10 @@ def is_timm_model(model: nn.Module) -> bool:
 
 
 def _library(library: str | nn.Module) -> ModuleType:
-    """:mod:`pipeline.models_timm` or :mod:`pipeline.models_torchvision`, for a library name or a model."""
+    """:mod:`pipeline.models.from_timm` or :mod:`pipeline.models.from_torchvision`, for a library name or a model."""
     if isinstance(library, nn.Module):
         library = "timm" if is_timm_model(library) else "torchvision"
-    return importlib.import_module(f"pipeline.models_{library}")
+    return importlib.import_module(f"pipeline.models.from_{library}")
 
 
 def build_model(

@@ -1,7 +1,7 @@
 """torchvision models for :mod:`pipeline.models`: building with weights, taps, preprocessing and classifier names.
 
 Call it through :mod:`pipeline.models` (``build_model('resnet50', ...)``, ``FeatureTaps``, ``model_preprocessing``);
-the tap definitions are in that module's docstring. :mod:`pipeline.models_timm` has the same functions for timm.
+the tap definitions are in that module's docstring. :mod:`pipeline.models.from_timm` has the same functions for timm.
 
 The last ResNet block is re-run by hand (not hooked) because torchvision blocks reuse one in-place ReLU module, so a
 hook would see post-ReLU values (PITFALLS.md).

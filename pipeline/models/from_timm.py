@@ -2,7 +2,7 @@
 
 Imported on first use of a ``timm:`` model (``import timm`` takes seconds). Call it through :mod:`pipeline.models`
 (``build_model('timm:NAME', ...)``, ``FeatureTaps``, ``model_preprocessing``, ``backbone_state_dict``); the tap
-definitions are in that module's docstring, and :mod:`pipeline.models_torchvision` has the same functions for
+definitions are in that module's docstring, and :mod:`pipeline.models.from_torchvision` has the same functions for
 torchvision. Nothing here downloads unless pretrained weights are asked for.
 
 timm blocks own their activations (unlike torchvision's shared in-place ReLU), so ``pre_relu`` is a forward
