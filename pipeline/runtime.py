@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from pipeline.errors import KdepError
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each resolved AMP mode
 DEFAULT_TIMEOUT_S = 3600  # collective timeout (s) unless KDEP_DIST_TIMEOUT_S is set
 BACKENDS = ("gloo", "nccl")  # accepted values of KDEP_DIST_BACKEND
+AUTO_WORKERS = -1  # the workers setting that means "the CPU cores available to this rank, minus one"
 T = TypeVar("T")
 
 
@@ -79,11 +81,25 @@ def dist_backend(device: str) -> str:
     return backend
 
 
+def refuse_several_ranks(command: str, hint: str) -> None:
+    """One line, before any work, for a command that runs in one process when launched on several ranks."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world > 1:
+        raise KdepError(f"kdep {command} runs in one process, not on {world} ranks; {hint}")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether a torchrun-style launcher started this process (it sets RANK, WORLD_SIZE and MASTER_ADDR)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
 def init_distributed(device: str) -> Dist:
-    """Join the torchrun job if there is one; returns rank and world size. ``device``: from :func:`pick_device`."""
+    """Join the torchrun job if there is one; returns rank and world size. ``device``: from :func:`pick_device`.
+    Under torchrun a world of one also gets a process group, so its collectives run as they would on more ranks
+    (an NCCL collective on a CPU tensor fails there too, not only at 8 GPUs)."""
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if world <= 1:
+    if world <= 1 and not launched_by_torchrun():
         return Dist()
     dev = torch.device(device)
     if dev.type == "cuda":  # NCCL collectives run on the current device
@@ -133,7 +149,7 @@ def _attempt(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
         return None, err
 
 
-def _describe(err: Exception) -> str:
+def describe_failure(err: Exception) -> str:
     """``rank R failed: <one line>``; a DataLoader worker's error arrives with its traceback prepended, and the
     last line (``module.Type: message``) is the original message."""
     lines = [line for line in str(err).splitlines() if line.strip()] or [""]
@@ -157,7 +173,7 @@ def gather_from_ranks(fn: Callable[[], T]) -> list[T]:
     """Run ``fn`` on every rank and return every rank's result in rank order; if it raised anywhere, raise on
     every rank (the failing rank re-raises its own exception, the others a :class:`RankError` naming it)."""
     value, err = _attempt(fn)
-    everyone = all_gather_objects(("error", _describe(err)) if err else ("ok", value))
+    everyone = all_gather_objects(("error", describe_failure(err)) if err else ("ok", value))
     _raise_any([m for s, m in everyone if s == "error"], err)
     return [v for _, v in everyone]
 
@@ -165,14 +181,14 @@ def gather_from_ranks(fn: Callable[[], T]) -> list[T]:
 def on_every_rank(fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank and return this rank's result (only the outcome travels); raise as above."""
     value, err = _attempt(fn)
-    _raise_any(all_gather_objects(_describe(err) if err else None), err)
+    _raise_any(all_gather_objects(describe_failure(err) if err else None), err)
     return value  # type: ignore[return-value]
 
 
 def on_main_rank(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and return its result on every rank; a failure there is raised on every rank."""
     value, err = _attempt(fn) if _rank() == 0 else (None, None)
-    status, payload = broadcast_object(("error", _describe(err)) if err else ("ok", value))
+    status, payload = broadcast_object(("error", describe_failure(err)) if err else ("ok", value))
     _raise_any([payload if status == "error" else None], err)
     return payload
 
@@ -186,8 +202,32 @@ def local_leader_first(fn: Callable[[], T]) -> T:
     return value if first else later  # type: ignore[return-value]
 
 
+_CONTROL: list = []  # the host-side (gloo) group of this process group, made on first use
+
+
+def _control_group() -> dist.ProcessGroup | None:
+    """A gloo group for small host-side agreements: the default group when it is gloo, else one made once (an NCCL
+    collective on a device tensor read on the host would sync the GPU stream every step)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _CONTROL:
+        _CONTROL.append(dist.new_group(backend="gloo"))
+    return _CONTROL[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call it at the same point; ``flag`` alone without a
+    process group)."""
+    if not _joined():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group())
+    return bool(t.item())
+
+
 def shutdown() -> None:
     """Destroy the process group at the end of a stage run (leaking it warns under NCCL and can delay exit)."""
+    _CONTROL.clear()
     if _joined():
         dist.destroy_process_group()
 
@@ -228,14 +268,27 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def set_tf32(device: torch.device, amp: str) -> bool:
-    """With amp "off" on CUDA, turn TF32 off for convolutions and matmuls (cuDNN allows it by default, ~1e-3
-    relative error, enough to fail `kdep verify`); returns whether TF32 may be used (recorded in provenance)."""
+    """This run's TF32 setting on CUDA, set explicitly (the flags are process-global: a value left by an earlier run
+    in the same process must not leak into this one's record): with autocast, convolutions may use TF32 (cuDNN's
+    default) and float32 matmuls (projections, losses) do not (torch's default); with amp "off" neither does (~1e-3
+    relative error, enough to fail `kdep verify`). Returns whether TF32 may be used (recorded in provenance)."""
     if device.type != "cuda":
         return False
-    if amp == "off":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = amp != "off"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return amp != "off"
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """No TF32 inside the block (restored after): finite differences of relative size 1e-2 / ||v|| on weights mostly
+    vanish under TF32's 10-bit mantissa."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -243,3 +296,34 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     if device.type == "cuda" and amp in AMP_DTYPES:
         return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
     return contextlib.nullcontext()
+
+
+def auto_workers() -> int:
+    """DataLoader workers for this rank: the CPU cores this process may use, shared among the ranks on this node
+    (torchrun's LOCAL_WORLD_SIZE), minus one for the rank's own process (which feeds the device), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, _env_int("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+def resolve_workers(workers: int) -> int:
+    """``AUTO_WORKERS`` (-1) -> :func:`auto_workers`; any other value is taken as given (0 = the main process)."""
+    return auto_workers() if workers == AUTO_WORKERS else workers
+
+
+def shared_memory_note(stage: str, workers: int, prefetch: int, batch_bytes: int) -> str:
+    """One line: what DataLoader batches in flight hold in /dev/shm on this node (every local rank's ``workers`` x
+    ``prefetch`` batches of ``batch_bytes``) against what /dev/shm has free, with the fix when it does not fit."""
+    ranks = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    need = ranks * workers * prefetch * batch_bytes
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        free = None
+    line = (f"{stage}: DataLoader batches in shared memory ~{need / 2**20:.0f} MiB on this node ({ranks} rank(s) x "
+            f"{workers} worker(s) x {prefetch} batches x {batch_bytes / 2**20:.1f} MiB)")  # fmt: skip
+    if free is None:
+        return line
+    line += f"; /dev/shm has {free / 2**20:.0f} MiB free"
+    if need > free:
+        line += " -- too little: raise it (docker run --shm-size=16g) or lower --workers / --prefetch-factor"
+    return line

@@ -28,14 +28,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 import typer
 from torch import nn
 
 from pipeline.cache.store import CacheLayout, FeatureStore, create_store, encode_keys, open_store, zarr_path
-from pipeline.cache.teacher import Runtime, TeacherRun, cache_shards, prepare_teacher
+from pipeline.cache.teacher import PREFETCH, Runtime, TeacherRun, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
-from pipeline.data.views import RECIPES, describe_preprocessing
+from pipeline.data.views import RECIPES, describe_preprocessing, transport_bytes
+from pipeline.failures import shared_failures
 from pipeline.models import (
     Preprocessing,
     build_for_resolution,
@@ -54,7 +56,9 @@ from pipeline.runtime import (
     on_main_rank,
     pick_device,
     resolve_amp,
+    resolve_workers,
     set_tf32,
+    shared_memory_note,
     shutdown,
 )
 from pipeline.teachers import TeacherSpec, cache_tap, teacher_specs
@@ -77,9 +81,17 @@ def run(config: CacheTeacherConfig) -> dict:
     """Create or resume the cache and fill every shard's slot; returns this rank's counts and timing."""
     device = pick_device(config.device)
     job = init_distributed(str(device))
+    try:
+        with shared_failures("cache-teacher"):
+            return _cache(config, device, job)
+    finally:
+        shutdown()
+
+
+def _cache(config: CacheTeacherConfig, device: torch.device, job: Dist) -> dict:
     amp = resolve_amp(config.amp, device)
     tf32 = set_tf32(device, amp)  # off with --amp off on CUDA, so the cache matches a float32 recomputation
-    rt = Runtime(device, amp, config.channels_last, config.workers, config.skip_bad,
+    rt = Runtime(device, amp, config.channels_last, resolve_workers(config.workers), config.skip_bad,
                  not config.quiet and job.is_main, config.out_of_range)  # fmt: skip
     shards, dups = scan_inputs(config.shards, job, config.skip_bad)
     specs = teacher_specs(config.teacher, config.weights, config.taps)
@@ -102,12 +114,15 @@ def run(config: CacheTeacherConfig) -> dict:
         others = tuple(sorted({t.prep.resolution for t in teachers} - {config.resolution}))
         spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
                         max(1, config.batch_size // config.views), config.center_recipe, others)  # fmt: skip
+        if rt.progress and rt.workers:
+            per_view = sum(transport_bytes(config.recipe, side) for side in (config.resolution, *others))
+            batch = max(1, config.batch_size // config.views) * config.views * per_view
+            typer.echo(shared_memory_note("cache-teacher", rt.workers, PREFETCH, batch), err=True)
         results = gather_from_ranks(lambda: cache_share(store, tasks, teachers, spec, rt))
         stats = finish_run(store, job, config, results, done)
         stats["shards_total"] = len(shards)
     finally:
         lock.release()
-    shutdown()
     return stats
 
 

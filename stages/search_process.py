@@ -36,7 +36,7 @@ from pipeline.process.plots import plot_alpha
 from pipeline.process.search import Architect, Batch, ProcessSearch, lr_at, search_loop
 from pipeline.progress import progress_bar
 from pipeline.provenance import library_versions
-from pipeline.runtime import pick_device
+from pipeline.runtime import pick_device, refuse_several_ranks, tf32_off
 from stages.common import write_resolved_config
 from stages.config import SearchProcessConfig
 
@@ -162,7 +162,7 @@ def to_process(config: SearchProcessConfig, store: FeatureStore, data: SearchDat
                                     "weight_decay": config.alpha_weight_decay},
                 "alpha_init": "zeros (uniform softmax)", "fd_radius": config.fd_radius,
                 "kd_weight": config.kd_weight, "batch_size": config.batch_size, "epochs": config.epochs,
-                "steps": n, "precision": "float32"},
+                "steps": n, "precision": "float32", "tf32": False},
         split={"rule": "blake2b('<seed>\\x1fheld-out\\x1f<key>', 8 bytes, little endian) / 2**64 < val_fraction",
                "seed": config.seed, "val_fraction": config.val_fraction, **dataclasses.asdict(data.counts)},
         provenance=provenance(config, store, data),
@@ -170,7 +170,16 @@ def to_process(config: SearchProcessConfig, store: FeatureStore, data: SearchDat
 
 
 def run(config: SearchProcessConfig) -> SearchProcessResult:
-    """Plan the data, build student, blocks and alpha, run the bi-level search, save the process and its plot."""
+    """Plan the data, build student, blocks and alpha, run the bi-level search, save the process and its plot.
+    One process (refused under torchrun with several ranks), TF32 off: the finite-difference weight step (radius
+    ``fd_radius`` / ||v||) mostly vanishes under TF32's 10-bit mantissa."""
+    refuse_several_ranks("search-process", "run it without torchrun (one device: --device cuda); the search is "
+                         "short, and train-student then runs the process on every rank")  # fmt: skip
+    with tf32_off():
+        return _search(config)
+
+
+def _search(config: SearchProcessConfig) -> SearchProcessResult:
     device = pick_device(config.device)
     store = open_store(config.cache)
     data = plan_data(config, store)

@@ -144,14 +144,24 @@ def tf32_flags():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_amp_off_on_cuda_turns_tf32_off(tf32_flags):
+def test_amp_off_on_cuda_turns_tf32_off_and_each_run_sets_its_own(tf32_flags):
     cuda = torch.device("cuda")
-    assert set_tf32(cuda, resolve_amp("bf16", cuda)) is True  # autocast runs: TF32 left as configured
-    assert torch.backends.cudnn.allow_tf32
+    assert set_tf32(cuda, resolve_amp("bf16", cuda)) is True  # autocast: convolutions may use TF32
+    assert (
+        torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    )  # float32 matmuls: not
     assert set_tf32(torch.device("cpu"), resolve_amp("off", torch.device("cpu"))) is False
-    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # CPU: untouched
+    assert torch.backends.cudnn.allow_tf32  # CPU: untouched
     assert set_tf32(cuda, resolve_amp("off", cuda)) is False
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    # the flags are process-global: a later run with autocast records (and gets) its own setting, not the last run's
+    assert set_tf32(cuda, resolve_amp("bf16", cuda)) is True and torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_off_turns_both_flags_off_inside_and_restores_them(tf32_flags):
+    with runtime.tf32_off():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def test_one_process_helpers_return_values_and_raise_the_original_error():
@@ -199,7 +209,7 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDEP_DIST_TIMEOUT_S": "30",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
     start = time.monotonic()
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", str(script), str(tmp_path)]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert time.monotonic() - start < 60
@@ -210,3 +220,25 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_under_torchrun(tmp_path):
     assert rank1[2] == "gather ZeroDivisionError: division by zero"
     assert rank0[3].startswith("main FileNotFoundError:")
     assert rank1[3].startswith("main RankError: rank 0 failed: FileNotFoundError:")
+
+
+def test_a_world_of_one_under_torchrun_gets_a_process_group(tmp_path):
+    """torchrun --nproc-per-node 1 runs the collectives too (an NCCL collective on a CPU tensor must fail on one GPU
+    as it would on eight); a plain process gets none."""
+    script = tmp_path / "one.py"
+    script.write_text(textwrap.dedent("""
+        import torch.distributed as dist
+        from pipeline.runtime import init_distributed, shutdown
+        job = init_distributed("cpu")
+        print("group", dist.is_initialized(), job.rank, job.world)
+        shutdown()
+    """))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "1", str(script)], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "group True 0 1" in proc.stdout, proc.stderr[-2000:]
+    plain = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert plain.returncode == 0 and "group False 0 1" in plain.stdout, plain.stderr[-2000:]

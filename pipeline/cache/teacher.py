@@ -18,6 +18,8 @@ from pipeline.models import FeatureTaps, Preprocessing
 from pipeline.progress import progress_bar
 from pipeline.runtime import AMP_DTYPES
 
+PREFETCH = 4  # batches each DataLoader worker keeps ready
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -97,7 +99,7 @@ def cache_shards(
         num_workers=rt.workers,
         pin_memory=rt.device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if rt.workers else None,
+        prefetch_factor=PREFETCH if rt.workers else None,
     )
     dims = store.layout.dims
     dtype = store.layout.dtype
