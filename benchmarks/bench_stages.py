@@ -24,8 +24,8 @@ from pipeline.errors import KdepError
 from pipeline.projection.artefact import Projection, load_projection
 from pipeline.runtime import resolve_amp
 from pipeline.student.loaders import LoaderSpec, PairLoaders
+from pipeline.student.online import build_online_teacher
 from pipeline.student.pairs import StreamSpec, consumer_plan, shard_order
-from pipeline.student.run import online_teacher
 from pipeline.student.specs import LossSpec
 from pipeline.student.training import (
     StepContext,
@@ -224,7 +224,7 @@ def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
     store = open_store(cache)
     loaders = stage3_loaders(store, prof.resolution, prof.batch, bench_workers(prof), device.type == "cuda")
     ctx = StepContext(device, resolve_amp("auto", device), LossSpec("kdep", 3.0), channels_last=True)
-    online = replace(ctx, teacher=online_teacher(store, "pre_relu", device))
+    online = replace(ctx, teacher=build_online_teacher(store, ("pre_relu",), device, channels_last=True))
     variants = {"plain": ctx, "cached": ctx, "online": online, "cached_again": ctx}
     rates = {v: _student_rate(loaders, c, None if v == "plain" else proj, prof) for v, c in variants.items()}
     cached = max(

@@ -123,7 +123,9 @@ class CacheTeacherConfig:
     dtype: str = "float16"  # stored feature dtype
     out_of_range: str = "error"  # float16 overflow or a row below its normal range: stop, or skip the image
     batch_size: int = 256  # views per teacher forward
-    workers: int = 2  # DataLoader worker processes per rank (0 = in the main process)
+    workers: int = (
+        -1
+    )  # DataLoader worker processes per rank (0 = in the main process, -1 = the CPU cores per rank minus one)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
     channels_last: bool = True  # channels_last memory format on CUDA
@@ -159,7 +161,7 @@ class CacheTeacherConfig:
                 extra = ", each > 0" if name == "std" else ""
                 raise ConfigError(f"key {name!r}: {list(value)!r} must be 3 values (R, G, B){extra}")
         check_range("batch_size", self.batch_size, 1)
-        check_range("workers", self.workers, 0, 64)
+        check_range("workers", self.workers, -1, 64)
         _check_device(self.device)
 
 
@@ -232,8 +234,9 @@ class TrainStudentConfig:
     neighbour_pool: int = 31  # draw them from each anchor's top-N cosine neighbours (centre view 0)
     anchors: int = 16  # anchors per batch (batch = anchors x (1 + neighbours), replacing batch_size)
     epochs: int = 90  # passes over the data
-    batch_size: int = 512  # per rank
-    lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512
+    batch_size: int = 512  # images per rank and step (unused when global_batch_size is set)
+    global_batch_size: int = 0  # images per step over all ranks (per rank: this / ranks; with neighbours the anchors per rank are this / ranks / (1 + neighbours)); 0 = batch_size per rank
+    lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512; a given lr is used as is at any global batch
     weight_decay: float = -1.0  # < 0 = from the supplement's table by data_fraction and epochs
     lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch (CoSS)
     data_fraction: float = 0.1  # fraction of ImageNet the shards hold (only for the weight-decay table)
@@ -244,7 +247,9 @@ class TrainStudentConfig:
     shuffle_buffer: int = 256  # per-worker shuffle buffer (samples)
     views_used: int = 0  # train on the first k views of the cache (a k-view cache); 0 = all K
     seed: int = 0  # student init, shard order, view schedule, shuffle
-    workers: int = 2  # DataLoader workers per rank (0 = in the main process, -1 = the CPU cores per rank)
+    workers: int = (
+        -1
+    )  # DataLoader workers per rank (0 = in the main process, -1 = the CPU cores per rank minus one)
     prefetch_factor: int = 4  # batches each worker keeps ready (/dev/shm holds about workers x this batches)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
@@ -274,6 +279,7 @@ class TrainStudentConfig:
         check_range("anchors", self.anchors, 1)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
+        check_range("global_batch_size", self.global_batch_size, 0)
         check_range("lr", self.lr, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
         check_range("resolution", self.resolution, 0, 1024)

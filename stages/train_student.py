@@ -87,14 +87,21 @@ def warn_if_not_coss_reference(config: TrainStudentConfig) -> None:
 
 def run(config: TrainStudentConfig) -> dict:
     """Train every student for ``epochs`` (resuming from the newest checkpoint); returns the final metrics."""
-    c = config
     warn_if_not_coss_reference(config)
+    return train_students(
+        train_spec(config), settings=config_to_dict(config)
+    )  # settings: recorded, compared on resume
+
+
+def train_spec(config: TrainStudentConfig) -> TrainSpec:
+    """The library's typed spec of this run (a DistPro process is read here: its pathways become the targets)."""
+    c = config
     schedule, head = None, ("mlp", 512)
     if c.process:
         targets, schedule, head = process_targets(config)
     else:
         targets = tuple(TargetSpec(s, t, w) for (s, t), w in zip(c.target_pairs, c.weights, strict=True))
-    spec = TrainSpec(
+    return TrainSpec(
         targets=targets,
         schedule=schedule,
         students=student_specs(config, len(targets)),
@@ -104,14 +111,13 @@ def run(config: TrainStudentConfig) -> dict:
                       views_used=c.views_used),
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
-                          lr_schedule=c.lr_schedule),
+                          lr_schedule=c.lr_schedule, global_batch=c.global_batch_size),
         loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
                       coss_head=c.coss_head, pathway_head=head),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
                             prefetch_factor=c.prefetch_factor, online_teacher=c.online_teacher),
         output=OutputSpec(out=c.out, log_every=c.log_every, checkpoint_every=c.checkpoint_every, quiet=c.quiet),
     )  # fmt: skip
-    return train_students(spec, settings=config_to_dict(config))  # settings: recorded, compared on resume
 
 
 def student_specs(config: TrainStudentConfig, targets: int) -> tuple[StudentSpec, ...]:

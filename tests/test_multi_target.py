@@ -23,8 +23,8 @@ from pipeline.models import ModelError
 from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
 from pipeline.student.neighbours import RandomAccessPairs
+from pipeline.student.online import build_online_teacher
 from pipeline.student.pairs import PairStream, StreamSpec
-from pipeline.student.run import online_teacher
 from pipeline.student.specs import LossSpec, TargetSpec
 from pipeline.student.training import StepContext, Student, teacher_rows, train_step
 from stages.cache_teacher import CacheTeacherConfig
@@ -159,7 +159,7 @@ def test_online_teacher_with_two_taps_gives_the_cached_rows_to_float16_rounding(
     cached = StepContext(torch.device("cpu"), "off", LossSpec("kdep"), tap="stage2", targets=targets,
                          widths=(128, 512))  # fmt: skip
     live = StepContext(torch.device("cpu"), "off", LossSpec("kdep"), tap="stage2", targets=targets,
-                       teacher=online_teacher(store, taps, torch.device("cpu")))  # fmt: skip
+                       teacher=build_online_teacher(store, taps, torch.device("cpu")))  # fmt: skip
     a, b = teacher_rows(rows, x, cached), teacher_rows(rows, x, live)
     for tap in taps:
         scale = a[tap].abs().max().item()

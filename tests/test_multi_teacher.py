@@ -140,3 +140,38 @@ def test_each_teachers_arrays_open_in_another_zarr_reader(caches):
             "kvstore": {"driver": "file", "path": str(caches / "both" / "store.zarr" / name)},
         }
         np.testing.assert_array_equal(ts.open(spec, read=True).result().read().result(), group[name][...])
+
+
+@pytest.mark.parametrize("student_side", [32, 40])
+def test_the_online_teacher_feeds_each_teacher_its_own_side_and_equals_the_cache(caches, student_side):
+    """--online-teacher on a two-teacher cache: the stream replays each view at the student's side and at each
+    teacher's own (ResNet-18 at 32 px, ViT-Ti at 48 px), each teacher reads its own side with its own mean/std,
+    and the live targets equal the cached rows (float32 cache: to float32 rounding), whatever the student's side."""
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.shards import list_shards
+    from pipeline.student.loaders import collate_pairs
+    from pipeline.student.online import build_online_teacher, extra_sides
+    from pipeline.student.pairs import PairStream, StreamSpec
+    from pipeline.student.specs import LossSpec, TargetSpec
+    from pipeline.student.training import StepContext, teacher_rows, views_on_device
+
+    store = open_store(caches / "both")
+    taps = ("cnn/pre_relu", "vit/pooled")
+    sides = extra_sides(store, taps, student_side)
+    assert sides == ((48,) if student_side == 32 else (32, 48))
+    paths = tuple(s.path for s in list_shards(store.provenance["recorded"]["source"]))
+    spec = StreamSpec(store=str(caches / "both"), shard_paths=paths, tap=taps[0], taps=taps, resolution=student_side,
+                      seed=0, shuffle_buffer=0, uint8_views=True, extra_resolutions=sides)  # fmt: skip
+    views, rows, _ids = next(iter(DataLoader(PairStream(spec), batch_size=8, collate_fn=collate_pairs)))
+    assert [v.shape[-1] for v in views] == [student_side, *sides]
+    targets = (TargetSpec("pre_relu", "cnn/pre_relu"), TargetSpec("stage2", "vit/pooled"))
+    cpu = torch.device("cpu")
+    cached = StepContext(cpu, "off", LossSpec("kdep"), tap=taps[0], targets=targets, widths=(512, 192))
+    live = replace(cached, teacher=build_online_teacher(store, taps, cpu))
+    x = views_on_device(views, cached)
+    a, b = teacher_rows(rows, x, cached), teacher_rows(rows, x, live)
+    for tap in taps:
+        torch.testing.assert_close(b[tap], a[tap], rtol=1e-5, atol=1e-5 * a[tap].abs().max().item())

@@ -20,7 +20,16 @@ from pipeline.data.shards import iter_samples, list_shards, write_shard
 from pipeline.models import ModelError
 from pipeline.projection.artefact import load_projection
 from pipeline.provenance import ProvenanceError
-from pipeline.student.pairs import PairStream, StreamSpec, scheduled_view, training_views
+from pipeline.student.pairs import (
+    PairStream,
+    StreamSpec,
+    consumer_id,
+    consumer_plan,
+    epoch_fingerprint,
+    fingerprint,
+    scheduled_view,
+    training_views,
+)
 from pipeline.student.training import LossSpec, StepContext, Student, train_step
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
@@ -110,6 +119,11 @@ def test_every_scheduled_pair_appears_exactly_once_across_ranks_and_workers(cach
         for _x, _rows, ids in DataLoader(stream, batch_size=4, num_workers=workers):
             seen.update(tuple(int(v) for v in i) for i in ids)
     assert seen == expected and max(seen.values()) == 1
+    # the run's own check of the same fact: the order-free fingerprint of the delivered ids against the schedule's
+    ids = np.array([k for k, n in seen.items() for _ in range(n)])
+    assert fingerprint(ids) == epoch_fingerprint(store, 0, epoch, (0, 3), "walk")
+    assert fingerprint(ids[1:]) != epoch_fingerprint(store, 0, epoch, (0, 3), "walk")  # one missing
+    assert fingerprint(np.concatenate([ids, ids[:1]])) != fingerprint(ids)  # one twice
 
 
 def test_the_view_walk_visits_every_view_once_per_k_epochs():
@@ -259,35 +273,6 @@ def test_two_students_in_one_pass_and_width_and_cache_mismatches(cached, tmp_pat
     assert set(res["students"]) == {"resnet18-0", "resnet18-1"}
 
 
-def test_two_ranks_under_torchrun_train_with_ddp(cached, tmp_path):
-    """2 ranks x 1 worker over 3 shards (so one rank reads 2 shards, the other 1: uneven, absorbed by Join)."""
-    import os
-    import subprocess
-    import sys
-
-    bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "--no-python",
-           str(bin_dir / "kdep"), "train-student", "--cache", str(cached["cache"]), "--projection", str(cached["proj"]),
-           "--student", "resnet18", "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "4",
-           "--workers", "1", "--device", "cpu", "--quiet"]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    epochs = [
-        json.loads(x)
-        for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "epoch"' in x
-    ]
-    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["images"] == 24 for r in epochs)
-    state = torch.load(tmp_path / "ddp" / "backbone-resnet18.pt")
-    model = torchvision.models.resnet18()
-    del model.fc
-    model.load_state_dict(state, strict=True)
-
-
 def test_online_teacher_mode_trains_from_the_live_teacher(cached, tmp_path):
     """--online-teacher: same stream, same steps, targets from the teacher run live on the replayed views."""
     cached_run = train_run(_config(cached, tmp_path / "cached", epochs=1))
@@ -423,11 +408,13 @@ def test_workers_auto_is_the_cores_per_local_rank_and_explicit_values_keep_their
     import os
 
     from pipeline.manifest import ConfigError
-    from pipeline.student.loaders import resolve_workers
+    from pipeline.runtime import resolve_workers
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert resolve_workers(-1) == cores and resolve_workers(0) == 0 and resolve_workers(2) == 2
+    assert resolve_workers(-1) == max(1, cores - 1) and resolve_workers(0) == 0 and resolve_workers(2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_workers(-1) == max(1, cores // 2 - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
     assert resolve_workers(-1) == 1
     assert TrainStudentConfig(cache="c", out="o", projection=("p",), workers=-1).workers == -1
@@ -461,3 +448,85 @@ def test_checkpoint_every_n_epochs_keeps_the_last_and_resume_stays_exact(cached,
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1, 2]  # no duplicate of the re-run
+
+
+def test_leftover_shards_spread_over_the_ranks_not_onto_the_lowest():
+    """1282 shards over 64 ranks x 16 workers: 258 consumers get a second shard; with interleaved consumer numbers
+    every rank's share is within 5% of the mean (rank-major numbering gave the lowest ranks 1.6x)."""
+    shards, ranks, workers = 1282, 64, 16
+    order = list(range(shards))
+
+    def per_rank(number) -> list[int]:
+        return [sum(len(consumer_plan(order, number(r, w), ranks * workers)[0]) for w in range(workers))
+                for r in range(ranks)]  # fmt: skip
+
+    mean = shards / ranks
+    shares = per_rank(lambda r, w: consumer_id(r, ranks, w))
+    assert sum(shares) == shards and max(shares) <= 1.05 * mean and min(shares) >= 0.95 * mean
+    assert max(per_rank(lambda r, w: r * workers + w)) / mean > 1.5  # the old numbering
+    assert [consumer_id(0, 1, w) for w in range(4)] == [0, 1, 2, 3]  # one rank: the worker number, as before
+
+
+def test_a_global_batch_is_shared_by_the_ranks_or_refused_in_one_line(cached, tmp_path):
+    from pipeline.errors import KdepError
+    from pipeline.runtime import Dist
+    from pipeline.student.setup import per_rank_batch, run_record
+    from stages.train_student import train_spec
+
+    spec = train_spec(_config(cached, tmp_path / "r", global_batch_size=512, batch_size=7))
+    eight = per_rank_batch(spec, Dist(0, 8))
+    assert eight.recipe.batch_size == 64 and eight.batch_per_rank == 64
+    assert run_record(eight, Dist(0, 8), "off", False)["global_batch"] == 512
+    assert per_rank_batch(spec, Dist(0, 1)).batch_per_rank == 512
+    with pytest.raises(KdepError, match="global_batch_size 512 does not split over 3 rank"):
+        per_rank_batch(spec, Dist(0, 3))
+    assert (
+        per_rank_batch(train_spec(_config(cached, tmp_path / "r")), Dist(0, 8)).batch_per_rank == 8
+    )  # per rank
+    coss = train_spec(_config(cached, tmp_path / "c", loss="coss", projection=(), tap="post_relu",
+                              student_tap="post_relu", neighbours=15, anchors=16, global_batch_size=1024))  # fmt: skip
+    four = per_rank_batch(coss, Dist(0, 4))  # CoSS's reference: 4 GPUs x 16 anchors x (1 + 15)
+    assert four.data.anchors == 16 and four.batch_per_rank == 256
+    assert per_rank_batch(coss, Dist(0, 8)).data.anchors == 8
+    with pytest.raises(KdepError, match="x 16 images per anchor group"):
+        per_rank_batch(coss, Dist(0, 3))
+
+
+def test_parameters_no_target_reaches_are_frozen_and_recorded(cached, tmp_path):
+    """A student distilling stage 3 only never uses layer4: its parameters are frozen (else DDP fails at the second
+    step on 2 ranks) and listed in provenance.json; with the pre_relu target nothing but the classifier is."""
+    from pipeline.student.training import Student, freeze_unreached, unreached_parameters
+
+    student = Student("resnet18", ("stage3",), "kdep", (256,), 32)
+    names = unreached_parameters(student, 32, torch.device("cpu"))
+    assert names and all(n.startswith("backbone.layer4.") for n in names)
+    assert {n for n, p in student.named_parameters() if n.startswith("backbone.layer4.")} == set(names)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert freeze_unreached(student, 32, torch.device("cpu")) == tuple(names)
+    assert not any(p.requires_grad for n, p in student.named_parameters() if n in names)
+    assert all(
+        torch.equal(before[k], v) for k, v in student.state_dict().items()
+    )  # the probe changed nothing
+    assert student.training  # and left the mode as it was
+    assert (
+        unreached_parameters(Student("resnet18", ("pre_relu",), "kdep", (512,), 32), 32, torch.device("cpu"))
+        == []
+    )
+    train_run(_config(cached, tmp_path / "run", epochs=1))
+    prov = __import__("json").loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["frozen_parameters"] == {"resnet18": []}
+    assert prov["run"] == {
+        "world_size": 1,
+        "batch_per_rank": 8,
+        "global_batch": 8,
+        "amp": "off",
+        "tf32": False,
+    }
+
+
+def test_a_diverging_student_stops_the_run_naming_it(cached, tmp_path):
+    from pipeline.student.run import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"student resnet18: the loss is (nan|inf) at epoch \d+, step \d+: "
+                       r"training diverged; lower --lr \(now 1e\+06\)"):  # fmt: skip
+        train_run(_config(cached, tmp_path / "run", lr=1e6, log_every=1))

@@ -60,6 +60,12 @@ class JoinedView:
         torch.Tensor
     )  # (3, r, r) float32, normalised as the teacher's input was (uint8 before normalisation
     # with ``transport=True`` when exact: pipeline.data.views.normalize_views finishes it, bit-identically)
+    extra: tuple[torch.Tensor, ...] = ()  # the same view replayed at each of ``extra_resolutions``, in order
+
+    @property
+    def views(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``image`` alone, or ``(image, *extra)`` when the view was also replayed at other resolutions."""
+        return (self.image, *self.extra) if self.extra else self.image
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,19 @@ def source_shard_paths(store: FeatureStore, override: str = "") -> list[str]:
 
 
 def join_sample(
-    block: ShardBlock, sample: Sample, path: str, view: int, resolution: int, transport: bool = False
+    block: ShardBlock,
+    sample: Sample,
+    path: str,
+    view: int,
+    resolution: int,
+    transport: bool = False,
+    extra_resolutions: tuple[int, ...] = (),
 ) -> JoinedView | SkippedAtCaching:
     """Join a sample of shard ``path`` to its row in the shard's cached ``block`` by key, and replay ``view``.
 
     Returns :class:`SkippedAtCaching` for a row the cache recorded as skipped; raises :class:`JoinError` when the
     cache does not hold the key (``missing``), the image is not the cached one (``changed``) or has no decodable
-    image (``undecodable``). ``transport``: see :func:`join_row`.
+    image (``undecodable``). ``transport``, ``extra_resolutions``: see :func:`join_row`.
     """
     row = block.row_of().get(sample.key)
     if row is None:
@@ -121,13 +133,22 @@ def join_sample(
     if not block.valid[row]:
         return SkippedAtCaching(row)
     try:
-        return join_row(block, row, image_bytes(sample, path), path, view, resolution, transport)
+        return join_row(
+            block, row, image_bytes(sample, path), path, view, resolution, transport, extra_resolutions
+        )
     except DecodeError as err:
         raise JoinError(str(err), "undecodable") from None
 
 
 def join_row(
-    block: ShardBlock, row: int, data: bytes, path: str, view: int, resolution: int, transport: bool = False
+    block: ShardBlock,
+    row: int,
+    data: bytes,
+    path: str,
+    view: int,
+    resolution: int,
+    transport: bool = False,
+    extra_resolutions: tuple[int, ...] = (),
 ) -> JoinedView:
     """Check that ``data`` (encoded bytes) is the image cached at valid ``row``, then replay ``view`` of it.
 
@@ -135,6 +156,8 @@ def join_row(
     :class:`JoinError` (``changed``) when the image is not the cached one, and lets
     :class:`~pipeline.data.images.DecodeError` through when the bytes do not decode. ``transport=True`` keeps the
     view uint8 when that is exact (:func:`pipeline.data.views.replay_for_transport`), for DataLoader workers.
+    ``extra_resolutions``: also replay the view at these sides from the same decoded image (an online teacher's
+    own input sides, as stage 1 replayed them).
     """
     where = _where(path, block.keys[row])
     if image_hash(data) != bytes(block.hashes[row]):
@@ -143,7 +166,9 @@ def join_row(
     if tuple(image.shape[1:]) != tuple(block.hw[row]):
         raise _changed(where)
     replay = replay_for_transport if transport else replay_view
-    return JoinedView(row, view, replay(image, block.view_params(row, view), resolution))
+    params = block.view_params(row, view)
+    extra = tuple(replay(image, params, r) for r in extra_resolutions)
+    return JoinedView(row, view, replay(image, params, resolution), extra)
 
 
 def _where(path: str, key: str) -> str:

@@ -186,6 +186,15 @@ def _jitter(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     return x
 
 
+def transport_bytes(recipe: str, resolution: int) -> int:
+    """Bytes one (3, r, r) view of ``recipe`` takes between a DataLoader worker and its rank: 1 per value on the
+    uint8 grid, 4 (float32) when the recipe has colour operations (jitter, grayscale, blur, lighting leave the grid;
+    one such view makes its whole batch float32)."""
+    r = RECIPES[recipe]
+    colour = r.jitter_p > 0 or r.gray_p > 0 or r.blur_p > 0 or r.lighting_std > 0
+    return 3 * resolution * resolution * (4 if colour else 1)
+
+
 def has_colour_ops(params: np.ndarray) -> bool:
     """True when the view's pixels leave the uint8 grid (jitter, grayscale, blur or lighting work in float)."""
     return bool(

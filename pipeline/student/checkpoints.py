@@ -11,9 +11,9 @@ from torch import nn
 
 from pipeline.cache.store import FeatureStore
 from pipeline.files import atomic_path, write_json_atomic
-from pipeline.models import backbone_state_dict
+from pipeline.models import backbone_state_dict, parse_model_name
 from pipeline.provenance import require_same
-from pipeline.runtime import Dist
+from pipeline.runtime import Dist, on_every_rank, on_main_rank
 from pipeline.student.specs import StudentSpec, TargetSpec
 from pipeline.student.training import Trainee
 
@@ -178,12 +178,29 @@ def upgrade_student_state(state: dict) -> dict:
 def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Trainee], job: Dist, quiet: bool,
            targets: tuple[TargetSpec, ...] = ()) -> tuple[int, int]:  # fmt: skip
     """Load the newest checkpoint if there is one (same settings, inputs and targets required); returns (first
-    epoch, step)."""
+    epoch, step). Rank 0 alone decides which checkpoint and whether it matches (another rank's listing of a shared
+    directory may be stale) and every rank loads the one it names; a refusal reaches every rank."""
+    path = on_main_rank(lambda: _choose_checkpoint(out, settings, store, trainees, quiet, targets))
+    if path is None:
+        return 0, 0
+    state = on_every_rank(lambda: load_checkpoint(Path(path)))
+    for t in trainees:
+        t.student.load_state_dict(upgrade_student_state(state["students"][t.name]))
+        t.optimizer.load_state_dict(state["optimizers"][t.name])
+        if t.scaler is not None and state.get("scalers", {}).get(t.name):
+            t.scaler.load_state_dict(state["scalers"][t.name])
+    return state["epoch"] + 1, state["global_step"]
+
+
+def _choose_checkpoint(out: Path, settings: dict, store: FeatureStore, trainees: list[Trainee], quiet: bool,
+                       targets: tuple[TargetSpec, ...]) -> str | None:  # fmt: skip
+    """(rank 0) The newest checkpoint's path after checking that it was made with these settings, inputs and
+    targets, and the metrics trimmed to it; None (and the metrics of a run that died before its first checkpoint
+    cleared) when there is none."""
     path = latest_checkpoint(out)
     if path is None:
-        if job.is_main:
-            trim_metrics(out / "metrics.jsonl", -1)  # a run that died before its first checkpoint starts over
-        return 0, 0
+        trim_metrics(out / "metrics.jsonl", -1)
+        return None
     state = load_checkpoint(path)
     stored = {**ADDED_SETTINGS, **{k: v for k, v in state["config"].items() if k not in RESUME_FREE}}
     now = {k: v for k, v in settings.items() if k not in RESUME_FREE}
@@ -191,30 +208,24 @@ def resume(out: Path, settings: dict, store: FeatureStore, trainees: list[Traine
     if (
         "targets" in state
     ):  # checkpoints from before multi-target runs had one target: their settings say which
-        stored, now = (
-            {**stored, "targets_built": state["targets"]},
-            {**now, "targets_built": target_records(targets)},
-        )
+        stored = {**stored, "targets_built": state["targets"]}
+        now = {**now, "targets_built": target_records(targets)}
     require_same(
         f"the run in {out}", {**stored, **state["inputs"]}, {**now, **run_inputs(store, trainees)}, hint
     )
-    for t in trainees:
-        t.student.load_state_dict(upgrade_student_state(state["students"][t.name]))
-        t.optimizer.load_state_dict(state["optimizers"][t.name])
-        if t.scaler is not None and state.get("scalers", {}).get(t.name):
-            t.scaler.load_state_dict(state["scalers"][t.name])
-    if job.is_main:
-        trim_metrics(out / "metrics.jsonl", state["epoch"])  # epochs after the checkpoint are trained again
-        if not quiet:
-            print(f"resuming {out} after epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1, state["global_step"]
+    trim_metrics(out / "metrics.jsonl", state["epoch"])  # epochs after the checkpoint are trained again
+    if not quiet:
+        print(f"resuming {out} after epoch {state['epoch'] + 1}")
+    return str(path)
 
 
 def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...], store: FeatureStore,
                      trainees: list[Trainee], resolution: int, job: Dist, views: tuple[int, int] = (0, 0),
-                     targets: tuple[TargetSpec, ...] = (), process: dict | None = None) -> None:  # fmt: skip
-    """provenance.json (inputs, their identities, the targets, the students, the settings, the DistPro process the
-    target weights follow, if any) and config.train_student.json."""
+                     targets: tuple[TargetSpec, ...] = (), process: dict | None = None,
+                     run: dict | None = None) -> None:  # fmt: skip
+    """provenance.json (inputs, their identities, the targets, the students and the parameters of each that no
+    target reaches (frozen), the settings, how the run executed: world size, per-rank and global batch, precision,
+    and the DistPro process the target weights follow, if any) and config.train_student.json."""
     if not job.is_main:
         return
     several = len(targets) > 1
@@ -229,6 +240,8 @@ def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...
         ],
         "targets": target_records(targets),
         "students": [t.name for t in trainees],
+        "frozen_parameters": {t.name: list(t.frozen) for t in trainees},
+        **({"run": run} if run is not None else {}),
         "resolution": resolution,
         "training_views": list(views),  # [first, stop): the cache views the students trained on
         **({"process": process} if process is not None else {}),
@@ -236,3 +249,21 @@ def write_provenance(out: Path, settings: dict, students: tuple[StudentSpec, ...
     }
     write_json_atomic(out / "provenance.json", record)
     write_json_atomic(out / "config.train_student.json", {"section": "train_student", "config": settings})
+
+
+def epoch_parts(t: Trainee) -> dict[str, float]:
+    """The epoch mean of each target's (unweighted) loss, ``loss/<name>``; empty for a single-target run."""
+    if not t.parts:
+        return {}
+    return {k: float(torch.stack([p[k] for p in t.parts]).double().mean()) for k in t.parts[0]}
+
+
+def load_call(arch: str, model_kwargs: dict, path: Path) -> str:
+    """The line of Python that loads an exported backbone, strictly, with the library alone."""
+    library, name = parse_model_name(arch)
+    kwargs = "".join(f", {k}={v!r}" for k, v in sorted(model_kwargs.items()))
+    if library == "timm":
+        model = f"timm.create_model({name!r}, pretrained=False, num_classes=0{kwargs})"
+        return f"{model}.load_state_dict(torch.load({str(path)!r}), strict=True)"
+    return (f"m = torchvision.models.get_model({name!r}); m.load_state_dict(torch.load({str(path)!r}), "
+            "strict=False)  # only the classifier is missing")  # fmt: skip

@@ -7,7 +7,6 @@ are normalised on the device by :func:`pipeline.student.training.views_on_device
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +24,6 @@ from pipeline.student.neighbours import (
 )
 from pipeline.student.pairs import PairStream, StreamSpec
 
-AUTO_WORKERS = -1  # the workers setting that means "the CPU cores available to this rank"
 SHM_SYMPTOMS = ("No space left on device", "Bus error", "shared memory", "shm")
 
 
@@ -48,22 +46,16 @@ class LoaderSpec:
     mine_device: str = "cpu"  # where rank 0 mines CoSS neighbours (the training device); then broadcast
 
 
-def auto_workers() -> int:
-    """The CPU cores this process may use, shared among the ranks on this node (torchrun's LOCAL_WORLD_SIZE),
-    at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-def resolve_workers(workers: int) -> int:
-    """``AUTO_WORKERS`` (-1) -> :func:`auto_workers`; any other value is taken as given (0 = the main process)."""
-    return auto_workers() if workers == AUTO_WORKERS else workers
-
-
-def collate_pairs(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[(view, row, ids)] -> (views (B, 3, r, r) uint8, or float32 normalised if any view is not exactly uint8;
-    rows (B, D_t) float16, or (B, sum D_i) with several carried taps; ids (B, 3) int64)."""
+def collate_pairs(
+    batch: list[tuple],
+) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """[(view, row, ids)] -> (views (B, 3, r, r) uint8, or float32 normalised if any view is not exactly uint8 (a
+    tuple of such, one per side, when each view comes at several sides); rows (B, D_t) float16, or (B, sum D_i)
+    with several carried taps; ids (B, 3) int64)."""
     views, rows, ids = zip(*batch, strict=True)
+    if isinstance(views[0], tuple):
+        stacked = tuple(stack_views(list(side)) for side in zip(*views, strict=True))
+        return stacked, torch.stack(rows), torch.stack(ids)
     return stack_views(list(views)), torch.stack(rows), torch.stack(ids)
 
 
@@ -80,7 +72,8 @@ class PairLoaders:
             neighbours = mine_neighbours_once(centre, spec.neighbour_pool, torch.device(spec.mine_device))
             self.dataset = RandomAccessPairs(s.store, s.shard_paths, rows, s.tap, s.resolution, s.seed,
                                              s.view_policy, uint8_views=s.uint8_views,
-                                             views_used=s.views_used, taps=s.carried)  # fmt: skip
+                                             views_used=s.views_used, taps=s.carried,
+                                             extra_resolutions=s.extra_resolutions)  # fmt: skip
             self.sampler = NeighbourBatchSampler(
                 neighbours, spec.anchors, spec.neighbours, s.seed, s.rank, s.world
             )

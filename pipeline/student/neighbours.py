@@ -144,8 +144,12 @@ class RandomAccessPairs(Dataset):
         uint8_views: bool = False,
         views_used: int = 0,
         taps: tuple[str, ...] = (),
+        extra_resolutions: tuple[int, ...] = (),
     ) -> None:
         self.store_path, self.shard_paths, self.rows, self.tap = store_path, shard_paths, rows, tap
+        self.extra_resolutions = (
+            extra_resolutions  # also replay each view at these sides (an online teacher's)
+        )
         self.taps = taps or (tap,)  # carried taps: rows concatenate them in this order (PairStream's rows)
         self.resolution, self.seed, self.view_policy = resolution, seed, view_policy
         self.cached_blocks, self.uint8_views, self.views_used = cached_blocks, uint8_views, views_used
@@ -226,7 +230,8 @@ class RandomAccessPairs(Dataset):
         with open(path, "rb") as fh:
             data = os.pread(fh.fileno(), size, offset)
         try:
-            x = join_row(block, row, data, path, view, self.resolution, self.uint8_views).image
+            x = join_row(block, row, data, path, view, self.resolution, self.uint8_views,
+                         self.extra_resolutions).views  # fmt: skip
         except JoinError:
             raise NeighbourError(
                 f"{path} key {key!r}: image differs from the cached one; re-run cache-teacher"

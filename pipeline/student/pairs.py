@@ -62,6 +62,7 @@ class StreamSpec:
     taps: tuple[
         str, ...
     ] = ()  # several cached taps (multi-target): rows concatenate them in this order; () = (tap,)
+    extra_resolutions: tuple[int, ...] = ()  # also replay each view at these sides (an online teacher's own)
 
     @property
     def carried(self) -> tuple[str, ...]:
@@ -109,6 +110,13 @@ def shard_order(seed: int, epoch: int, shards: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(_stable_int(seed, "shards", epoch)).permutation(shards)]
 
 
+def consumer_id(rank: int, world: int, worker: int) -> int:
+    """The consumer number of DataLoader ``worker`` of ``rank``: interleaved (worker-major), so that when the shards
+    do not split evenly the extra ones (which go to the lowest consumer numbers) spread over the ranks instead of
+    piling up on the lowest ranks. On one rank it is the worker number."""
+    return worker * world + rank
+
+
 def consumer_plan(order: list[int], consumer: int, consumers: int) -> tuple[list[int], int, int]:
     """(shards this consumer reads, its member index m, the group size g): it keeps samples i of each of its shards
     with i % g == m. Whole shards (g = 1) when there are at least as many shards as consumers; otherwise consumer c
@@ -137,7 +145,8 @@ class SharedEpoch:
 
 
 class PairStream(IterableDataset):
-    """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch;
+    """Yields ``(view (3, r, r) float32, target row (D,) float16, ids (shard, row, view) int64)`` for one epoch
+    (with ``extra_resolutions`` the view is a tuple: the view at ``resolution``, then at each extra side);
     with ``uint8_views`` the view is uint8 before normalisation where that is exact. With several carried taps the
     row is their features concatenated, (sum D_i,), read in the same one ``read_slot`` per (shard, view)."""
 
@@ -156,7 +165,7 @@ class PairStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        consumer, consumers = self.spec.rank * nw + wid, self.spec.world * nw
+        consumer, consumers = consumer_id(self.spec.rank, self.spec.world, wid), self.spec.world * nw
         store = open_store(self.spec.store)
         order = shard_order(self.spec.seed, self.epoch, len(self.spec.shard_paths))
         shards, member, group = consumer_plan(order, consumer, consumers)
@@ -184,7 +193,8 @@ class PairStream(IterableDataset):
     def _pair(self, shard: int, path: str, sample: Sample, block: ShardBlock, view: int):
         """The sample's (view, target row, ids) triple, or None when it is skipped (and counted)."""
         try:
-            joined = join_sample(block, sample, path, view, self.spec.resolution, self.spec.uint8_views)
+            joined = join_sample(block, sample, path, view, self.spec.resolution, self.spec.uint8_views,
+                                 self.spec.extra_resolutions)  # fmt: skip
         except JoinError as err:
             return self._bad(err)
         if isinstance(joined, SkippedAtCaching):
@@ -193,7 +203,7 @@ class PairStream(IterableDataset):
         self.counts["pairs"] += 1
         row = joined.row
         target = torch.from_numpy(joined_row([block.feature(t, row, view) for t in self.spec.carried]))
-        return joined.image, target, torch.tensor([shard, row, view])
+        return joined.views, target, torch.tensor([shard, row, view])
 
     def _bad(self, err: JoinError) -> None:
         """Raise ``err``, or with ``skip_bad`` count it and go on."""
@@ -238,3 +248,33 @@ def _shuffled(items: Iterator, size: int, seed: int) -> Iterator:
         buf[i] = item
     rng.shuffle(buf)
     yield from buf
+
+
+# Two odd 64-bit multipliers (splitmix64's) for the order-free fingerprint of an epoch's (shard, row, view) triples.
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def pair_hashes(ids: np.ndarray) -> np.ndarray:
+    """(n, 3) int (shard, row, view) -> (n,) uint64 well-mixed hashes (splitmix64 finaliser of a packed triple)."""
+    ids = np.asarray(ids, dtype=np.uint64).reshape(-1, 3)
+    with np.errstate(over="ignore"):
+        z = ids[:, 0] * _MIX[0] + ids[:, 1] * _MIX[1] + ids[:, 2]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        return z ^ (z >> np.uint64(31))
+
+
+def fingerprint(ids: np.ndarray) -> int:
+    """An order-free fingerprint of a multiset of (shard, row, view) triples: the sum of their hashes mod 2**64
+    (two multisets agree only if equal, up to a 2**-64 chance); sums of parts add up (ranks, batches)."""
+    with np.errstate(over="ignore"):
+        return int(pair_hashes(ids).sum(dtype=np.uint64))
+
+
+def epoch_fingerprint(store: FeatureStore, seed: int, epoch: int, views: tuple[int, int], policy: str) -> int:
+    """The fingerprint of every valid cached (shard, row) with its shard's scheduled view in ``epoch``: what one
+    whole pass of the stream, over all ranks and workers, must deliver exactly once."""
+    valid = store.valid().reshape(len(store.layout.shards), -1)
+    shard, row = np.nonzero(valid)
+    view = np.array([scheduled_view(seed, s, epoch, *views, policy) for s in range(valid.shape[0])])[shard]
+    return fingerprint(np.stack([shard, row, view], axis=1))

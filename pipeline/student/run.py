@@ -6,53 +6,65 @@ come in as a plain dict, only to be recorded (provenance.json, checkpoints) and 
 
 from __future__ import annotations
 
-import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from pipeline.cache.join import rebuild_teacher, source_shard_paths
-from pipeline.cache.store import FeatureStore, StoreError, open_store
+from pipeline.cache.join import source_shard_paths
+from pipeline.cache.store import FeatureStore, open_store
 from pipeline.errors import KdepError
+from pipeline.failures import shared_failures
 from pipeline.files import write_json_atomic
-from pipeline.models import FeatureTaps, parse_model_name
 from pipeline.progress import progress_bar
-from pipeline.projection.artefact import Projection, load_projection
-from pipeline.provenance import require_same
 from pipeline.runtime import (
     Dist,
+    all_gather_objects,
+    any_rank,
     barrier,
     init_distributed,
     local_leader_first,
     pick_device,
-    resolve_amp,
-    set_tf32,
     shutdown,
 )
 from pipeline.student.checkpoints import (
     append_metrics,
     checkpoint_due,
     checkpoint_state,
+    epoch_parts,
     export_backbone,
+    load_call,
     plot_losses,
     read_metrics,
     resume,
     save_checkpoint,
     write_provenance,
 )
-from pipeline.student.loaders import LoaderSpec, PairLoaders, batches, resolve_workers
-from pipeline.student.pairs import StreamSpec, training_views
-from pipeline.student.specs import StudentSpec, TrainSpec
+from pipeline.student.loaders import PairLoaders, batches
+from pipeline.student.online import build_online_teacher, extra_sides
+from pipeline.student.pairs import epoch_fingerprint, fingerprint, training_views
+from pipeline.student.setup import (
+    configure_numerics,
+    loader_spec,
+    per_rank_batch,
+    print_banner,
+    report_frozen,
+    require_complete,
+    run_line,
+    run_record,
+    student_projections,
+)
+from pipeline.student.specs import TrainSpec
 from pipeline.student.training import (
     StepContext,
     Trainee,
     build_trainees,
+    idle_step,
     lr_at,
+    student_views,
     teacher_rows,
     train_step,
     views_on_device,
@@ -71,7 +83,9 @@ class Run:
     loaders: PairLoaders
     trainees: list[Trainee]
     expected: int  # valid cached images, all ranks together (one epoch)
+    resolution: int  # the students' input side
     global_step: int = 0
+    views: tuple[int, int] = (0, 0)  # [first, stop): the cache views trained on
 
     @property
     def out(self) -> Path:
@@ -80,10 +94,21 @@ class Run:
 
 def train_students(spec: TrainSpec, settings: dict) -> dict:
     """The whole stage (see ``stages/train_student.py``). ``settings``: the stage's resolved settings as a plain
-    JSON-ready dict, written to provenance.json and checkpoints; a resumed run must match them (bar RESUME_FREE)."""
+    JSON-ready dict, written to provenance.json and checkpoints; a resumed run must match them (bar RESUME_FREE).
+    Under torchrun an exception on any rank ends every rank within seconds with its one-line message
+    (:func:`pipeline.failures.shared_failures`)."""
     device = pick_device(spec.runtime.device)
     job = init_distributed(str(device))
-    amp = configure_numerics(device, spec.runtime.amp)
+    try:
+        with shared_failures("train-student"):
+            return _train(spec, settings, device, job)
+    finally:
+        shutdown()
+
+
+def _train(spec: TrainSpec, settings: dict, device: torch.device, job: Dist) -> dict:
+    amp, tf32 = configure_numerics(device, spec.runtime.amp)
+    spec = per_rank_batch(spec, job)
     out = Path(spec.output.out)
     out.mkdir(parents=True, exist_ok=True)
     store = open_store(spec.data.cache)
@@ -92,140 +117,121 @@ def train_students(spec: TrainSpec, settings: dict) -> dict:
     projections = [student_projections(s, spec, store) for s in spec.students]
     resolution = spec.data.resolution or store.provenance["preprocessing"]["resolution"]
     trainees = build_trainees(spec, projections, store.layout.dims, resolution, device, amp, job)
+    report_frozen(trainees, job, spec.output.quiet)
     start, global_step = resume(out, settings, store, trainees, job, spec.output.quiet, spec.targets)
-    teacher = None
+    teacher, sides = None, ()
     if spec.runtime.online_teacher:  # a library weight downloads once per node
         teacher = local_leader_first(
-            lambda: online_teacher(store, spec.data.taps, device, spec.runtime.channels_last)
+            lambda: build_online_teacher(store, spec.data.taps, device, spec.runtime.channels_last)
         )
+        sides = extra_sides(store, spec.data.taps, resolution)
     widths = tuple(store.layout.dims[t] for t in spec.data.taps)
     ctx = StepContext(device, amp, spec.loss, spec.runtime.channels_last, spec.data.taps[0], teacher,
                       spec.targets, widths)  # fmt: skip
-    loaders = PairLoaders(loader_spec(spec, str(store.path), shard_paths, resolution, job, device), store)
+    loaders = PairLoaders(
+        loader_spec(spec, str(store.path), shard_paths, resolution, job, device, sides), store
+    )
     views = training_views(store, spec.data.views_used)  # refuses a views_used the cache does not hold
+    if job.is_main and not spec.output.quiet:
+        print_banner(
+            run_line(spec, store, job, trainees, loaders.spec), loaders.spec, store, (resolution, *sides)
+        )
     write_provenance(out, settings, spec.students, store, trainees, resolution, job, views, spec.targets,
-                     dict(spec.schedule.record) if spec.schedule is not None else None)  # fmt: skip
+                     dict(spec.schedule.record) if spec.schedule is not None else None,
+                     run_record(spec, job, amp, tf32))  # fmt: skip
     expected = int(store.valid().sum())
-    run = Run(spec, settings, job, store, ctx, loaders, trainees, expected, global_step)
+    run = Run(spec, settings, job, store, ctx, loaders, trainees, expected, resolution, global_step, views)
     for epoch in range(start, spec.recipe.epochs):
         stats = run_epoch(run, epoch)
         run.global_step += stats["steps"]
         finish_epoch(run, epoch, stats)
-    result = finalize(run)
-    shutdown()
-    return result
-
-
-def configure_numerics(device: torch.device, amp: str) -> str:
-    """The resolved AMP mode; on CUDA, cuDNN picks the fastest algorithms for the fixed input shapes (not in stage 1,
-    whose cache must be byte-identical across runs) and amp "off" also turns TF32 off (float32 means float32)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    amp = resolve_amp(amp, device)
-    set_tf32(device, amp)
-    return amp
-
-
-def require_complete(store: FeatureStore, taps: str | tuple[str, ...]) -> None:
-    """Training reads every shard: refuse an unfinished cache (naming what is missing) or a tap it does not hold."""
-    for tap in (taps,) if isinstance(taps, str) else taps:
-        if tap not in store.layout.dims:
-            raise StoreError(
-                f"{store.path} has no tap {tap!r} (it has: {', '.join(store.layout.dims)}); name a cached tap in "
-                "--tap / --targets STUDENT_TAP=CACHE_TAP, or re-cache with `kdep cache-teacher --taps ...`"
-            )
-        store.feature_array(tap)  # StoreError naming the taps it has
-    missing = store.missing_shards()
-    if missing:
-        raise StoreError(
-            f"{store.path} is not complete: {len(missing)} shard(s) not cached yet, e.g. {missing[0]}; "
-            "finish `kdep cache-teacher` (it resumes) before training"
-        )
-
-
-def load_checked_projection(path: str | None, store: FeatureStore, tap: str) -> Projection | None:
-    """A projection fitted on this very cache and tap (anything else is refused naming the difference); None for
-    no path."""
-    if path is None:
-        return None
-    proj = load_projection(path)
-    fitted = {"cache_fingerprint": proj.meta.get("cache_fingerprint"), "tap": proj.meta.get("tap")}
-    require_same(
-        f"projection {path}",
-        fitted,
-        {"cache_fingerprint": store.fingerprint(), "tap": tap},
-        f"fit it on {store.path} (kdep fit-svd {store.path} --tap {tap})",
-    )
-    return proj
-
-
-def student_projections(
-    student: StudentSpec, spec: TrainSpec, store: FeatureStore
-) -> tuple[Projection | None, ...]:
-    """The student's projection of each target, each checked against this cache and the target's cache tap."""
-    if len(student.projections) != len(spec.targets):
-        raise KdepError(
-            f"student {student.arch}: {len(student.projections)} projection(s) for {len(spec.targets)} target(s); "
-            "give one per target (--projection a.npz,b.npz per student)"
-        )
-    return tuple(
-        load_checked_projection(p, store, t.cache_tap)
-        for p, t in zip(student.projections, spec.targets, strict=True)
-    )
-
-
-def online_teacher(
-    store: FeatureStore, taps: str | tuple[str, ...], device: torch.device, channels_last: bool = False
-) -> FeatureTaps:
-    """The recorded teacher, live on ``device`` for the ``--online-teacher`` baseline: (B, 3, r, r) -> {tap: (B, D_t)}
-    for the cache tap(s) ``taps``; channels_last on CUDA when asked (like the students and the views)."""
-    taps = (taps,) if isinstance(taps, str) else tuple(taps)
-    teacher = rebuild_teacher(store, taps).to(device).requires_grad_(False)
-    if device.type == "cuda" and channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    return teacher
-
-
-def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resolution: int, job: Dist,
-                device: torch.device) -> LoaderSpec:  # fmt: skip
-    """This rank's loader: the key-joined stream over the shards, or neighbour-mined batches."""
-    d = spec.data
-    stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.taps[0], resolution=resolution, seed=spec.recipe.seed,
-                        view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
-                        rank=job.rank, world=job.world, uint8_views=True, views_used=d.views_used,
-                        taps=d.taps if len(d.taps) > 1 else ())  # fmt: skip
-    return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
-                      d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
-                      mine_device=str(device))  # fmt: skip
+    return finalize(run)
 
 
 def run_epoch(run: Run, epoch: int) -> dict:
     """One pass over this rank's share of the pairs; every student steps on every batch. Returns the counts
-    (images and singletons over all ranks, this rank's steps), the seconds and the samples that did not join."""
+    (images and singletons over all ranks, the steps and this rank's real ones), the seconds, the samples that did
+    not join and whether every scheduled (image, view) came exactly once over all ranks (``coverage``).
+
+    Ranks step in lock-step: each step they agree (one small host-side all-reduce) whether any rank still has data,
+    and a rank that has none left (or only a batch of one) takes a zero-gradient step, so every replica applies the
+    same averaged update every step (parameters and momentum stay identical; DDP's Join lets an idle rank skip its
+    optimizer steps, and the replicas drift apart)."""
     loader, recipe = run.loaders.for_epoch(epoch), run.spec.recipe
     start_epoch(run.trainees, epoch, recipe.epochs, recipe.lr_schedule)
     bar = progress_bar(total=run.expected // run.job.world, unit="img", desc=f"epoch {epoch + 1}/{recipe.epochs}",
                        disable=run.spec.output.quiet or not run.job.is_main, mininterval=1.0)  # fmt: skip
-    images, steps, singletons, t0 = 0, 0, 0, time.perf_counter()
-    with _join([t.model for t in run.trainees if isinstance(t.model, nn.parallel.DistributedDataParallel)]):
-        for x, rows, _ids in batches(loader, run.loaders.spec):
-            if len(x) < 2:  # a worker's last batch of one: BatchNorm cannot train on a single sample
-                singletons += 1
-                continue
+    images, steps, real, singletons, seen, t0 = 0, 0, 0, 0, 0, time.perf_counter()
+    stream = iter(batches(loader, run.loaders.spec))
+    while True:
+        batch = next(stream, None)
+        if not any_rank(batch is not None):
+            break
+        if batch is not None:
+            x, rows, ids = batch
+            seen = (seen + fingerprint(ids.numpy())) % 2**64
+            singletons += len(ids) < 2
+        if batch is None or len(ids) < 2:  # no data left here, or a worker's last batch of one (BatchNorm)
+            for t in run.trainees:
+                idle_step(t.model, t.optimizer, run.ctx, run.resolution, t.scaler)
+        else:
             x = views_on_device(x, run.ctx)
             raw = teacher_rows(rows, x, run.ctx)
             weights = scheduled_weights(run, epoch, steps)
             for t in run.trainees:
-                step_trainee(run, t, x, raw, epoch, steps, weights)
-            images, steps = images + len(x), steps + 1
-            bar.update(len(x))
-            if recipe.max_steps and steps >= recipe.max_steps:
-                break
+                step_trainee(run, t, student_views(x), raw, epoch, steps, weights)
+            images, real = images + len(ids), real + 1
+            bar.update(len(ids))
+        steps += 1
+        if recipe.max_steps and steps >= recipe.max_steps:
+            break
     bar.close()
-    stats = epoch_stats(run, images, steps, singletons, time.perf_counter() - t0)
+    stats = epoch_stats(run, images, steps, real, singletons, time.perf_counter() - t0)
+    stats["coverage"] = epoch_coverage(run, epoch, seen, stats)
+    stats["losses"] = epoch_losses(run, epoch)
     if stats["total_steps"] == 0:
         raise EmptyEpochError(empty_epoch_message(run, epoch, stats))
     return stats
+
+
+class TrainingDiverged(KdepError):
+    """A student's loss is not finite: it diverged (the message names the student, epoch and step)."""
+
+
+def check_finite(name: str, loss: float, epoch: int, step: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"student {name}: the loss is {loss} at epoch {epoch + 1}, step {step}: training diverged; lower --lr "
+            f"(now {lr:g}) or check the targets (projection, loss weight)"
+        )
+
+
+def epoch_losses(run: Run, epoch: int) -> dict[str, float]:
+    """Each student's mean loss over the epoch's steps on every rank (NaN when no rank had a batch); a non-finite
+    mean stops the run (:class:`TrainingDiverged`)."""
+    mine = {t.name: (float(torch.stack(t.losses).double().sum()) if t.losses else 0.0, len(t.losses))
+            for t in run.trainees}  # fmt: skip
+    everyone = all_gather_objects(mine)
+    out = {}
+    for t in run.trainees:
+        total, count = (sum(r[t.name][i] for r in everyone) for i in (0, 1))
+        out[t.name] = total / count if count else float("nan")
+        if count:
+            check_finite(t.name, out[t.name], epoch, run.global_step, t.base_lr)
+    return out
+
+
+def epoch_coverage(run: Run, epoch: int, seen: int, stats: dict) -> str:
+    """Whether the stream delivered every scheduled (image, view) of a whole pass exactly once over all ranks and
+    workers: the ranks' order-free fingerprints of the (shard, row, view) ids they received, summed, against the
+    schedule's (:func:`pipeline.student.pairs.epoch_fingerprint`). "exact", "MISMATCH", or "n/a" (max_steps,
+    neighbour batches or skipped samples: not a whole pass by design)."""
+    total = sum(all_gather_objects(seen)) % 2**64
+    d = run.spec.data
+    if run.spec.recipe.max_steps or d.neighbours or stats["skipped"]:
+        return "n/a"
+    expected = epoch_fingerprint(run.store, run.spec.recipe.seed, epoch, run.views, d.view_policy)
+    return "exact" if total == expected else "MISMATCH"
 
 
 class EmptyEpochError(KdepError):
@@ -279,32 +285,22 @@ def step_trainee(run: Run, t: Trainee, x: torch.Tensor, raw: dict[str, torch.Ten
     if len(targets) > 1:
         t.parts.append({k: v for k, v in parts.items() if k.startswith("loss/")})
     if steps % run.spec.output.log_every == 0 and run.job.is_main:
+        check_finite(t.name, float(loss), epoch, run.global_step + steps, t.base_lr)
         record = {"kind": "step", "student": t.name, "epoch": epoch, "step": run.global_step + steps,
                   "loss": float(loss), **({"weights": list(weights)} if weights is not None else {})}  # fmt: skip
         append_metrics(run.out / "metrics.jsonl", {**record, **{k: float(v) for k, v in parts.items()}})
 
 
-def epoch_stats(run: Run, images: int, steps: int, singletons: int, seconds: float) -> dict:
-    """Counts summed over ranks; ``skipped``: samples that did not join (--skip-bad), known after a whole pass."""
+def epoch_stats(run: Run, images: int, steps: int, real: int, singletons: int, seconds: float) -> dict:
+    """Counts summed over ranks (``total_steps``: steps on real batches); ``steps``: the epoch's optimizer steps
+    (the same on every rank); ``skipped``: samples that did not join (--skip-bad), known after a whole pass."""
     device = run.ctx.device
     seen = _sum_over_ranks(images + singletons, device)
     whole_pass = not run.spec.recipe.max_steps and run.spec.data.neighbours == 0
     return {"images": _sum_over_ranks(images, device), "steps": steps, "seconds": seconds,
-            "total_steps": _sum_over_ranks(steps, device),
+            "total_steps": _sum_over_ranks(real, device),
             "singletons_dropped": _sum_over_ranks(singletons, device),
             "skipped": run.expected - seen if whole_pass else 0}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _join(models: list):
-    """DDP's Join for uneven inputs (ranks may get different sample counts); a no-op on one process."""
-    if not models:
-        yield
-        return
-    from torch.distributed.algorithms.join import Join
-
-    with Join(models):
-        yield
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:
@@ -322,13 +318,16 @@ def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
         barrier()
         return
     for t in run.trainees:
-        loss = float(np.mean(torch.stack(t.losses).double().cpu().numpy())) if t.losses else float("nan")
+        loss = stats["losses"][t.name]
         append_metrics(run.out / "metrics.jsonl", {
             "kind": "epoch", "student": t.name, "epoch": epoch, "step": run.global_step, "loss": loss,
             "lr": t.optimizer.param_groups[0]["lr"], "images": stats["images"], "seconds": stats["seconds"],
             "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "skipped": stats["skipped"],
-            "singletons_dropped": stats["singletons_dropped"], **epoch_parts(t),
+            "singletons_dropped": stats["singletons_dropped"], "coverage": stats["coverage"], **epoch_parts(t),
         })  # fmt: skip
+    if stats["coverage"] == "MISMATCH":
+        print(f"train-student: epoch {epoch + 1} did not deliver every scheduled (image, view) exactly once over "
+              f"{run.job.world} rank(s); please report this with the run's config.train_student.json")  # fmt: skip
     if stats["skipped"] and not run.spec.output.quiet:
         print(
             f"epoch {epoch + 1}: skipped {stats['skipped']} samples that did not join the cache (--skip-bad)"
@@ -339,24 +338,6 @@ def finish_epoch(run: Run, epoch: int, stats: dict) -> None:
         )
         save_checkpoint(run.out, epoch, state)
     barrier()
-
-
-def epoch_parts(t: Trainee) -> dict[str, float]:
-    """The epoch mean of each target's (unweighted) loss, ``loss/<name>``; empty for a single-target run."""
-    if not t.parts:
-        return {}
-    return {k: float(torch.stack([p[k] for p in t.parts]).double().mean()) for k in t.parts[0]}
-
-
-def load_call(arch: str, model_kwargs: dict, path: Path) -> str:
-    """The line of Python that loads an exported backbone, strictly, with the library alone."""
-    library, name = parse_model_name(arch)
-    kwargs = "".join(f", {k}={v!r}" for k, v in sorted(model_kwargs.items()))
-    if library == "timm":
-        model = f"timm.create_model({name!r}, pretrained=False, num_classes=0{kwargs})"
-        return f"{model}.load_state_dict(torch.load({str(path)!r}), strict=True)"
-    return (f"m = torchvision.models.get_model({name!r}); m.load_state_dict(torch.load({str(path)!r}), "
-            "strict=False)  # only the classifier is missing")  # fmt: skip
 
 
 def finalize(run: Run) -> dict:

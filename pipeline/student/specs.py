@@ -76,6 +76,7 @@ class RecipeSpec:
     seed: int  # student init, shard order, view schedule, shuffle
     max_steps: int  # stop each epoch after this many steps; 0 = whole epoch (benchmarks)
     lr_schedule: str = "step"  # step (KDEP: /10 at 1/3 and 2/3) or cosine (CoSS: per-epoch cosine to 0)
+    global_batch: int = 0  # images per step over all ranks (0: batch_size is per rank); replaces batch_size
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ data fraction and epochs. AMP (bf16) and channels_last on CUDA.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,7 +155,9 @@ class StepContext:
     loss: LossSpec
     channels_last: bool = False  # channels_last views on CUDA
     tap: str = "pre_relu"  # teacher tap the targets come from (several targets: the first one's)
-    teacher: nn.Module | None = None  # live teacher FeatureTaps (--online-teacher); None: the cached rows
+    teacher: nn.Module | None = (
+        None  # live OnlineTeacher (--online-teacher): {side: views} -> {tap}; None: cache
+    )
     targets: tuple[TargetSpec, ...] = ()  # the run's targets (weights, names); () = one target of weight 1
     widths: tuple[int, ...] = ()  # D_i of each carried cache tap (``carried``), to split a (B, sum D_i) row
 
@@ -210,10 +213,15 @@ def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and amp == "fp16")
 
 
-def views_on_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+def views_on_device(
+    x: torch.Tensor | tuple[torch.Tensor, ...], ctx: StepContext
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """(B, 3, r, r) uint8 (before normalisation) or float32 normalised views -> float32 normalised views on the
-    context's device (channels_last on CUDA when asked). uint8 is normalised there in one fused multiply-subtract,
-    bit-identical to the worker's normalisation (:func:`pipeline.data.views.normalize_views`)."""
+    context's device (channels_last on CUDA when asked); a tuple (the same views at several sides) view by view.
+    uint8 is normalised there in one fused multiply-subtract, bit-identical to the worker's normalisation
+    (:func:`pipeline.data.views.normalize_views`)."""
+    if isinstance(x, tuple):
+        return tuple(views_on_device(v, ctx) for v in x)
     x = normalize_views(x.to(ctx.device, non_blocking=True))
     if ctx.device.type == "cuda" and ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -226,9 +234,17 @@ def teacher_targets(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> to
     return teacher_rows(rows, x, ctx)[ctx.tap]
 
 
-def teacher_rows(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+def student_views(x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The student's views of a batch: ``x`` itself, or the first of the sides it comes at."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def teacher_rows(
+    rows: torch.Tensor, x: torch.Tensor | tuple[torch.Tensor, ...], ctx: StepContext
+) -> dict[str, torch.Tensor]:
     """{cache tap: (B, D_i) float32} for every carried tap: the cached rows (B, sum D_i) float16 split per tap, or
-    the live teacher's taps on the views ``x`` (B, 3, r, r) already on the device (one forward for all)."""
+    the live teacher's taps on the views ``x`` already on the device: (B, 3, r, r), or the same views at several
+    sides (each teacher reads its own side: :class:`pipeline.student.online.OnlineTeacher`)."""
     taps = ctx.carried
     if ctx.teacher is None:
         flat = rows.to(ctx.device, non_blocking=True).float()
@@ -236,8 +252,9 @@ def teacher_rows(rows: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> dict[
             return {taps[0]: flat}
         return dict(zip(taps, flat.split(list(ctx.widths), dim=1), strict=True))
     # no_grad, not inference_mode: the loss's backward saves the targets
+    by_side = {v.shape[-1]: v for v in (x if isinstance(x, tuple) else (x,))}
     with torch.no_grad(), autocast_for(ctx.device, ctx.amp):
-        out = ctx.teacher(x)
+        out = ctx.teacher(by_side)
     return {t: out[t].float() for t in taps}
 
 
@@ -273,6 +290,34 @@ def train_step(
     return loss.detach(), parts
 
 
+def idle_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext, resolution: int,
+              scaler: torch.amp.GradScaler | None = None) -> None:  # fmt: skip
+    """A step with zero gradients, for a rank that has no batch this step while other ranks do: DDP all-reduces its
+    zeros with their gradients and this rank applies the same averaged update as they do, so the replicas stay
+    identical. The forward is on a (2, 3, r, r) zero batch in eval mode (no BatchNorm statistics change) and the
+    loss is 0 x the sum of every output, so every trainable parameter gets a (zero) gradient."""
+    x = torch.zeros(2, 3, resolution, resolution, device=ctx.device)
+    if ctx.device.type == "cuda" and ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_for(ctx.device, ctx.amp):
+            outs = model(x)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        loss = sum(o.float().sum() for o in outs) * 0.0
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    finally:
+        model.train(was_training)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
     """SGD, momentum 0.9, over the trainable parameters (the frozen classifier is left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -296,6 +341,9 @@ class Trainee:
     parts: list[dict[str, torch.Tensor]] = field(
         default_factory=list
     )  # this epoch's per-target losses (several)
+    frozen: tuple[
+        str, ...
+    ] = ()  # parameters no target reaches, frozen before DDP (recorded in provenance.json)
 
     @property
     def projection(self) -> Projection | None:
@@ -326,17 +374,60 @@ def build_trainees(spec: TrainSpec, projections: list[tuple[Projection | None, .
                           cache_taps=cache_taps, pathway_head=spec.loss.pathway_head).to(device)  # fmt: skip
         if device.type == "cuda" and spec.runtime.channels_last:
             student = student.to(memory_format=torch.channels_last)
-        model: nn.Module = student
-        if job.world > 1:
-            # broadcast_buffers=False: no per-step broadcast of BatchNorm running stats from rank 0. Training
-            # uses batch statistics, so gradients and the (identically replicated) parameters never depend on
-            # the buffers; rank 0's own running stats are what is checkpointed and exported.
-            model = nn.parallel.DistributedDataParallel(
-                student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-            )
+        frozen = freeze_unreached(student, resolution, device)
+        model: nn.Module = wrap_ddp(student, device) if job.world > 1 else student
         lr = recipe.lr or base_lr_for(s.arch, global_batch)
         name = s.arch if archs.count(s.arch) == 1 else f"{s.arch}-{i}"
         out.append(
-            Trainee(name, model, student, make_optimizer(model, lr, wd), projs, lr, make_scaler(device, amp))
+            Trainee(
+                name,
+                model,
+                student,
+                make_optimizer(model, lr, wd),
+                projs,
+                lr,
+                make_scaler(device, amp),
+                frozen=frozen,
+            )
         )
     return out
+
+
+def unreached_parameters(model: nn.Module, resolution: int, device: torch.device) -> list[str]:
+    """Names of the trainable parameters that no output of ``model`` depends on (a student whose last stage feeds
+    no target, a timm model's extra head norm), found by one probe forward and backward of every output's sum on a
+    (2, 3, r, r) zero batch, in eval mode (no BatchNorm statistics change, no dropout; the graph is what matters,
+    not the values). DDP without ``find_unused_parameters`` fails at the second step on any rank when a parameter
+    gets no gradient, and one process never shows it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        outs = model(torch.zeros(2, 3, resolution, resolution, device=device))
+        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        total = sum(o.float().sum() for o in outs)
+        grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [n for (n, _), g in zip(named, grads, strict=True) if g is None]
+
+
+def freeze_unreached(student: nn.Module, resolution: int, device: torch.device) -> tuple[str, ...]:
+    """Freeze (requires_grad False: no optimizer slot, no DDP bucket) the parameters no target reaches; returns
+    their names (recorded in provenance.json). Parameters whose target weight is 0 at some steps (a DistPro
+    schedule) stay trainable: their loss is still computed, times 0, so they always get a gradient."""
+    names = unreached_parameters(student, resolution, device)
+    params = dict(student.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return tuple(names)
+
+
+def wrap_ddp(student: nn.Module, device: torch.device) -> nn.Module:
+    """DDP without per-step buffer broadcasts: BatchNorm trains on batch statistics, so gradients and the
+    (identically replicated) parameters never depend on the running stats; rank 0's own are checkpointed and
+    exported. torch >= 2.13 names this ``forward_sync_buffers`` (``broadcast_buffers`` warns there)."""
+    ddp = nn.parallel.DistributedDataParallel
+    buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else "broadcast_buffers")  # fmt: skip
+    return ddp(student, device_ids=[device.index] if device.type == "cuda" else None, **{buffers: False})
