@@ -116,7 +116,7 @@ def test_two_ranks_under_torchrun_give_a_byte_identical_store(straight, demo_sha
     out = tmp_path / "two.zarr"
     kdep = Path(sys.executable).parent / "kdep"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "--no-python", str(kdep), "cache-teacher",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", str(kdep), "cache-teacher",
            "--shards", str(demo_shards["train"]), "--out", str(out), "--teacher", "resnet18", "--weights", str(teacher_file),
            "--tap", "pre_relu", "--tap", "post_relu", "--views", "3", "--resolution", "32", "--batch-size", "6",
            "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
@@ -329,7 +329,7 @@ def test_a_bad_shard_on_rank_1_ends_both_ranks_with_one_line_errors(demo_shards,
     (d / "train-000001.tar").write_bytes(b"not a tar " * 200)  # no index: only the scan finds it
     kdep = Path(sys.executable).parent / "kdep"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "--no-python", str(kdep), "cache-teacher",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", str(kdep), "cache-teacher",
            "--shards", str(d), "--out", str(tmp_path / "c.zarr"), "--teacher", "resnet18", "--weights", str(teacher_file),
            "--views", "2", "--resolution", "32", "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDEP_DIST_TIMEOUT_S": "120"}

@@ -150,13 +150,15 @@ def test_two_fp16_students_keep_their_own_grad_scalers_and_export_strictly(gpu_c
 
 
 def test_kill_and_resume_on_cuda_ends_near_the_straight_run(gpu_cache, tmp_path):
-    straight = tmp_path / "straight"
-    _train(gpu_cache, straight, epochs=3)
-    resumed = tmp_path / "resumed"
-    _train(gpu_cache, resumed, epochs=2)  # the "kill" after epoch 2: the run resumes from its last checkpoint
-    _train(gpu_cache, resumed, epochs=3)
-    a = torch.load(straight / "backbone-resnet18.pt")
-    b = torch.load(resumed / "backbone-resnet18.pt")
+    """A resume must use the same settings (epochs included: the lr schedule depends on them), so the "kill" is
+    what one during epoch 3's checkpoint leaves: the run's files without epoch 3's checkpoint, export and done.json."""
+    run = tmp_path / "run"
+    _train(gpu_cache, run, epochs=3)
+    a = torch.load(run / "backbone-resnet18.pt")
+    for name in ("done.json", "backbone-resnet18.pt", "checkpoints/epoch-0002.pt"):
+        (run / name).unlink()
+    _train(gpu_cache, run, epochs=3)
+    b = torch.load(run / "backbone-resnet18.pt")
     for key in a:  # cuDNN backward is not bitwise deterministic
         torch.testing.assert_close(b[key].float(), a[key].float(), atol=1e-3, rtol=1e-3)
 
@@ -180,15 +182,16 @@ def test_online_teacher_targets_equal_the_cached_rows(gpu_cache):
 
 
 def _torchrun(n: int, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", "29601", "--no-python",
-           str(BIN / "kdep"), *args]  # fmt: skip
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(n), "--no-python", str(BIN / "kdep"),
+           *args]  # fmt: skip
     return subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout
     )
 
 
 def test_nccl_world_of_one_runs_stage_1_and_a_stage_3_epoch(gpu_cache, demo_shards, teacher_file, tmp_path):
-    """Any CPU tensor in an NCCL collective raises: a world of one still goes through every collective."""
+    """Any CPU tensor in an NCCL collective raises: a world of one under torchrun gets an NCCL process group
+    (pipeline.runtime.init_distributed) and goes through every collective."""
     cache = tmp_path / "nccl.zarr"
     proc = _torchrun(1, "cache-teacher", "--shards", str(demo_shards["train"]), "--out", str(cache), "--teacher",
                      "resnet18", "--weights", str(teacher_file), "--views", "3", "--resolution", "64",
