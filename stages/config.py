@@ -235,7 +235,8 @@ class TrainStudentConfig:
     batch_size: int = 512  # per rank
     lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512
     weight_decay: float = -1.0  # < 0 = from the supplement's table by data_fraction and epochs
-    lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch (CoSS)
+    lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch; cosine-coss:
+    # CoSS's reference code (the base lr flat for epochs 0-4, then the same per-epoch cosine)
     data_fraction: float = 0.1  # fraction of ImageNet the shards hold (only for the weight-decay table)
     resolution: int = 0  # student input side; 0 = the teacher's
     view_policy: str = (

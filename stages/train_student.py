@@ -49,11 +49,12 @@ from pipeline.student.specs import (
 )
 from stages.config import TrainStudentConfig
 
-# CoSS's reference set-up (coss-pytorch; METHOD.md), as manifests/coss.yaml writes it: training settings, and the
-# cache settings its teacher rows need. Epochs and batch are left out (they follow the compute budget).
+# CoSS's reference set-up (paganpasta/coss-pytorch: train_sampled_coss.py, scripts/cf_train.sh), as
+# manifests/coss.yaml writes it: training settings, and the cache settings its teacher rows need. Its lr is flat for
+# 5 epochs, then a per-epoch cosine (cosine-coss). Epochs and batch are left out (they follow the compute budget).
 COSS_REFERENCE = {
     "tap": "post_relu", "student_tap": "post_relu", "neighbours": 15, "neighbour_pool": 31, "anchors": 16,
-    "lr": 0.03, "weight_decay": 1e-4, "lr_schedule": "cosine", "coss_head": "mlp",
+    "lr": 0.03, "weight_decay": 1e-4, "lr_schedule": "cosine-coss", "coss_head": "mlp",
 }  # fmt: skip
 COSS_REFERENCE_CACHE = {"recipe": "coss", "center_first": True, "center_recipe": "center-coss"}
 

@@ -75,7 +75,7 @@ class RecipeSpec:
     data_fraction: float  # fraction of ImageNet the shards hold (only for the weight-decay table)
     seed: int  # student init, shard order, view schedule, shuffle
     max_steps: int  # stop each epoch after this many steps; 0 = whole epoch (benchmarks)
-    lr_schedule: str = "step"  # step (KDEP: /10 at 1/3 and 2/3) or cosine (CoSS: per-epoch cosine to 0)
+    lr_schedule: str = "step"  # step (KDEP: /10 at 1/3 and 2/3), cosine (per epoch, to 0) or cosine-coss
 
 
 @dataclass(frozen=True)
