@@ -222,7 +222,10 @@ class TrainStudentConfig:
     targets: tuple[str, ...] = ()  # STUDENT_TAP=CACHE_TAP each (multi-layer KD); empty = student_tap=tap
     target_weights: tuple[float, ...] = ()  # w_i of each target's loss, in target order; empty = all 1.0
     loss: str = "kdep"  # distillation loss
-    loss_weight: float = 3.0  # w in w * MSE (METHOD.md: 3, 20, 1 depending on the teacher)
+    loss_weight: float = 0.0  # w in w * MSE (kdep, linear-*, distpro); 0 = auto from the cache's teacher
+    # record by the KDEP supplement's Table S.3: 20 for a standard supervised ResNet-50 (torchvision
+    # IMAGENET1K_V1/V2, timm resnet50.tv_in1k/tv2_in1k), 1 for SWSL ResNet-50, 3 for Swin-B, and 3 (the table's
+    # MS R50 value) with a one-line note for a teacher it does not list; the value used goes to provenance.json
     coss_l0: float = 1.0  # CoSS feature-similarity weight
     coss_l1: float = 1.0  # CoSS space-similarity weight
     coss_tau_t: float = 0.07  # CoSS teacher temperature
@@ -276,6 +279,7 @@ class TrainStudentConfig:
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         check_range("lr", self.lr, 0.0)
+        check_range("loss_weight", self.loss_weight, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
         check_range("resolution", self.resolution, 0, 1024)
         check_range("workers", self.workers, -1, 64)

@@ -33,7 +33,8 @@ from pathlib import Path
 import typer
 
 from pipeline.files import file_sha256
-from pipeline.manifest import config_to_dict
+from pipeline.manifest import ConfigError, config_to_dict
+from pipeline.student.loss_weight import LossWeight, resolve_loss_weight
 from pipeline.student.run import train_students
 from pipeline.student.specs import (
     DataSpec,
@@ -95,6 +96,7 @@ def run(config: TrainStudentConfig) -> dict:
         targets, schedule, head = process_targets(config)
     else:
         targets = tuple(TargetSpec(s, t, w) for (s, t), w in zip(c.target_pairs, c.weights, strict=True))
+    weight = choose_loss_weight(config, targets)
     spec = TrainSpec(
         targets=targets,
         schedule=schedule,
@@ -106,13 +108,40 @@ def run(config: TrainStudentConfig) -> dict:
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
                           lr_schedule=c.lr_schedule),
-        loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
+        loss=LossSpec(c.loss, weight.value, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
                       coss_head=c.coss_head, pathway_head=head),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
                             prefetch_factor=c.prefetch_factor, online_teacher=c.online_teacher),
         output=OutputSpec(out=c.out, log_every=c.log_every, checkpoint_every=c.checkpoint_every, quiet=c.quiet),
     )  # fmt: skip
-    return train_students(spec, settings=config_to_dict(config))  # settings: recorded, compared on resume
+    settings = {**config_to_dict(config), "loss_weight": weight.value, "loss_weight_rule": weight.rule}
+    return train_students(spec, settings=settings)  # settings: recorded, compared on resume
+
+
+# Losses that multiply by w (kdep_loss); coss, coss-bn and cosine have their own scale and ignore it.
+WEIGHTED_LOSSES = ("kdep", "linear-pre", "linear-post", "distpro")
+
+
+def choose_loss_weight(config: TrainStudentConfig, targets: tuple[TargetSpec, ...]) -> LossWeight:
+    """``--loss-weight``, or with 0 (auto) the KDEP supplement's Table S.3 value of the teacher(s) the targets come
+    from (pipeline/student/loss_weight.py); one line on stderr (rank 0) when auto met a teacher the table does not
+    list and the loss uses w. The value and its rule are recorded in provenance.json (config.loss_weight,
+    config.loss_weight_rule)."""
+    from pipeline.cache.store import open_store
+    from pipeline.teachers import teacher_of_tap
+
+    teachers = []
+    if config.loss_weight == 0:
+        provenance = open_store(config.cache).provenance
+        for target in targets:
+            try:
+                teachers.append(teacher_of_tap(provenance, target.cache_tap))
+            except ConfigError:  # a tap the cache lacks: the run stops on it right after, naming it
+                continue
+    chosen = resolve_loss_weight(config.loss_weight, teachers)
+    if chosen.note and config.loss in WEIGHTED_LOSSES and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"train-student: {chosen.note}", err=True)
+    return chosen
 
 
 def student_specs(config: TrainStudentConfig, targets: int) -> tuple[StudentSpec, ...]:
