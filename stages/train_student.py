@@ -154,16 +154,19 @@ def process_targets(
     config: TrainStudentConfig,
 ) -> tuple[tuple[TargetSpec, ...], WeightSchedule, tuple[str, int]]:
     """A DistPro process as stage 3 targets: each kept pathway ``t{i}-s{j}`` is the target ``stage{j}=stage{i}``
-    (teacher stage i's cached row regressed from student stage j through a fresh transform block of the process's
-    kind), weighted at each step by its searched softmax alpha, set to 0 where its normalised alpha is under
-    ``--alpha-threshold`` (pathways under it at every step are not computed at all). The process must fit every
-    student and the cache (the same stage counts; it may come from another pair of architectures with them,
-    DistPro's Table 1, which is recorded)."""
+    (``stage{j}_pre=stage{i}_pre`` for a pre-ReLU process; teacher stage i's cached row regressed from student stage
+    j through a fresh transform block: Linear for a ``linear`` process, else Linear-BN-ReLU-Linear, since stage 3
+    carries pooled rows, not maps), weighted at each step by its searched alpha at ``--process-weights`` scale
+    (softmax, or the official retrain's; pipeline/process/artefact.py), set to 0 where its normalised alpha is under
+    ``--alpha-threshold`` (pathways under it at every step are not computed at all). Each pathway's loss is
+    ``loss_weight`` * MSE, which on pooled rows is also the official hcl loss. The process must fit every student and
+    the cache (the same stage counts; it may come from another pair of architectures with them, DistPro's Table 1,
+    which is recorded)."""
     import numpy as np
 
     from pipeline.cache.store import open_store
     from pipeline.models import build_for_resolution, supported_taps
-    from pipeline.process.artefact import check_fits, kept_pathways, load_process, normalised
+    from pipeline.process.artefact import check_fits, kept_pathways, load_process, normalised, weight_rows
 
     store = open_store(config.cache)
     process = load_process(config.process)
@@ -175,7 +178,8 @@ def process_targets(
         )  # refuses a pair it does not fit
     kept = kept_pathways(process, config.alpha_threshold)
     index = [process.names.index(n) for n in kept]
-    weights = np.where(normalised(process) >= config.alpha_threshold, process.weights, 0.0)[:, index]
+    rows = weight_rows(process, config.process_weights)
+    weights = np.where(normalised(process) >= config.alpha_threshold, rows, 0.0)[:, index]
     pathways = [process.pathways[i] for i in index]
     targets = tuple(TargetSpec(p["student_tap"], p["teacher_tap"]) for p in pathways)
     searched = process.provenance.get("student", {}).get("arch")
@@ -184,6 +188,8 @@ def process_targets(
         "path": str(Path(config.process).resolve()), "sha256": file_sha256(config.process),
         "alpha_threshold": config.alpha_threshold, "kept": kept,
         "dropped": [n for n in process.names if n not in kept], "transform": process.transform.get("kind", "mlp"),
+        "weights": config.process_weights, "stage_features": process.stage_features,
+        "pathway_loss": "mse on pooled rows (= the official hcl there)",
         "searched_for": {"student": searched, "cache_fingerprint": process.provenance.get("cache_fingerprint")},
         "transferred": searched not in config.student
         or process.provenance.get("cache_fingerprint") != store.fingerprint(),

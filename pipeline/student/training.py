@@ -130,8 +130,10 @@ def loss_head(loss: str, arch: str, tap: str, d_feature: int, d_target: int, cos
               cache_tap: str | None = None, pathway_head: tuple[str, int] = ("mlp", 512)) -> nn.Module:  # fmt: skip
     """The trainable head between the student tap (B, d_feature) and the loss: a parametric baseline's
     Linear + BN, CoSS's MLP when the widths differ, coss-bn's BatchNorm, DistPro's transform block (``distpro``:
-    Linear-BN-ReLU-Linear with ``pathway_head`` = ("mlp", hidden), or a Linear); nothing (Identity) for kdep / cosine,
-    whose projected target must already have the tap's width (refused otherwise, naming the fit that gives it)."""
+    a Linear for a ``linear`` process, else Linear-BN-ReLU-Linear of width ``pathway_head`` = (kind, hidden); a
+    process searched on maps, ``conv-reference`` / ``conv``, gets this pooled block too: stage 3 carries pooled
+    rows); nothing (Identity) for kdep / cosine, whose projected target must already have the tap's width (refused
+    otherwise, naming the fit that gives it)."""
     if loss in ("linear-pre", "linear-post"):
         return LinearHead(d_feature, d_target, after_relu=loss == "linear-post")
     if loss == "coss" and d_feature != d_target:
