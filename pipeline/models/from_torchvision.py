@@ -3,8 +3,9 @@
 Call it through :mod:`pipeline.models` (``build_model('resnet50', ...)``, ``FeatureTaps``, ``model_preprocessing``);
 the tap definitions are in that module's docstring. :mod:`pipeline.models.from_timm` has the same functions for timm.
 
-The last ResNet block is re-run by hand (not hooked) because torchvision blocks reuse one in-place ReLU module, so a
-hook would see post-ReLU values (PITFALLS.md).
+The last block of a ResNet stage is re-run by hand (not hooked) for the pre-ReLU taps because torchvision blocks
+reuse one in-place ReLU module: a hook that keeps a reference to the ``out += identity`` tensor sees it after the
+ReLU has overwritten it, i.e. post-ReLU values, with no error.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """The optimisation recipe (METHOD.md): epochs, batch, SGD lr and weight decay, seed."""
+    """The optimisation recipe (KDEP supplement B.1 and Table S.4): epochs, batch, SGD lr and weight decay, seed."""
 
     epochs: int  # passes over the data
     batch_size: int  # samples per rank and step (stream order; neighbour batches use DataSpec.anchors)
