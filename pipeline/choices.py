@@ -24,7 +24,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # autocast on CUDA (pipeline.runtim
 DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted where a stage takes a device
 FEATURE_DTYPES = ("float16", "float32")  # stored feature dtype of the cache
 OUT_OF_RANGE = ("error", "skip")  # features the stored dtype cannot hold: stop, or skip the image (counted)
-# pipeline.student.training.lr_at: step (KDEP), per-epoch cosine, or cosine-coss (CoSS's reference: 5 flat epochs first)
+# pipeline.student.training.lr_at: step (KDEP), per-epoch cosine, or cosine-coss (CoSS's reference code: the lr
+# flat for 5 epochs, then the cosine)
 LR_SCHEDULES = ("step", "cosine", "cosine-coss")
 SEARCH_MODES = ("cached", "online")  # pathways over cached pooled taps, or over live spatial maps
 PATHWAY_SETS = ("paper", "reference")  # pipeline.process.artefact.pathway_pairs

@@ -1,6 +1,7 @@
 """The pooled taps against independent references: torchvision's FX feature extractor on the `add` node (with
-ReLUs made non-inplace: an in-place ReLU overwrites the add node's output) for ResNets, a cloning hook on the last BN for MobileNetV2, and `fc`'s input
-for post_relu; stage taps against the FX extractor's stage outputs, pooled by hand. Also weights files (state
+ReLUs made non-inplace: an in-place ReLU overwrites the add node's output) for ResNets, a cloning hook on the last
+BN for MobileNetV2, and `fc`'s input for post_relu; stage taps (and the pre-ReLU stage taps) against the FX
+extractor's stage outputs (add nodes), pooled by hand. Also weights files (state
 dicts, checkpoints, headless backbones, wrong architectures), names and refusals, and preprocessing: the weights'
 transforms() metadata, and ImageNet normalisation on the device bit-identical to pipeline.data.views."""
 

@@ -1,7 +1,8 @@
 """Views against the reference code's preprocessing: the KDEP reference's lighting then [0, 1] clamp (robustness
 ``Lighting`` + ``InputNormalize``, transcribed), CoSS's neighbour-mining centre view (Resize(235, bicubic) +
 CenterCrop(224), coss-pytorch ``compute_close_far.py``) against torchvision's own Resize + CenterCrop (smooth and
-textured images of several sizes; exactly when no resize remains), hand-computed crop boxes, and the stage 1 / stage 3 replay paths (uint8 transport or float32) giving the same tensor."""
+textured images of several sizes; exactly when no resize remains), hand-computed crop boxes, and the stage 1 /
+stage 3 replay paths (uint8 transport or float32) giving the same tensor."""
 
 from __future__ import annotations
 

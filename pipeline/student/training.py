@@ -1,8 +1,9 @@
 """Stage 3 pieces: a student with its heads, the KDEP recipe (SGD, step schedule, weight decay table), one step.
 
-Recipe (KDEP paper and supplement section B.1, Table S.4): SGD momentum 0.9, lr = base * (global batch / 512) with base 0.3 for ResNets and 0.1 for
-MobileNetV2, divided by 10 at 1/3 and 2/3 of training, no warm-up, weight decay from the supplement's table by
-data fraction and epochs. AMP (bf16) and channels_last on CUDA.
+Recipe (the KDEP paper and its supplement, section B.1 and Table S.4): SGD momentum 0.9, lr = base * (global
+batch / 512) with base 0.3 for ResNets and 0.1 for MobileNetV2, divided by 10 at 1/3 and 2/3 of training, no
+warm-up, weight decay from the supplement's table by data fraction and epochs. AMP (bf16) and channels_last on
+CUDA.
 """
 
 from __future__ import annotations
