@@ -36,7 +36,7 @@ from pipeline.cache.store import CacheLayout, FeatureStore, create_store, encode
 from pipeline.cache.teacher import PREFETCH, Runtime, TeacherRun, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
 from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
-from pipeline.data.views import RECIPES, describe_preprocessing, transport_bytes
+from pipeline.data.views import CENTER_BOX_RULES, RECIPES, describe_preprocessing, transport_bytes
 from pipeline.failures import shared_failures
 from pipeline.models import (
     Preprocessing,
@@ -209,12 +209,21 @@ def build_provenance(
         "preprocessing": describe_preprocessing(config.resolution),
         "views": {"recipe": config.recipe, "recipe_params": asdict(RECIPES[config.recipe]), "k": config.views,
                   "seed": config.seed, "center_first": config.center_view,
-                  "center_recipe": config.center_recipe if config.center_view else None},
+                  "center_recipe": config.center_recipe if config.center_view else None, **center_boxes(config)},
         "compute": {"amp": amp, "tf32": tf32, "feature_dtype": config.dtype,
                     "batch_views": max(1, config.batch_size // config.views) * config.views},
         "shards": [shard_record(s) for s in shards],
         "recorded": recorded,
     }  # fmt: skip
+
+
+def center_boxes(config: CacheTeacherConfig) -> dict:
+    """``{"center_box": {recipe: rule}}`` for the centre recipes used whose box follows a reference geometry
+    (pipeline.data.views.CENTER_BOX_RULES); nothing otherwise, so other caches' records are unchanged. A cache
+    started before a rule existed holds other boxes: the record makes a resume with this code refuse it."""
+    used = (config.recipe, config.center_recipe if config.center_view else None)
+    rules = {r: CENTER_BOX_RULES[r] for r in used if r in CENTER_BOX_RULES}
+    return {"center_box": rules} if rules else {}
 
 
 def _compared(provenance: dict) -> dict:

@@ -19,16 +19,20 @@ from pipeline.choices import (
     DEVICES,
     EVAL_TAPS,
     FEATURE_DTYPES,
+    HYPERGRADIENTS,
     LOSSES,
     LR_SCHEDULES,
     OUT_OF_RANGE,
+    PATHWAY_LOSSES,
     PATHWAY_SETS,
+    PROCESS_WEIGHTS,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
     SEARCH_LR_SCHEDULES,
     SEARCH_MODES,
     SEARCH_OBJECTIVES,
     SEARCH_TRANSFORMS,
+    STAGE_FEATURES,
     TAPS,
     VIEW_POLICIES,
     VIEW_RECIPES,
@@ -211,7 +215,8 @@ class FitSvdConfig:
 @dataclass(frozen=True)
 class TrainStudentConfig:
     CHOICES: ClassVar[dict] = {"loss": LOSSES, "student_tap": TAPS, "view_policy": VIEW_POLICIES,
-                               "amp": AMP_MODES, "coss_head": COSS_HEADS, "lr_schedule": LR_SCHEDULES}  # fmt: skip
+                               "amp": AMP_MODES, "coss_head": COSS_HEADS, "lr_schedule": LR_SCHEDULES,
+                               "process_weights": PROCESS_WEIGHTS}  # fmt: skip
     cache: str = ""  # feature cache folder written by `kdep cache-teacher`
     projection: tuple[
         str, ...
@@ -224,7 +229,10 @@ class TrainStudentConfig:
     targets: tuple[str, ...] = ()  # STUDENT_TAP=CACHE_TAP each (multi-layer KD); empty = student_tap=tap
     target_weights: tuple[float, ...] = ()  # w_i of each target's loss, in target order; empty = all 1.0
     loss: str = "kdep"  # distillation loss
-    loss_weight: float = 3.0  # w in w * MSE (METHOD.md: 3, 20, 1 depending on the teacher)
+    loss_weight: float = 0.0  # w in w * MSE (kdep, linear-*, distpro); 0 = auto from the cache's teacher
+    # record by the KDEP supplement's Table S.3: 20 for a standard supervised ResNet-50 (torchvision
+    # IMAGENET1K_V1/V2, timm resnet50.tv_in1k/tv2_in1k), 1 for SWSL ResNet-50, 3 for Swin-B, and 3 (the table's
+    # MS R50 value) with a one-line note for a teacher it does not list; the value used goes to provenance.json
     coss_l0: float = 1.0  # CoSS feature-similarity weight
     coss_l1: float = 1.0  # CoSS space-similarity weight
     coss_tau_t: float = 0.07  # CoSS teacher temperature
@@ -238,7 +246,8 @@ class TrainStudentConfig:
     global_batch_size: int = 0  # images per step over all ranks (per rank: this / ranks; with neighbours the anchors per rank are this / ranks / (1 + neighbours)); 0 = batch_size per rank
     lr: float = 0.0  # 0 = base lr (0.3 ResNet, 0.1 MobileNetV2) x global batch / 512; a given lr is used as is at any global batch
     weight_decay: float = -1.0  # < 0 = from the supplement's table by data_fraction and epochs
-    lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch (CoSS)
+    lr_schedule: str = "step"  # step: /10 at 1/3 and 2/3 of training (KDEP); cosine: per epoch; cosine-coss:
+    # CoSS's reference code (the base lr flat for epochs 0-4, then the same per-epoch cosine)
     data_fraction: float = 0.1  # fraction of ImageNet the shards hold (only for the weight-decay table)
     resolution: int = 0  # student input side; 0 = the teacher's
     view_policy: str = (
@@ -257,6 +266,8 @@ class TrainStudentConfig:
     online_teacher: bool = False  # run the teacher live on the same views instead of reading the cache
     process: str = ""  # DistPro process.json (search-process): its pathways are the targets, by alpha(t)
     alpha_threshold: float = 0.0  # with process: drop a pathway while its normalised alpha is below it
+    process_weights: str = "softmax"  # with process: softmax = the searched softmax(alpha), summing to 1;
+    # reference = the official retrain's scale, P exp(a_p) / (sum_q exp(a_q) + e) (P pathways; sums to ~9 for 10)
     skip_bad: bool = False  # count and skip samples that do not join the cache
     max_steps: int = 0  # stop each epoch after this many steps (0 = whole epoch; for benchmarks)
     log_every: int = 10  # steps between metrics records
@@ -281,6 +292,7 @@ class TrainStudentConfig:
         check_range("batch_size", self.batch_size, 1)
         check_range("global_batch_size", self.global_batch_size, 0)
         check_range("lr", self.lr, 0.0)
+        check_range("loss_weight", self.loss_weight, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
         check_range("resolution", self.resolution, 0, 1024)
         check_range("workers", self.workers, -1, 64)
@@ -298,6 +310,9 @@ class TrainStudentConfig:
         if self.loss == "distpro" and not self.process:
             raise ConfigError("key 'loss': distpro trains on a searched process; pass --process process.json "
                               "(kdep search-process)")  # fmt: skip
+        if self.process_weights != "softmax" and not self.process:
+            raise ConfigError(f"key 'process_weights': {self.process_weights!r} weights a process's pathways; pass "
+                              "--process process.json (kdep search-process) or leave it at softmax")  # fmt: skip
         if not self.process:
             return
         if self.loss != "distpro":
@@ -671,7 +686,9 @@ class StudyLayersConfig:
 @dataclass(frozen=True)
 class SearchProcessConfig:
     CHOICES: ClassVar[dict] = {"mode": SEARCH_MODES, "pathways": PATHWAY_SETS, "transform": SEARCH_TRANSFORMS,
-                               "objective": SEARCH_OBJECTIVES, "lr_schedule": SEARCH_LR_SCHEDULES}  # fmt: skip
+                               "objective": SEARCH_OBJECTIVES, "lr_schedule": SEARCH_LR_SCHEDULES,
+                               "pathway_loss": PATHWAY_LOSSES, "stage_features": STAGE_FEATURES,
+                               "hypergradient": HYPERGRADIENTS}  # fmt: skip
     cache: str = (
         ""  # feature cache folder; cached mode needs taps stage1..stageN (cache-teacher --taps stage1,...)
     )
@@ -684,9 +701,14 @@ class SearchProcessConfig:
     pathways: str = (
         "paper"  # paper: teacher stage i -> student stage j <= i (appendix); reference: j >= i (code)
     )
-    transform: str = (
-        "auto"  # transform block per pathway: mlp/linear on pooled rows, conv on maps (auto: by mode)
-    )
+    transform: str = "auto"  # transform block per pathway: mlp or linear on pooled rows (cached mode);
+    # conv-reference (the official code's connector: three 3x3 convs, self-attention) or conv (a lighter 1x1 + 3x3)
+    # on maps (online mode); auto: mlp (cached) or conv-reference (online)
+    pathway_loss: str = "hcl"  # hcl: the official code's hierarchical context loss (the MSE plus the MSEs of
+    # the maps average-pooled to 4x4, 2x2, 1x1, weighted 1/2, 1/4, 1/8); on pooled rows exactly the MSE; or mse
+    stage_features: str = "output"  # output: pathways between stage outputs (stageK taps); pre_relu: each
+    # stage before its final ReLU (stageK_pre taps), as the official code; torchvision ResNets and MobileNetV2
+    # only (cached mode: cache-teacher --taps stage1_pre,stage2_pre,stage3_pre,stage4_pre)
     hidden: int = 512  # hidden width of the mlp transform blocks
     objective: str = (
         "auto"  # held-out objective: ce (labels, as DistPro) or regress (label-free, last stage tap)
@@ -697,17 +719,22 @@ class SearchProcessConfig:
     max_steps: int = 0  # stop after this many search steps (0 = all epochs)
     batch_size: int = 64  # images per train batch and per held-out batch
     lr: float = 0.1  # network SGD learning rate (also the xi of the unrolled step)
-    lr_schedule: str = "cosine"  # network lr over the search steps: cosine, step (/10 at 1/3, 2/3), constant
+    lr_schedule: str = "constant"  # network lr over the search steps: constant (the official search's),
+    # cosine (per step, to 0) or step (/10 at 1/3 and 2/3)
     momentum: float = 0.9  # network SGD momentum (in the virtual step too)
+    nesterov: bool = True  # Nesterov momentum for the network SGD, as the official code (and in the
+    # virtual step: the alpha gradient unrolls the step the optimiser takes)
     weight_decay: float = 5e-4  # network SGD weight decay (in the virtual step too)
     alpha_lr: float = (
         0.1  # Adam lr of alpha (public code default 0.1 for CNNs; appendix 1e-3 for transformers)
     )
     alpha_weight_decay: float = 0.0  # Adam weight decay of alpha (public code: 0)
+    hypergradient: str = "exact"  # alpha's gradient: exact (double backward through the virtual step) or
+    # finite-difference (DARTS' and the official code's approximation, with fd_radius)
     fd_radius: float = (
-        0.01  # r of the finite-difference Hessian-vector product, eps = r / ||v|| (DARTS: 0.01)
+        0.01  # finite-difference only: r of the Hessian-vector product, eps = r / ||v|| (DARTS: 0.01)
     )
-    kd_weight: float = 1.0  # weight of the alpha-weighted sum of pathway MSEs in the training loss
+    kd_weight: float = 1.0  # weight of the alpha-weighted sum of pathway losses in the training loss
     seed: int = 0  # student and block init, held-out split, shard order and view schedule
     workers: int = 2  # DataLoader workers per split (0 = in the main process)
     device: str = "auto"  # auto, cpu, cuda or cuda:N (the search runs in float32)
@@ -719,13 +746,17 @@ class SearchProcessConfig:
             raise ConfigError("keys 'cache' and 'out' are required (--cache CACHE --out DIR)")
         check_choices(self)
         check_choice("device", self.device.split(":")[0], DEVICES)
-        pooled_kinds = ("mlp", "linear")
-        if (self.mode == "cached" and self.transform == "conv") or (
-            self.mode == "online" and self.transform in pooled_kinds
+        spatial_kinds = ("conv-reference", "conv")
+        if (self.mode == "cached" and self.transform in spatial_kinds) or (
+            self.mode == "online" and self.transform in ("mlp", "linear")
         ):
             raise ConfigError(
                 f"key 'transform': {self.transform!r} does not fit mode {self.mode!r}; cached pathways carry pooled "
-                "rows (mlp, linear), online pathways spatial maps (conv)"
+                "rows (mlp, linear), online pathways spatial maps (conv-reference, conv)"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError(
+                "key 'nesterov': Nesterov momentum needs momentum > 0; set --momentum or --no-nesterov"
             )
         check_range("hidden", self.hidden, 1)
         check_range("classes", self.classes, 0)
@@ -744,7 +775,7 @@ class SearchProcessConfig:
 
     @property
     def transform_kind(self) -> str:
-        """The transform block actually built: ``auto`` -> mlp (cached) or conv (online)."""
+        """The transform block actually built: ``auto`` -> mlp (cached) or conv-reference (online)."""
         if self.transform != "auto":
             return self.transform
-        return "mlp" if self.mode == "cached" else "conv"
+        return "mlp" if self.mode == "cached" else "conv-reference"

@@ -33,7 +33,8 @@ from pathlib import Path
 import typer
 
 from pipeline.files import file_sha256
-from pipeline.manifest import config_to_dict
+from pipeline.manifest import ConfigError, config_to_dict
+from pipeline.student.loss_weight import LossWeight, resolve_loss_weight
 from pipeline.student.run import train_students
 from pipeline.student.specs import (
     DataSpec,
@@ -49,11 +50,12 @@ from pipeline.student.specs import (
 )
 from stages.config import TrainStudentConfig
 
-# CoSS's reference set-up (coss-pytorch; METHOD.md), as manifests/coss.yaml writes it: training settings, and the
-# cache settings its teacher rows need. Epochs and batch are left out (they follow the compute budget).
+# CoSS's reference set-up (paganpasta/coss-pytorch: train_sampled_coss.py, scripts/cf_train.sh), as
+# manifests/coss.yaml writes it: training settings, and the cache settings its teacher rows need. Its lr is flat for
+# 5 epochs, then a per-epoch cosine (cosine-coss). Epochs and batch are left out (they follow the compute budget).
 COSS_REFERENCE = {
     "tap": "post_relu", "student_tap": "post_relu", "neighbours": 15, "neighbour_pool": 31, "anchors": 16,
-    "lr": 0.03, "weight_decay": 1e-4, "lr_schedule": "cosine", "coss_head": "mlp",
+    "lr": 0.03, "weight_decay": 1e-4, "lr_schedule": "cosine-coss", "coss_head": "mlp",
 }  # fmt: skip
 COSS_REFERENCE_CACHE = {"recipe": "coss", "center_first": True, "center_recipe": "center-coss"}
 
@@ -88,20 +90,21 @@ def warn_if_not_coss_reference(config: TrainStudentConfig) -> None:
 def run(config: TrainStudentConfig) -> dict:
     """Train every student for ``epochs`` (resuming from the newest checkpoint); returns the final metrics."""
     warn_if_not_coss_reference(config)
-    return train_students(
-        train_spec(config), settings=config_to_dict(config)
-    )  # settings: recorded, compared on resume
+    spec, settings = train_spec(config)
+    return train_students(spec, settings=settings)  # settings: recorded, compared on resume
 
 
-def train_spec(config: TrainStudentConfig) -> TrainSpec:
-    """The library's typed spec of this run (a DistPro process is read here: its pathways become the targets)."""
+def train_spec(config: TrainStudentConfig) -> tuple[TrainSpec, dict]:
+    """The library's typed spec of this run (a DistPro process is read here: its pathways become the targets) and
+    the settings it records (the resolved loss weight and its rule included)."""
     c = config
     schedule, head = None, ("mlp", 512)
     if c.process:
         targets, schedule, head = process_targets(config)
     else:
         targets = tuple(TargetSpec(s, t, w) for (s, t), w in zip(c.target_pairs, c.weights, strict=True))
-    return TrainSpec(
+    weight = choose_loss_weight(config, targets)
+    spec = TrainSpec(
         targets=targets,
         schedule=schedule,
         students=student_specs(config, len(targets)),
@@ -112,12 +115,40 @@ def train_spec(config: TrainStudentConfig) -> TrainSpec:
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
                           lr_schedule=c.lr_schedule, global_batch=c.global_batch_size),
-        loss=LossSpec(c.loss, c.loss_weight, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
+        loss=LossSpec(c.loss, weight.value, coss=(c.coss_l0, c.coss_l1, c.coss_tau_t, c.coss_tau_s, 1.0),
                       coss_head=c.coss_head, pathway_head=head),
         runtime=RuntimeSpec(device=c.device, amp=c.amp, channels_last=c.channels_last, workers=c.workers,
                             prefetch_factor=c.prefetch_factor, online_teacher=c.online_teacher),
         output=OutputSpec(out=c.out, log_every=c.log_every, checkpoint_every=c.checkpoint_every, quiet=c.quiet),
     )  # fmt: skip
+    settings = {**config_to_dict(config), "loss_weight": weight.value, "loss_weight_rule": weight.rule}
+    return spec, settings
+
+
+# Losses that multiply by w (kdep_loss); coss, coss-bn and cosine have their own scale and ignore it.
+WEIGHTED_LOSSES = ("kdep", "linear-pre", "linear-post", "distpro")
+
+
+def choose_loss_weight(config: TrainStudentConfig, targets: tuple[TargetSpec, ...]) -> LossWeight:
+    """``--loss-weight``, or with 0 (auto) the KDEP supplement's Table S.3 value of the teacher(s) the targets come
+    from (pipeline/student/loss_weight.py); one line on stderr (rank 0) when auto met a teacher the table does not
+    list and the loss uses w. The value and its rule are recorded in provenance.json (config.loss_weight,
+    config.loss_weight_rule)."""
+    from pipeline.cache.store import open_store
+    from pipeline.teachers import teacher_of_tap
+
+    teachers = []
+    if config.loss_weight == 0:
+        provenance = open_store(config.cache).provenance
+        for target in targets:
+            try:
+                teachers.append(teacher_of_tap(provenance, target.cache_tap))
+            except ConfigError:  # a tap the cache lacks: the run stops on it right after, naming it
+                continue
+    chosen = resolve_loss_weight(config.loss_weight, teachers)
+    if chosen.note and config.loss in WEIGHTED_LOSSES and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"train-student: {chosen.note}", err=True)
+    return chosen
 
 
 def student_specs(config: TrainStudentConfig, targets: int) -> tuple[StudentSpec, ...]:
@@ -130,16 +161,19 @@ def process_targets(
     config: TrainStudentConfig,
 ) -> tuple[tuple[TargetSpec, ...], WeightSchedule, tuple[str, int]]:
     """A DistPro process as stage 3 targets: each kept pathway ``t{i}-s{j}`` is the target ``stage{j}=stage{i}``
-    (teacher stage i's cached row regressed from student stage j through a fresh transform block of the process's
-    kind), weighted at each step by its searched softmax alpha, set to 0 where its normalised alpha is under
-    ``--alpha-threshold`` (pathways under it at every step are not computed at all). The process must fit every
-    student and the cache (the same stage counts; it may come from another pair of architectures with them,
-    DistPro's Table 1, which is recorded)."""
+    (``stage{j}_pre=stage{i}_pre`` for a pre-ReLU process; teacher stage i's cached row regressed from student stage
+    j through a fresh transform block: Linear for a ``linear`` process, else Linear-BN-ReLU-Linear, since stage 3
+    carries pooled rows, not maps), weighted at each step by its searched alpha at ``--process-weights`` scale
+    (softmax, or the official retrain's; pipeline/process/artefact.py), set to 0 where its normalised alpha is under
+    ``--alpha-threshold`` (pathways under it at every step are not computed at all). Each pathway's loss is
+    ``loss_weight`` * MSE, which on pooled rows is also the official hcl loss. The process must fit every student and
+    the cache (the same stage counts; it may come from another pair of architectures with them, DistPro's Table 1,
+    which is recorded)."""
     import numpy as np
 
     from pipeline.cache.store import open_store
     from pipeline.models import build_for_resolution, supported_taps
-    from pipeline.process.artefact import check_fits, kept_pathways, load_process, normalised
+    from pipeline.process.artefact import check_fits, kept_pathways, load_process, normalised, weight_rows
 
     store = open_store(config.cache)
     process = load_process(config.process)
@@ -151,7 +185,8 @@ def process_targets(
         )  # refuses a pair it does not fit
     kept = kept_pathways(process, config.alpha_threshold)
     index = [process.names.index(n) for n in kept]
-    weights = np.where(normalised(process) >= config.alpha_threshold, process.weights, 0.0)[:, index]
+    rows = weight_rows(process, config.process_weights)
+    weights = np.where(normalised(process) >= config.alpha_threshold, rows, 0.0)[:, index]
     pathways = [process.pathways[i] for i in index]
     targets = tuple(TargetSpec(p["student_tap"], p["teacher_tap"]) for p in pathways)
     searched = process.provenance.get("student", {}).get("arch")
@@ -160,6 +195,8 @@ def process_targets(
         "path": str(Path(config.process).resolve()), "sha256": file_sha256(config.process),
         "alpha_threshold": config.alpha_threshold, "kept": kept,
         "dropped": [n for n in process.names if n not in kept], "transform": process.transform.get("kind", "mlp"),
+        "weights": config.process_weights, "stage_features": process.stage_features,
+        "pathway_loss": "mse on pooled rows (= the official hcl there)",
         "searched_for": {"student": searched, "cache_fingerprint": process.provenance.get("cache_fingerprint")},
         "transferred": searched not in config.student
         or process.provenance.get("cache_fingerprint") != store.fingerprint(),

@@ -22,11 +22,11 @@ from pipeline.cache.verify import verify_store
 from pipeline.cache.workers import CacheError
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import ShardError, iter_samples, list_shards, write_index, write_shard
-from pipeline.data.views import replay_view, sample_views
+from pipeline.data.views import CENTER_BOX_RULES, replay_view, sample_views
 from pipeline.models import FeatureTaps, ModelError
 from pipeline.provenance import ProvenanceError, StoreLock
 from pipeline.runtime import Dist
-from stages.cache_teacher import CacheTeacherConfig, finish_run, run
+from stages.cache_teacher import CacheTeacherConfig, center_boxes, finish_run, run
 from stages.inspect_cache import summarize
 
 
@@ -397,6 +397,12 @@ def test_the_coss_centre_view_is_cached_as_view_0(demo_shards, teacher_file, tmp
     run(config)
     store = open_store(tmp_path / "c")
     assert store.provenance["views"]["center_recipe"] == "center-coss"
+    # the box rule is recorded (a cache begun with the older box is refused on resume); other caches: no record
+    assert store.provenance["views"]["center_box"] == {"center-coss": CENTER_BOX_RULES["center-coss"]}
+    assert center_boxes(replace(config, center_recipe="center")) == {}
+    assert center_boxes(replace(config, center_view=False, recipe="center-coss")) == {
+        "center_box": store.provenance["views"]["center_box"]
+    }
     info = list_shards(demo_shards["train"])[0]
     block = store.read_slot(0)
     for sample in iter_samples(info.path):

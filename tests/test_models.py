@@ -1,10 +1,13 @@
 """The pooled taps against independent references: torchvision's FX feature extractor on the `add` node (with
-ReLUs made non-inplace, PITFALLS.md) for ResNets, a cloning hook on the last BN for MobileNetV2, and `fc`'s input
-for post_relu; stage taps against the FX extractor's stage outputs, pooled by hand. Also weights files (state
+ReLUs made non-inplace: an in-place ReLU overwrites the add node's output) for ResNets, a cloning hook on the last
+BN for MobileNetV2, and `fc`'s input for post_relu; stage taps (and the pre-ReLU stage taps) against the FX
+extractor's stage outputs (add nodes), pooled by hand. Also weights files (state
 dicts, checkpoints, headless backbones, wrong architectures), names and refusals, and preprocessing: the weights'
 transforms() metadata, and ImageNet normalisation on the device bit-identical to pipeline.data.views."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -118,26 +121,46 @@ def test_pre_relu_is_refused_for_models_without_a_definition():
 
 
 @pytest.mark.parametrize(
-    ("arch", "nodes"),
+    ("arch", "nodes", "pre_nodes"),
     [
-        ("resnet18", ("layer1", "layer2", "layer3", "layer4")),
-        ("mobilenet_v2", ("features.3", "features.6", "features.13", "features.17")),
+        ("resnet18", ("layer1", "layer2", "layer3", "layer4"),
+         ("layer1.1.add", "layer2.1.add", "layer3.1.add", "layer4.1.add")),
+        ("mobilenet_v2", ("features.3", "features.6", "features.13", "features.17"),
+         ("features.3", "features.6", "features.13", "features.17")),
     ],
-)
-def test_stage_taps_equal_the_fx_feature_extractor_pooled(arch, nodes):
-    """Stage K is GAP of layerK (ResNet) or of the last block at stride 4/8/16/32 (MobileNetV2, timm's grouping)."""
+)  # fmt: skip
+def test_stage_taps_equal_the_fx_feature_extractor_pooled(arch, nodes, pre_nodes):
+    """Stage K is GAP of layerK (ResNet) or of the last block at stride 4/8/16/32 (MobileNetV2, timm's grouping);
+    stageK_pre is GAP of the last block's add node, before its ReLU (ReLUs made out of place for the reference, or
+    the in-place ReLU overwrites it), and MobileNetV2's linear-bottleneck stage outputs themselves."""
     torch.manual_seed(0)
     model, _ = build_model(f"tv:{arch}", None)
     model.eval()
     stages = tuple(f"stage{k}" for k in range(1, 5))
-    assert supported_taps(model) == ("pre_relu", "post_relu", "pooled", *stages)
+    pre = tuple(f"stage{k}_pre" for k in range(1, 5))
+    assert supported_taps(model) == ("pre_relu", "post_relu", "pooled", *stages, *pre)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ours = FeatureTaps(model, ("pooled", *stages))(x)
+        ours = FeatureTaps(model, ("pooled", *stages, *pre))(x)
+        alone = FeatureTaps(model, stages)(x)  # without the pre taps: the same stage values
         ref = create_feature_extractor(model, list(nodes))(x)
         pooled = _reference_post_relu(model, x)
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = False
+        ref_pre = create_feature_extractor(reference, list(pre_nodes))(x)
     for tap, node in zip(stages, nodes, strict=True):
         torch.testing.assert_close(ours[tap], ref[node].mean((2, 3)), rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours[tap], alone[tap])
+    for tap, node in zip(pre, pre_nodes, strict=True):
+        torch.testing.assert_close(ours[tap], ref_pre[node].mean((2, 3)), rtol=1e-5, atol=1e-5)
+    if arch == "resnet18":
+        assert all((ours[t] < 0).any() for t in pre)  # pre-ReLU: negative values appear
+        with torch.no_grad():
+            assert torch.equal(ours["stage4_pre"], FeatureTaps(model, ("pre_relu",))(x)["pre_relu"])
+    else:
+        assert all(torch.equal(ours[f"stage{k}_pre"], ours[f"stage{k}"]) for k in range(1, 5))
     torch.testing.assert_close(ours["pooled"], pooled, rtol=1e-5, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Reference set-ups in one step: manifests/kdep-paper.yaml, kdep-reference.yaml and coss.yaml resolve to the
-documented values, a CoSS run that is not the reference set-up says what differs (once), and the cosine schedule."""
+documented values, a CoSS run that is not the reference set-up says what differs (once), the cosine schedule, and
+cosine-coss against coss-pytorch's ``adjust_learning_rate`` (tools/utils.py) transcribed."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def test_the_coss_preset_is_the_reference_set_up():
     assert (t.coss_l0, t.coss_l1, t.coss_tau_t, t.coss_tau_s) == (1.0, 1.0, 0.07, 0.1)
     views = {"recipe": c.recipe, "center_first": c.center_view, "center_recipe": c.center_recipe}
     assert train_student.coss_differences(t, views) == []
+    assert t.lr_schedule == train_student.COSS_REFERENCE["lr_schedule"] == "cosine-coss"
 
 
 def test_a_coss_run_off_the_reference_says_what_differs_once(monkeypatch, capsys):
@@ -82,7 +84,7 @@ def test_a_coss_run_off_the_reference_says_what_differs_once(monkeypatch, capsys
     assert (
         "tap pre_relu (post_relu)" in diffs
         and "neighbours 0 (15)" in diffs
-        and "lr_schedule step (cosine)" in diffs
+        and "lr_schedule step (cosine-coss)" in diffs
     )
     assert "cache recipe paper (coss)" in diffs and "cache center_first False (True)" in diffs
     import pipeline.cache.store as store
@@ -107,6 +109,28 @@ def test_the_cosine_schedule_per_epoch():
     assert [lr_at(e, 90, 0.3) for e in (0, 29, 30, 59, 60, 89)] == pytest.approx(
         [0.3, 0.3, 0.03, 0.03, 0.003, 0.003]
     )
+
+
+def _coss_reference_lr(epoch: int, epochs: int, lr: float) -> float:
+    """coss-pytorch tools/utils.py ``adjust_learning_rate`` with the values train_sampled_coss.py sets (lr_mult 1,
+    warmup_epochs 5) and ``--cos``, transcribed."""
+    lr_mult, warmup_epochs = 1.0, 5
+    out = lr * lr_mult
+    if epoch < warmup_epochs:
+        out = lr + (lr * lr_mult - lr) / warmup_epochs * epoch
+    else:
+        out *= 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return out
+
+
+@pytest.mark.parametrize("epochs", [25, 8, 3])
+def test_the_coss_reference_schedule_is_flat_for_5_epochs_then_cosine(epochs):
+    ours = [lr_at(e, epochs, 0.03, "cosine-coss") for e in range(epochs)]
+    assert ours == pytest.approx([_coss_reference_lr(e, epochs, 0.03) for e in range(epochs)], abs=1e-15)
+    plain = [lr_at(e, epochs, 0.03, "cosine") for e in range(epochs)]
+    assert ours[5:] == plain[5:] and ours[: min(5, epochs)] == [0.03] * min(5, epochs)
+    if epochs == 25:  # what plain cosine loses before epoch 5: up to 6.2%
+        assert 1 - plain[4] / ours[4] == pytest.approx(0.0618, abs=5e-4)
 
 
 def test_the_dinov2_manifest_resolves():

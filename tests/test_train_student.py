@@ -473,7 +473,7 @@ def test_a_global_batch_is_shared_by_the_ranks_or_refused_in_one_line(cached, tm
     from pipeline.student.setup import per_rank_batch, run_record
     from stages.train_student import train_spec
 
-    spec = train_spec(_config(cached, tmp_path / "r", global_batch_size=512, batch_size=7))
+    spec = train_spec(_config(cached, tmp_path / "r", global_batch_size=512, batch_size=7))[0]
     eight = per_rank_batch(spec, Dist(0, 8))
     assert eight.recipe.batch_size == 64 and eight.batch_per_rank == 64
     assert run_record(eight, Dist(0, 8), "off", False)["global_batch"] == 512
@@ -481,10 +481,10 @@ def test_a_global_batch_is_shared_by_the_ranks_or_refused_in_one_line(cached, tm
     with pytest.raises(KdepError, match="global_batch_size 512 does not split over 3 rank"):
         per_rank_batch(spec, Dist(0, 3))
     assert (
-        per_rank_batch(train_spec(_config(cached, tmp_path / "r")), Dist(0, 8)).batch_per_rank == 8
+        per_rank_batch(train_spec(_config(cached, tmp_path / "r"))[0], Dist(0, 8)).batch_per_rank == 8
     )  # per rank
     coss = train_spec(_config(cached, tmp_path / "c", loss="coss", projection=(), tap="post_relu",
-                              student_tap="post_relu", neighbours=15, anchors=16, global_batch_size=1024))  # fmt: skip
+                              student_tap="post_relu", neighbours=15, anchors=16, global_batch_size=1024))[0]  # fmt: skip
     four = per_rank_batch(coss, Dist(0, 4))  # CoSS's reference: 4 GPUs x 16 anchors x (1 + 15)
     assert four.data.anchors == 16 and four.batch_per_rank == 256
     assert per_rank_batch(coss, Dist(0, 8)).data.anchors == 8

@@ -13,13 +13,19 @@ to [0, 1] before normalising). Only lighting moves pixels out of [0, 1] by more 
 within 1 ulp of it), and only the KDEP code clamps (CoSS's MoCo-v2 views are normalised unclamped), so the clamp is
 tied to the lighting step: every ``kdep-reference`` view is clamped, views without lighting are untouched.
 
-Centre views (deterministic, no randomness): ``center`` is ImageNet evaluation's Resize(res / 0.875) +
-CenterCrop(res), bilinear; ``center-coss`` is CoSS's neighbour-mining view (coss-pytorch ``compute_close_far.py``:
-Resize(int(1.05 res), bicubic) + CenterCrop(res), i.e. 235 -> 224), bicubic. Both are stored as a crop box in source
-pixels, a square of side round(short side x fraction) centred with floor((h - side) / 2), then resized to (res, res):
-the same pixels as resize-then-crop up to the sub-pixel placement of the box (torchvision rounds the offset in the
-resized image, so the box can sit up to one source pixel off). The fraction is independent of the resolution
-(224/235 at every res), so the stored box does not depend on it.
+Centre views (deterministic, no randomness), stored as a crop box in source pixels and resized to (res, res):
+
+- ``center`` is ImageNet evaluation's Resize(res / 0.875) + CenterCrop(res), bilinear: a square of side
+  round(short side x 0.875) centred with floor((h - side) / 2) (up to one source pixel off torchvision's placement).
+- ``center-coss`` is CoSS's neighbour-mining view (coss-pytorch ``compute_close_far.py``: Resize(235, bicubic) +
+  CenterCrop(224)), bicubic. Its box is that geometry mapped back to the source (:func:`resize_crop_box`): the
+  resized size as torchvision's Resize computes it (short side 235, long side int(235 x long / short)), the crop's
+  corner as CenterCrop places it (int(round((235 - 224) / 2.0)) = 6 resized pixels, Python's round), both edges of
+  the crop scaled by source / resized size per axis and rounded to the nearest source pixel. At 224 px this is
+  torchvision's view up to sub-pixel rounding of the edges (a 235-px short side: exactly). The box is that of the
+  224-px reference at every resolution (one box per view, whatever the teacher's or student's resolution).
+  Caches written before this rule (no ``center_box`` in their views provenance) hold the older box, a floor-centred
+  square of round(short side x 224/235), up to 1.2 source pixels off; they replay what they recorded.
 
 DataLoader workers send :func:`replay_for_transport`'s output: uint8 before normalisation when the view has no
 colour ops (its pixels are then exactly uint8), which the consumer finishes on its device with
@@ -47,6 +53,12 @@ PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 CENTER_CROP_FRACTION = 0.875  # resize to res / 0.875 then centre-crop res, as ImageNet evaluation does
 COSS_CENTER_FRACTION = 224 / 235  # CoSS: Resize(int(224 * 1.05) = 235, bicubic) then CenterCrop(224)
+# Centre recipes whose box is a torchvision Resize(short side) + CenterCrop(side) geometry mapped to the source, and
+# the rule's name in the cache's views provenance (a cache built with another rule is refused on resume).
+CENTER_GEOMETRY = {"center-coss": (235, 224)}
+CENTER_BOX_RULES = {
+    "center-coss": "torchvision Resize(235) + CenterCrop(224) mapped to source pixels, edges rounded"
+}
 INTERPOLATIONS = {"bilinear": 0, "bicubic": 1}  # value of the interp column
 
 
@@ -120,12 +132,30 @@ def _center_crop(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
     return (h - side) // 2, (w - side) // 2, side, side
 
 
+def resize_crop_box(h: int, w: int, resize: int, crop: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in source pixels of torchvision's Resize(resize) + CenterCrop(crop) on an
+    h x w image: the resized size as Resize computes it (short side ``resize``, long side int(resize * long /
+    short)), the crop's corner as CenterCrop places it (int(round((size - crop) / 2.0))), then the crop's edges
+    scaled back by source / resized size per axis and rounded to the nearest source pixel (clamped inside)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)
+    new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
+    corner_y, corner_x = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    sy, sx = h / new_h, w / new_w
+    top, left = min(round(corner_y * sy), h - 1), min(round(corner_x * sx), w - 1)
+    bottom, right = min(round((corner_y + crop) * sy), h), min(round((corner_x + crop) * sx), w)
+    return top, left, max(1, bottom - top), max(1, right - left)
+
+
 def sample_view_params(recipe: str, seed: int, key: str, view: int, height: int, width: int) -> np.ndarray:
     """One view's parameters as a float32 row of ``PARAM_COLUMNS``; a pure function of its arguments."""
     r = RECIPES[recipe]
     row = np.zeros(N_PARAMS, np.float64)
     row[COL["order0"] : COL["order3"] + 1] = (0, 1, 2, 3)
     row[COL["interp"]] = INTERPOLATIONS[r.interpolation]
+    if r.center and recipe in CENTER_GEOMETRY:
+        row[:4] = resize_crop_box(height, width, *CENTER_GEOMETRY[recipe])
+        return row.astype(np.float32)
     if r.center:
         row[:4] = _center_crop(height, width, r.center_fraction)
         return row.astype(np.float32)

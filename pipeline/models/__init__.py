@@ -20,6 +20,9 @@ what each is for that model):
   final norm, with ``'avg'`` the mean of the patch tokens then ``fc_norm``.
 - ``post_relu``: today's name for the same tensor as ``pooled`` for every model (for ResNets and MobileNetV2 it
   is the pooled feature after the last ReLU, hence the name; for a ViT or ConvNeXt it is just ``pooled``).
+- ``stage1_pre..stage4_pre`` (torchvision ResNets and MobileNetV2 only; what DistPro's pathways regress): GAP of
+  stage K *before* its final ReLU: ResNet ``layerK[-1]`` up to ``bn(conv(..)) + identity`` (``stage4_pre`` is
+  ``pre_relu``); MobileNetV2's stages end in a linear bottleneck (no activation), so ``stageK_pre`` = ``stageK``.
 - ``stage1..stageN``: GAP of each stage's output. torchvision ResNet: ``layer1..layer4``; torchvision MobileNetV2:
   ``features[3, 6, 13, 17]`` (24/32/96/320 channels at stride 4/8/16/32, timm's ``mobilenetv2_100`` grouping);
   timm CNNs: the ``feature_info`` entries at stride >= 4 (the stride-2 stem entry of e.g. ResNets is dropped, so
@@ -276,6 +279,11 @@ def _check_taps(model: nn.Module, taps: tuple[str, ...]) -> None:
         if tap in known:
             continue
         name = type(model).__name__
+        if tap.startswith("stage") and tap.endswith("_pre") and tap.removesuffix("_pre") in known:
+            raise ModelError(
+                f"the {tap} tap (a stage before its final ReLU) is defined for torchvision ResNets and MobileNetV2, "
+                f"not {name}; {name} has taps: {', '.join(known)}"
+            )
         if tap == "pre_relu":
             raise ModelError(
                 f"the pre_relu tap is defined for ResNet and MobileNetV2 models (torchvision and timm), not "

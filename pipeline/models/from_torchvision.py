@@ -3,8 +3,9 @@
 Call it through :mod:`pipeline.models` (``build_model('resnet50', ...)``, ``FeatureTaps``, ``model_preprocessing``);
 the tap definitions are in that module's docstring. :mod:`pipeline.models.from_timm` has the same functions for timm.
 
-The last ResNet block is re-run by hand (not hooked) because torchvision blocks reuse one in-place ReLU module, so a
-hook would see post-ReLU values (PITFALLS.md).
+The last block of a ResNet stage is re-run by hand (not hooked) for the pre-ReLU taps because torchvision blocks
+reuse one in-place ReLU module: a hook that keeps a reference to the ``out += identity`` tensor sees it after the
+ReLU has overwritten it, i.e. post-ReLU values, with no error.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ def tap_definitions(model: nn.Module) -> dict[str, str]:
             "post_relu": pooled,
             "pooled": pooled,
             **{f"stage{k}": f"GAP of layer{k}" for k in range(1, 5)},
+            **{
+                f"stage{k}_pre": f"GAP of layer{k}[-1] up to bn(conv(..)) + identity, before its ReLU"
+                for k in range(1, 5)
+            },
         }
     if isinstance(model, MobileNetV2):
         return {
@@ -124,7 +129,9 @@ def tap_definitions(model: nn.Module) -> dict[str, str]:
             "post_relu": pooled,
             "pooled": pooled,
             **{f"stage{k}": f"GAP of features[{i}]" for k, i in enumerate(MOBILENET_V2_STAGES, 1)},
-        }
+            **{f"stage{k}_pre": f"GAP of features[{i}] (a linear bottleneck, no final activation: = stage{k})"
+               for k, i in enumerate(MOBILENET_V2_STAGES, 1)},
+        }  # fmt: skip
     return {"post_relu": pooled, "pooled": pooled}
 
 
@@ -142,11 +149,16 @@ def _resnet_taps(m: ResNet, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str,
     out = {}
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
     for k, layer in enumerate((m.layer1, m.layer2, m.layer3), 1):
-        x = layer(x)
+        if f"stage{k}_pre" in taps:  # the same maths as layer(x), stopping before the last block's ReLU
+            pre = _block_pre_relu(layer[-1], layer[:-1](x))
+            out[f"stage{k}_pre"] = pre.mean((2, 3))
+            x = torch.relu(pre)
+        else:
+            x = layer(x)
         if f"stage{k}" in taps:
             out[f"stage{k}"] = x.mean((2, 3))
     pre = _block_pre_relu(m.layer4[-1], m.layer4[:-1](x))
-    out["pre_relu"] = pre.mean((2, 3))
+    out["pre_relu"] = out["stage4_pre"] = pre.mean((2, 3))
     out["pooled"] = out["post_relu"] = out["stage4"] = torch.relu(pre).mean((2, 3))
     return out
 
@@ -166,8 +178,8 @@ def _mobilenet_v2_taps(m: MobileNetV2, x: torch.Tensor, taps: tuple[str, ...]) -
     stages = {i: f"stage{k}" for k, i in enumerate(MOBILENET_V2_STAGES, 1)}
     for i, layer in enumerate(m.features[:-1]):
         x = layer(x)
-        if stages.get(i) in taps:
-            out[stages[i]] = x.mean((2, 3))
+        if i in stages and {stages[i], f"{stages[i]}_pre"} & set(taps):
+            out[stages[i]] = out[f"{stages[i]}_pre"] = x.mean((2, 3))
     last = m.features[-1]
     pre = last[1](last[0](x))
     # last[2] is ReLU6(inplace=True): calling it would overwrite ``pre``; relu6 out of place instead.

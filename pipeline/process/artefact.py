@@ -5,12 +5,13 @@
     weights = alpha_at(process, progress=0.25)          # {"t4-s2": 0.07, ...}, sums to 1
     kept = kept_pathways(process, threshold=0.5)        # pathways whose normalised alpha ever reaches 0.5
 
-A pathway ``t{i}-s{j}`` carries teacher stage ``i`` (tap ``stage{i}``) to student stage ``j`` (tap ``stage{j}``).
-The file (format ``kdep-process/1``, written by :meth:`Process.save`, atomically)::
+A pathway ``t{i}-s{j}`` carries teacher stage ``i`` (tap ``stage{i}``, or ``stage{i}_pre`` before its final ReLU
+when the process was searched with ``stage_features`` ``pre_relu``) to student stage ``j`` (tap ``stage{j}`` or
+``stage{j}_pre``). The file (format ``kdep-process/1``, written by :meth:`Process.save`, atomically)::
 
-    format, pathway_set ("paper" | "reference"), pathways [{name, teacher_stage, student_stage, teacher_tap,
-    student_tap, teacher_dim, student_dim}], stages {teacher, student}, transform {kind, detail},
-    normalisation "softmax",
+    format, pathway_set ("paper" | "reference"), stage_features ("output" | "pre_relu"; absent in older files:
+    output), pathways [{name, teacher_stage, student_stage, teacher_tap, student_tap, teacher_dim, student_dim}],
+    stages {teacher, student}, transform {kind, detail, loss}, normalisation "softmax",
     alpha {steps [S+1] (0 = before the first update), progress [S+1] = step / S, logits [S+1][P],
            weights [S+1][P] (= softmax(logits), rows sum to 1)},
     epochs [{epoch, step, weights [P]}],         the weights at the end of each search epoch
@@ -30,6 +31,12 @@ their transform blocks need not be built; the uniform initial row, where every p
 Table 3. Threshold 0 keeps everything. :func:`alpha_at` returns every pathway's
 softmax weight unchanged; a trainer that drops pathways should not renormalise the kept weights (the searched
 weights keep their scale).
+
+**Retrain weight scale** (:func:`weight_rows`). ``softmax``: the searched softmax(alpha), each row summing to 1.
+``reference``: the scale of the official code's retrain (``alpha_normalization_style 333`` with kd_weight 1):
+w_p = P * exp(a_p) / (sum_q exp(a_q) + e), a softmax over the P logits and one more fixed at 1, times P. Its rows
+sum to P * S / (S + e) with S = sum_q exp(a_q) (10 pathways at alpha = 1, the official initial value: 9.09); the
+ratios between pathways, so the normalised alpha and the threshold, are the same as softmax's.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pipeline.errors import KdepError
 from pipeline.files import write_json_atomic
 
 FORMAT = "kdep-process/1"
+STAGE_FEATURES = ("output", "pre_relu")  # named in pipeline.choices too (torch-free --help)
 
 
 class ProcessError(KdepError):
@@ -72,14 +80,17 @@ def pathway_name(teacher_stage: int, student_stage: int) -> str:
     return f"t{teacher_stage}-s{student_stage}"
 
 
-def stage_tap(stage: int) -> str:
-    return f"stage{stage}"
+def stage_tap(stage: int, features: str = "output") -> str:
+    """``stageK``, or ``stageK_pre`` (the stage before its final ReLU) for ``features="pre_relu"``."""
+    if features not in STAGE_FEATURES:
+        raise ProcessError(f"stage features {features!r}; use one of {', '.join(STAGE_FEATURES)}")
+    return f"stage{stage}_pre" if features == "pre_relu" else f"stage{stage}"
 
 
-def stage_count(taps: Sequence[str]) -> int:
-    """How many of ``stage1, stage2, ...`` are in ``taps`` without a gap (``stage1..stage4`` -> 4)."""
+def stage_count(taps: Sequence[str], features: str = "output") -> int:
+    """How many of ``stage1, stage2, ...`` (or ``stage1_pre, ...``) are in ``taps`` without a gap (-> 4)."""
     n = 0
-    while stage_tap(n + 1) in taps:
+    while stage_tap(n + 1, features) in taps:
         n += 1
     return n
 
@@ -92,6 +103,7 @@ class Pathway:
     student_stage: int
     teacher_dim: int
     student_dim: int
+    features: str = "output"  # stage outputs, or stages before their final ReLU (pre_relu)
 
     @property
     def name(self) -> str:
@@ -99,11 +111,11 @@ class Pathway:
 
     @property
     def teacher_tap(self) -> str:
-        return stage_tap(self.teacher_stage)
+        return stage_tap(self.teacher_stage, self.features)
 
     @property
     def student_tap(self) -> str:
-        return stage_tap(self.student_stage)
+        return stage_tap(self.student_stage, self.features)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "teacher_stage": self.teacher_stage, "student_stage": self.student_stage,
@@ -111,18 +123,18 @@ class Pathway:
                 "teacher_dim": self.teacher_dim, "student_dim": self.student_dim}  # fmt: skip
 
 
-def make_pathways(
-    teacher_dims: dict[str, int], student_dims: dict[str, int], pathway_set: str = "paper"
-) -> list[Pathway]:
-    """The pathways between ``stage1..stageN`` of both sides; refused when the stage counts differ."""
-    n_t, n_s = stage_count(list(teacher_dims)), stage_count(list(student_dims))
+def make_pathways(teacher_dims: dict[str, int], student_dims: dict[str, int], pathway_set: str = "paper",
+                  features: str = "output") -> list[Pathway]:  # fmt: skip
+    """The pathways between ``stage1..stageN`` (``stage1_pre..``) of both sides; refused when the counts differ."""
+    n_t, n_s = stage_count(list(teacher_dims), features), stage_count(list(student_dims), features)
     if n_t == 0 or n_t != n_s:
+        names = "stage1_pre..stageN_pre" if features == "pre_relu" else "stage1..stageN"
         raise ProcessError(
             f"the teacher has {n_t} stage taps and the student {n_s}; DistPro's pathways need the same number "
-            "of stages on both sides (stage1..stageN)"
+            f"of stages on both sides ({names})"
         )
     return [
-        Pathway(i, j, teacher_dims[stage_tap(i)], student_dims[stage_tap(j)])
+        Pathway(i, j, teacher_dims[stage_tap(i, features)], student_dims[stage_tap(j, features)], features)
         for i, j in pathway_pairs(n_t, pathway_set)
     ]
 
@@ -141,6 +153,7 @@ class Process:
     pathways: list[dict]  # Pathway.to_dict() records, in alpha's column order
     logits: np.ndarray  # (S + 1, P) alpha before the softmax; row 0 is the initial value
     pathway_set: str = "paper"
+    stage_features: str = "output"  # output or pre_relu: which stage taps the pathways carry
     transform: dict = field(default_factory=dict)  # {"kind": ..., "detail": ...}
     stages: dict = field(default_factory=dict)  # {"teacher": N, "student": N}
     epochs: list[dict] = field(default_factory=list)  # [{"epoch", "step", "weights"}]
@@ -171,7 +184,8 @@ class Process:
     def to_dict(self) -> dict[str, Any]:
         w = self.weights
         return {
-            "format": FORMAT, "pathway_set": self.pathway_set, "pathways": self.pathways,
+            "format": FORMAT, "pathway_set": self.pathway_set, "stage_features": self.stage_features,
+            "pathways": self.pathways,
             "stages": self.stages, "transform": self.transform, "normalisation": "softmax",
             "alpha": {"steps": list(range(self.steps + 1)), "progress": self.progress.tolist(),
                       "logits": self.logits.tolist(), "weights": w.tolist()},
@@ -206,7 +220,8 @@ def read_process(path: str | Path) -> Process:
             f"{path}: missing or malformed field ({err}); re-run `kdep search-process`"
         ) from None
     _check_alpha(path, pathways, logits, np.asarray(alpha.get("weights", []), np.float64))
-    keep = ("pathway_set", "transform", "stages", "epochs", "losses", "search", "split", "provenance")
+    keep = ("pathway_set", "stage_features", "transform", "stages", "epochs", "losses", "search", "split",
+            "provenance")  # fmt: skip
     return Process(pathways=pathways, logits=logits, **{k: data[k] for k in keep if k in data})
 
 
@@ -231,12 +246,14 @@ def check_fits(
     searched ones and every pathway's taps must be present. Widths may differ: the appendix transfers a process
     between architectures with the same pathways (Table 1), and the transform blocks are rebuilt for the new pair."""
     where = where or "the process"
-    n_s, n_t = stage_count(student_taps), stage_count(teacher_taps)
+    features = process.stage_features
+    n_s, n_t = stage_count(student_taps, features), stage_count(teacher_taps, features)
     want = process.stages or {}
     if (n_t, n_s) != (want.get("teacher"), want.get("student")):
+        kind = " pre-ReLU (stageK_pre)" if features == "pre_relu" else ""
         raise ProcessError(
-            f"{where} was searched for {want.get('teacher')} teacher and {want.get('student')} student stages; "
-            f"this pair has {n_t} and {n_s}: search a process for it (kdep search-process)"
+            f"{where} was searched for {want.get('teacher')} teacher and {want.get('student')} student{kind} "
+            f"stages; this pair has {n_t} and {n_s}: search a process for it (kdep search-process)"
         )
     for p in process.pathways:
         if p["student_tap"] not in student_taps or p["teacher_tap"] not in teacher_taps:
@@ -280,6 +297,19 @@ def normalised(process: Process) -> np.ndarray:
     """(S + 1, P) alpha / the largest alpha of the same step: the values the threshold is compared with."""
     w = process.weights
     return w / w.max(axis=1, keepdims=True)
+
+
+def weight_rows(process: Process, scale: str = "softmax") -> np.ndarray:
+    """(S + 1, P) pathway weights per search step at the retrain's ``scale`` (module docstring): ``softmax``
+    (= :attr:`Process.weights`) or ``reference``, P * exp(a_p) / (sum_q exp(a_q) + e), computed stably."""
+    if scale == "softmax":
+        return process.weights
+    if scale != "reference":
+        raise ProcessError(f"process weight scale {scale!r}; use softmax or reference")
+    z = np.asarray(process.logits, np.float64)
+    top = np.maximum(z.max(axis=1, keepdims=True), 1.0)
+    e = np.exp(z - top)
+    return z.shape[1] * e / (e.sum(axis=1, keepdims=True) + np.exp(1.0 - top))
 
 
 def _check_threshold(threshold: float) -> float:

@@ -10,8 +10,14 @@ models (ViTs) 4 evenly spaced blocks, as patch-token maps (B, C, h, w) without p
 global average of each map equals the pooled ``stageK`` tap the cache holds (checked in tests/test_process.py).
 
 torchvision maps come from ``torchvision.models.feature_extraction.create_feature_extractor`` (an FX graph that
-shares the model's modules and parameters; stage outputs are whole-block outputs, so the in-place-ReLU pitfall of
-the ``pre_relu`` node does not apply); timm maps from ``forward_intermediates(intermediates_only=True)``.
+shares the model's modules and parameters; stage outputs are whole-block outputs); timm maps from
+``forward_intermediates(intermediates_only=True)``.
+
+``features="pre_relu"`` (the official DistPro code's ``extract_feature(x, preReLU=True)``) gives each stage before
+its final ReLU, keyed ``stageK_pre``: a ResNet's ``layerK.<last>.add`` node (its ReLUs are made out of place first:
+with ``inplace=True`` the ReLU after the add overwrites that node's output and the map comes back post-ReLU, without
+an error); MobileNetV2's stage outputs (linear bottlenecks, no activation) as they are. Defined for torchvision
+ResNets and MobileNetV2, the families whose ``stageK_pre`` taps :mod:`pipeline.models` defines; refused for others.
 """
 
 from __future__ import annotations
@@ -23,29 +29,48 @@ from pipeline.models import is_timm_model
 from pipeline.process.artefact import ProcessError, stage_tap
 
 
-def torchvision_stage_nodes(model: nn.Module) -> dict[str, str]:
-    """``{graph node: "stageK"}`` for a torchvision ResNet or MobileNetV2."""
+def torchvision_stage_nodes(model: nn.Module, features: str = "output") -> dict[str, str]:
+    """``{graph node: "stageK"}`` (``"stageK_pre"`` with ``features="pre_relu"``) for a torchvision ResNet or
+    MobileNetV2."""
     from torchvision.models.mobilenetv2 import MobileNetV2
     from torchvision.models.resnet import ResNet
 
     from pipeline.models.from_torchvision import MOBILENET_V2_STAGES
 
     if isinstance(model, ResNet):
+        if features == "pre_relu":
+            layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+            return {
+                f"layer{k}.{len(layer) - 1}.add": stage_tap(k, features) for k, layer in enumerate(layers, 1)
+            }
         return {f"layer{k}": stage_tap(k) for k in range(1, 5)}
     if isinstance(model, MobileNetV2):
-        return {f"features.{i}": stage_tap(k) for k, i in enumerate(MOBILENET_V2_STAGES, 1)}
+        return {f"features.{i}": stage_tap(k, features) for k, i in enumerate(MOBILENET_V2_STAGES, 1)}
     raise ProcessError(
         f"spatial stage maps are defined for torchvision ResNets and MobileNetV2 and for timm models with "
         f"feature_info, not {type(model).__name__}"
     )
 
 
-class StageMaps(nn.Module):
-    """``(B, 3, H, W)`` normalised views -> ``{stageK: (B, C_k, H_k, W_k)}`` for every stage of ``model``."""
+def out_of_place_relus(model: nn.Module) -> None:
+    """Every ``nn.ReLU`` of ``model`` computes out of place (the same values; a pre-ReLU node keeps its own)."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
 
-    def __init__(self, model: nn.Module) -> None:
+
+class StageMaps(nn.Module):
+    """``(B, 3, H, W)`` normalised views -> ``{stageK: (B, C_k, H_k, W_k)}`` for every stage of ``model`` (or
+    ``{stageK_pre: ...}``, each stage before its final ReLU, with ``features="pre_relu"``: module docstring)."""
+
+    def __init__(self, model: nn.Module, features: str = "output") -> None:
         super().__init__()
-        self.timm = is_timm_model(model)
+        self.timm, self.features = is_timm_model(model), features
+        if self.timm and features == "pre_relu":
+            raise ProcessError(
+                f"pre-ReLU stage maps are defined for torchvision ResNets and MobileNetV2, not timm's "
+                f"{type(model).__name__}; use --stage-features output"
+            )
         if self.timm:
             from pipeline.models.from_timm import stage_indices
 
@@ -56,7 +81,10 @@ class StageMaps(nn.Module):
         else:
             from torchvision.models.feature_extraction import create_feature_extractor
 
-            self.model = create_feature_extractor(model, return_nodes=torchvision_stage_nodes(model))
+            nodes = torchvision_stage_nodes(model, features)
+            if features == "pre_relu":
+                out_of_place_relus(model)
+            self.model = create_feature_extractor(model, return_nodes=nodes)
 
     @property
     def stages(self) -> int:

@@ -143,6 +143,7 @@ RESUME_FREE = (
     "device",
     "prefetch_factor",
     "checkpoint_every",
+    "loss_weight_rule",  # how loss_weight was chosen; the value itself is compared
 )  # settings a resumed run may change
 
 

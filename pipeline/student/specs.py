@@ -66,7 +66,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """The optimisation recipe (METHOD.md): epochs, batch, SGD lr and weight decay, seed."""
+    """The optimisation recipe (KDEP supplement B.1 and Table S.4): epochs, batch, SGD lr and weight decay, seed."""
 
     epochs: int  # passes over the data
     batch_size: int  # samples per rank and step (stream order; neighbour batches use DataSpec.anchors)
@@ -75,7 +75,7 @@ class RecipeSpec:
     data_fraction: float  # fraction of ImageNet the shards hold (only for the weight-decay table)
     seed: int  # student init, shard order, view schedule, shuffle
     max_steps: int  # stop each epoch after this many steps; 0 = whole epoch (benchmarks)
-    lr_schedule: str = "step"  # step (KDEP: /10 at 1/3 and 2/3) or cosine (CoSS: per-epoch cosine to 0)
+    lr_schedule: str = "step"  # step (KDEP: /10 at 1/3 and 2/3), cosine (per epoch, to 0) or cosine-coss
     global_batch: int = 0  # images per step over all ranks (0: batch_size is per rank); replaces batch_size
 
 

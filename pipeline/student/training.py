@@ -1,8 +1,9 @@
 """Stage 3 pieces: a student with its heads, the KDEP recipe (SGD, step schedule, weight decay table), one step.
 
-Recipe (METHOD.md): SGD momentum 0.9, lr = base * (global batch / 512) with base 0.3 for ResNets and 0.1 for
-MobileNetV2, divided by 10 at 1/3 and 2/3 of training, no warm-up, weight decay from the supplement's table by
-data fraction and epochs. AMP (bf16) and channels_last on CUDA.
+Recipe (the KDEP paper and its supplement, section B.1 and Table S.4): SGD momentum 0.9, lr = base * (global
+batch / 512) with base 0.3 for ResNets and 0.1 for MobileNetV2, divided by 10 at 1/3 and 2/3 of training, no
+warm-up, weight decay from the supplement's table by data fraction and epochs. AMP (bf16) and channels_last on
+CUDA.
 """
 
 from __future__ import annotations
@@ -55,11 +56,18 @@ def base_lr_for(arch: str, global_batch: int) -> float:
     return BASE_LR.get(arch, 0.3) * global_batch / 512
 
 
+COSS_FLAT_EPOCHS = 5  # coss-pytorch: warmup_epochs = 5 with lr_mult = 1, so its "warm-up" holds the base lr
+
+
 def lr_at(epoch: int, epochs: int, base: float, schedule: str = "step") -> float:
     """The learning rate of ``epoch``. ``step`` (KDEP): base, base/10 from 1/3 of training, base/100 from 2/3
-    (reference: every 30 of 90 epochs). ``cosine`` (CoSS, MoCo's per-epoch rule): base * (1 + cos(pi * epoch /
-    epochs)) / 2."""
-    if schedule == "cosine":
+    (reference: every 30 of 90 epochs). ``cosine`` (MoCo's per-epoch rule): base * (1 + cos(pi * epoch /
+    epochs)) / 2. ``cosine-coss`` (CoSS's reference, coss-pytorch ``adjust_learning_rate`` with warmup_epochs 5 and
+    lr_mult 1): base for epochs 0-4, then the same cosine of the *unshifted* epoch (epoch 5 of 25: 0.905 base);
+    plain ``cosine`` is up to 6.2% lower over those first 5 epochs."""
+    if schedule == "cosine-coss" and epoch < COSS_FLAT_EPOCHS:
+        return base
+    if schedule in ("cosine", "cosine-coss"):
         return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     drops = sum(epoch >= math.ceil(epochs * f) for f in (1 / 3, 2 / 3))
     return base * (0.1**drops)
@@ -124,8 +132,10 @@ def loss_head(loss: str, arch: str, tap: str, d_feature: int, d_target: int, cos
               cache_tap: str | None = None, pathway_head: tuple[str, int] = ("mlp", 512)) -> nn.Module:  # fmt: skip
     """The trainable head between the student tap (B, d_feature) and the loss: a parametric baseline's
     Linear + BN, CoSS's MLP when the widths differ, coss-bn's BatchNorm, DistPro's transform block (``distpro``:
-    Linear-BN-ReLU-Linear with ``pathway_head`` = ("mlp", hidden), or a Linear); nothing (Identity) for kdep / cosine,
-    whose projected target must already have the tap's width (refused otherwise, naming the fit that gives it)."""
+    a Linear for a ``linear`` process, else Linear-BN-ReLU-Linear of width ``pathway_head`` = (kind, hidden); a
+    process searched on maps, ``conv-reference`` / ``conv``, gets this pooled block too: stage 3 carries pooled
+    rows); nothing (Identity) for kdep / cosine, whose projected target must already have the tap's width (refused
+    otherwise, naming the fit that gives it)."""
     if loss in ("linear-pre", "linear-post"):
         return LinearHead(d_feature, d_target, after_relu=loss == "linear-post")
     if loss == "coss" and d_feature != d_target:
