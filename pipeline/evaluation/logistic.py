@@ -69,6 +69,7 @@ class TorchLogistic:
         self.block = max(1, BLOCK_ELEMENTS // max(x.shape[1], len(np.unique(self.labels))))
         self.model: LinearModel | None = None
         self.solutions: dict[float, LinearModel] = {}
+        self.iterations: list[int] = []  # L-BFGS iterations of each fit so far
 
     def _rows(self, rows: np.ndarray | None) -> list[torch.Tensor | slice]:
         """Blocks of row indices (or slices of all rows, which need no gather)."""
@@ -80,24 +81,28 @@ class TorchLogistic:
     def fit(self, rows: np.ndarray | None, c: float) -> bool:
         """Fit on the ``rows`` of x (None: all), warm-started; returns whether L-BFGS converged."""
         blocks = self._rows(rows)
-        classes = np.unique(self.labels if rows is None else self.labels[rows])
-        mean, scale = column_stats(lambda: (self.x[b] for b in blocks))
-        start = self.solutions.get(c, self.model)
-        fits = start is not None and np.array_equal(start.classes, classes)
-        d, k = self.x.shape[1], len(classes)
-        weight = start.weight.clone() if fits else torch.zeros(d, k, device=self.device)
-        bias = start.bias.clone() if fits else torch.zeros(k, device=self.device)
-        model = LinearModel(mean, scale, weight, bias, classes)
-        codes = torch.searchsorted(torch.as_tensor(classes, device=self.device), self.y)
+        model = self._start(blocks, rows, c)
+        codes = torch.searchsorted(torch.as_tensor(model.classes, device=self.device), self.y)
         n = len(self.x) if rows is None else len(rows)
-        penalty = (2.0 if k == 2 else 1.0) / (
-            c * n
-        )  # lambda of the mean form; K = 2: see the module docstring
-        converged = run_lbfgs(
+        # lambda of the mean form; doubled for K = 2 (see the module docstring)
+        penalty = (2.0 if len(model.classes) == 2 else 1.0) / (c * n)
+        converged, iterations = run_lbfgs(
             model, lambda: objective(model, self.x, codes, blocks, n, penalty), self.max_iter
         )
         self.model = self.solutions[c] = model
+        self.iterations.append(iterations)
         return converged
+
+    def _start(self, blocks: list[torch.Tensor | slice], rows: np.ndarray | None, c: float) -> LinearModel:
+        """The fit's standardisation (its rows' statistics) and starting point: the last solution for ``c``, else
+        the last solution, else zeros (a solution over other classes does not fit)."""
+        classes = np.unique(self.labels if rows is None else self.labels[rows])
+        mean, scale = column_stats(lambda: (self.x[b] for b in blocks))
+        start = self.solutions.get(c, self.model)
+        if start is not None and np.array_equal(start.classes, classes):
+            return LinearModel(mean, scale, start.weight.clone(), start.bias.clone(), classes)
+        weight = torch.zeros(self.x.shape[1], len(classes), device=self.device)
+        return LinearModel(mean, scale, weight, torch.zeros(len(classes), device=self.device), classes)
 
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) predicted labels of train rows (e.g. the held-out part)."""
@@ -106,9 +111,8 @@ class TorchLogistic:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """(M,) predicted labels of new features (M, D)."""
         t = as_tensor(x)
-        return predict(
-            self.model, (t[s : s + self.block].to(self.device) for s in range(0, len(t), self.block))
-        )
+        blocks = (t[s : s + self.block].to(self.device) for s in range(0, len(t), self.block))
+        return predict(self.model, blocks)
 
 
 def column_stats(blocks: Callable[[], Iterator[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +122,8 @@ def column_stats(blocks: Callable[[], Iterator[torch.Tensor]]) -> tuple[torch.Te
     mean = sum(b.double().sum(0) for b in blocks()) / n
     var = sum((b.double() - mean).square().sum(0) for b in blocks()) / n
     eps = torch.finfo(torch.float64).eps
-    constant = (
-        var <= n * eps * var + (n * mean * eps).square()
-    )  # sklearn.preprocessing._data._is_constant_feature
+    # scikit-learn's rule (sklearn.preprocessing._data._is_constant_feature)
+    constant = var <= n * eps * var + (n * mean * eps).square()
     scale = torch.where(constant, torch.ones_like(var), var.sqrt())
     return mean.float(), scale.float()
 
@@ -157,9 +160,10 @@ def objective(
     return total / n + 0.5 * penalty * w.double().square().sum()
 
 
-def run_lbfgs(model: LinearModel, loss: Callable[[], torch.Tensor], max_iter: int) -> bool:
+def run_lbfgs(model: LinearModel, loss: Callable[[], torch.Tensor], max_iter: int) -> tuple[bool, int]:
     """Minimise ``loss()`` (which sets the gradients) over ``model.weight`` and ``model.bias`` in place; returns
-    False when it stopped at ``max_iter`` iterations or at the evaluation budget (2 per iteration)."""
+    (converged: False when it stopped at ``max_iter`` iterations or at the evaluation budget of 2 per iteration,
+    iterations)."""
     params = [model.weight, model.bias]
     optimiser = torch.optim.LBFGS(
         params, lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=TOLERANCE_GRAD,
@@ -167,7 +171,8 @@ def run_lbfgs(model: LinearModel, loss: Callable[[], torch.Tensor], max_iter: in
     )  # fmt: skip
     optimiser.step(loss)
     state = optimiser.state[params[0]]
-    return state.get("n_iter", 0) < max_iter and state.get("func_evals", 0) < 2 * max_iter
+    iterations = state.get("n_iter", 0)
+    return iterations < max_iter and state.get("func_evals", 0) < 2 * max_iter, iterations
 
 
 @torch.no_grad()
@@ -183,6 +188,7 @@ class SklearnLogistic:
     def __init__(self, x: np.ndarray, y: np.ndarray, max_iter: int) -> None:
         self.x, self.y, self.max_iter = x, np.asarray(y), max_iter
         self.pipeline = None
+        self.iterations: list[int] = []  # lbfgs iterations of each fit so far
 
     def _features(self, rows: np.ndarray | None, x: np.ndarray | None = None) -> np.ndarray:
         x = self.x if x is None else x
@@ -198,6 +204,7 @@ class SklearnLogistic:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             self.pipeline.fit(self._features(rows), self.y if rows is None else self.y[rows])
+        self.iterations.append(int(self.pipeline[-1].n_iter_.max()))
         return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
