@@ -61,11 +61,13 @@ class LinearModel:
 class TorchLogistic:
     """The torch solver over train features ``x`` (N, D) float16/float32 and labels ``y`` (N,), kept on ``device``."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device, max_iter: int) -> None:
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, device: torch.device, max_iter: int, warm_start: bool = True
+    ) -> None:
         self.x = as_tensor(x).to(device)
         self.labels = np.asarray(y)
         self.y = torch.as_tensor(self.labels, dtype=torch.long, device=device)
-        self.device, self.max_iter = device, max_iter
+        self.device, self.max_iter, self.warm_start = device, max_iter, warm_start
         self.block = max(1, BLOCK_ELEMENTS // max(x.shape[1], len(np.unique(self.labels))))
         self.model: LinearModel | None = None
         self.solutions: dict[float, LinearModel] = {}
@@ -98,7 +100,7 @@ class TorchLogistic:
         the last solution, else zeros (a solution over other classes does not fit)."""
         classes = np.unique(self.labels if rows is None else self.labels[rows])
         mean, scale = column_stats(lambda: (self.x[b] for b in blocks))
-        start = self.solutions.get(c, self.model)
+        start = self.solutions.get(c, self.model) if self.warm_start else None
         if start is not None and np.array_equal(start.classes, classes):
             return LinearModel(mean, scale, start.weight.clone(), start.bias.clone(), classes)
         weight = torch.zeros(self.x.shape[1], len(classes), device=self.device)
@@ -129,7 +131,9 @@ def column_stats(blocks: Callable[[], Iterator[torch.Tensor]]) -> tuple[torch.Te
 
 
 def standardised(model: LinearModel, x: torch.Tensor) -> torch.Tensor:
-    return (x.float() - model.mean) / model.scale
+    """(b, D) rows -> ``(x - mean) / scale`` in float32: one new tensor, updated in place (a third of the memory
+    traffic of three out-of-place ops; subtracting before scaling keeps float32's precision for offset columns)."""
+    return x.to(torch.float32, copy=True).sub_(model.mean).mul_(model.scale.reciprocal())
 
 
 @torch.no_grad()
@@ -215,9 +219,10 @@ class SklearnLogistic:
 
 
 def make_solver(
-    backend: str, x: np.ndarray, y: np.ndarray, device: torch.device, max_iter: int
+    backend: str, x: np.ndarray, y: np.ndarray, device: torch.device, max_iter: int, warm_start: bool = True
 ) -> TorchLogistic | SklearnLogistic:
-    """The ``torch`` (on ``device``) or ``sklearn`` (CPU) solver over train features ``x`` (N, D), labels (N,)."""
+    """The ``torch`` (on ``device``; ``warm_start`` False: every fit from zero) or ``sklearn`` (CPU, every fit from
+    zero) solver over train features ``x`` (N, D) and labels ``y`` (N,)."""
     if backend == "sklearn":
         return SklearnLogistic(x, y, max_iter)
-    return TorchLogistic(x, y, device, max_iter)
+    return TorchLogistic(x, y, device, max_iter, warm_start)
