@@ -49,9 +49,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-from matplotlib.figure import Figure
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pipeline.data.shards import ShardInfo, index_classes, list_shards
@@ -67,15 +64,15 @@ from pipeline.evaluation.features import (
     resolve_device,
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
-from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval, format_with_interval
+from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval
 from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
+from pipeline.evaluation.report import plot_results, print_table
 from pipeline.files import write_json_atomic
 from pipeline.manifest import config_to_dict
 from stages.common import write_resolved_config
 from stages.config import EvalConfig
 
 RESULTS_FORMAT = "kdep-eval/1"
-ACCURACIES = ("probe_top1", "knn_top1", "finetune_top1")  # val top-1s, each with "<metric>_ci95" beside it
 
 
 def run(config: EvalConfig) -> dict:
@@ -285,64 +282,6 @@ def results_body(
         "agreement": {k: v for k, v in agreement.items() if k != "rows"} if agreement else None,
         "config": config_to_dict(config),
     }
-
-
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def fmt_accuracy(row: dict, metric: str) -> str:
-    """``0.760 [0.696, 0.815]``: the accuracy and its 95% interval."""
-    return format_with_interval(row[metric], row.get(f"{metric}_ci95"))
-
-
-def print_table(results: dict) -> None:
-    """One row per backbone: probe, k-NN, fine-tune top-1 (each with its 95% interval) and agreement."""
-    data = results["data"]
-    title = f"kdep eval ({data['val_samples']} val images, {data['classes']} classes; top-1 [95% Wilson CI])"
-    table = Table(title=title)
-    for col in ("backbone", "arch", "dim", "probe@1", "C", "kNN@1", "FT@1", "cos", "CKA"):
-        table.add_column(col, justify="left" if col in ("backbone", "arch") else "right")
-    for r in results["backbones"]:
-        table.add_row(
-            r["name"], r["arch"], str(r["dim"]), fmt_accuracy(r, "probe_top1"), f"{r['probe_c']:g}",
-            fmt_accuracy(r, "knn_top1"), fmt_accuracy(r, "finetune_top1"), fmt(r["agree_cosine"]),
-            fmt(r["agree_cka"]),
-        )  # fmt: skip
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: rich would wrap at 80 columns; lines there may be long
-        console = Console(width=200)
-    console.print(table)
-
-
-def error_bars(rows: list[dict], metric: str) -> list[list[float]]:
-    """(2, n) distances from each accuracy down and up to its 95% interval (0 where there is none)."""
-    low, high = [], []
-    for r in rows:
-        value, ci = r[metric] or 0.0, r.get(f"{metric}_ci95")
-        low.append(value - ci[0] if ci else 0.0)
-        high.append(ci[1] - value if ci else 0.0)
-    return [low, high]
-
-
-def plot_results(rows: list[dict], path: Path) -> None:
-    """Grouped bars of probe / k-NN (/ fine-tune) top-1 per backbone, 95% intervals as error bars; a PNG."""
-    metrics = [m for m in ACCURACIES if any(r[m] is not None for r in rows)]
-    fig = Figure(figsize=(1.5 + 1.2 * len(rows), 3.5))
-    ax = fig.add_subplot()
-    width = 0.8 / len(metrics)
-    for i, metric in enumerate(metrics):
-        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r[metric] or 0.0 for r in rows], width, label=metric.removesuffix("_top1"),
-               yerr=error_bars(rows, metric), capsize=3, error_kw={"elinewidth": 1})  # fmt: skip
-    ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("val top-1 (95% Wilson interval)")
-    ax.legend(
-        fontsize="small", ncols=len(metrics), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def report(config: EvalConfig, results: dict) -> None:
