@@ -272,3 +272,25 @@ def test_feature_files_of_earlier_versions_are_read(
     )
     assert row["feature_dtype"] == "float32" and row["probe_top1"] == direct.top1
     assert not [p for p in (tmp_path / "features").iterdir() if p.is_dir()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_knn_and_timm_eval_on_cuda(demo_shards: dict[str, Path], tmp_path: Path) -> None:
+    """The probe and k-NN on CUDA against the CPU (same C, top-1 within half a point, same neighbours' votes), and
+    `kdep eval --device cuda` of a timm ViT whose mean/std is not ImageNet's (its re-normalisation on the GPU)."""
+    x_train, y_train = class_coded(60, 5, 32, 3.0, seed=0)
+    x_val, y_val = class_coded(200, 5, 32, 3.0, seed=0)  # the same class codes
+    x_val = x_val + np.random.default_rng(1).normal(0, 3.0, x_val.shape).astype(np.float32)
+    cpu, gpu = (linear_probe(x_train, y_train, x_val, y_val, device=d) for d in ("cpu", "cuda"))
+    assert cpu.c == gpu.c and abs(cpu.top1 - gpu.top1) <= TOLERANCE and gpu.converged
+    assert (
+        knn_predict(x_train, y_train, x_val, 7, "cuda").tolist()
+        == knn_predict(x_train, y_train, x_val, 7).tolist()
+    )
+    pytest.importorskip("timm")
+    config = EvalConfig(train=str(demo_shards["train"]), val=str(demo_shards["val"]), out=str(tmp_path),
+                        backbones=("v=timm:vit_tiny_patch16_224:random",), resolution=32, device="cuda",
+                        probe_cs=(0.1, 1.0), knn_k=5)  # fmt: skip
+    (row,) = run(config)["backbones"]
+    assert 0.0 <= row["probe_top1"] <= 1.0 and row["dim"] == 192
