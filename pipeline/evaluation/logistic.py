@@ -152,7 +152,7 @@ def objective(
     total = torch.zeros((), dtype=torch.float64, device=w.device)
     for block in blocks:
         z, y = standardised(model, x[block]), codes[block]
-        logits = z @ w + b
+        logits = torch.addmm(b, z, w)
         lse = logits.logsumexp(1)
         total += (lse - logits.gather(1, y[:, None])[:, 0]).sum(dtype=torch.float64)
         p = (logits - lse[:, None]).exp_()  # softmax
@@ -182,7 +182,7 @@ def run_lbfgs(model: LinearModel, loss: Callable[[], torch.Tensor], max_iter: in
 @torch.no_grad()
 def predict(model: LinearModel, blocks: Iterable[torch.Tensor]) -> np.ndarray:
     """Predicted labels (argmax of the logits; the first class among ties, as scikit-learn) of row blocks."""
-    codes = [(standardised(model, x) @ model.weight + model.bias).argmax(1).cpu() for x in blocks]
+    codes = [torch.addmm(model.bias, standardised(model, x), model.weight).argmax(1).cpu() for x in blocks]
     return model.classes[torch.cat(codes).numpy()] if codes else model.classes[:0]
 
 
