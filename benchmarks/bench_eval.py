@@ -21,7 +21,8 @@ DataLoader workers; every shard read is counted in the workers (its size, and th
 returned while parsing it, from /proc/self/io rchar), so the figure is what the workers really read. The features
 of both runs must be identical. (The script only uses ``extract_features``'s long-standing arguments, so it can
 also be pointed at an older checkout to measure the previous reader: ``PYTHONPATH=<old checkout> python
-benchmarks/bench_eval.py --bytes-only``.)
+benchmarks/bench_eval.py --bytes-only``.) Fine-tuning's index of the same split: bytes read to build it (tar
+headers and ``cls`` members), bytes it holds, against the encoded images the previous version held in memory.
 """
 
 from __future__ import annotations
@@ -128,15 +129,17 @@ def probe_in_fresh_process(solver_name: str, mode: str, quick: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def rchar() -> int:
+    """Bytes this process's read() calls have returned so far (/proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
 def counting_reader(real, counters: dict):
     """``iter_samples`` that adds each shard's size and the bytes read() while parsing it (rchar) to counters
     shared with the DataLoader workers (forked after this is installed)."""
-
-    def rchar() -> int:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-        return 0
 
     def read(path, *args, **kwargs):
         before = rchar()
@@ -150,16 +153,21 @@ def counting_reader(real, counters: dict):
     return read
 
 
-def bench_extraction_bytes(root: Path) -> dict:
-    """Bytes read by 1 and 2 extraction workers over the same 8-shard split; features must be identical."""
-    import pipeline.evaluation.batches as batches
+def demo_split(root: Path) -> list:
+    """8 demo shards x 8 images (ShardInfo list)."""
     from pipeline.data.shards import list_shards
     from pipeline.demo.shards import DemoSpec, write_demo_data
+
+    spec = DemoSpec(seed=0, classes=4, train_per_class=16, val_per_class=1, per_shard=8)
+    return list_shards(str(write_demo_data(spec, root)["train"]))
+
+
+def bench_extraction_bytes(shards: list) -> dict:
+    """Bytes read by 1 and 2 extraction workers over the same split; the features must be identical."""
+    import pipeline.evaluation.batches as batches
     from pipeline.evaluation.backbones import BackboneSpec
     from pipeline.evaluation.features import extract_features, load_backbone
 
-    spec = DemoSpec(seed=0, classes=4, train_per_class=16, val_per_class=1, per_shard=8)
-    shards = list_shards(str(write_demo_data(spec, root)["train"]))
     split_bytes = sum(s.nbytes for s in shards)
     model, _ = load_backbone(BackboneSpec("r", "resnet18", "random"), seed=0)
     real, out, rows = batches.iter_samples, {"split_bytes": split_bytes, "shards": len(shards)}, {}
@@ -182,6 +190,24 @@ def bench_extraction_bytes(root: Path) -> dict:
     return out
 
 
+def bench_finetune_index(shards: list) -> dict | None:
+    """What fine-tuning reads to index the train split (tar headers + labels) and holds (the index) against the
+    encoded images it no longer holds; None on a checkout without the index."""
+    try:
+        from pipeline.evaluation.train_samples import index_samples
+    except ImportError:  # an older checkout kept every encoded train image in memory
+        return None
+    split_bytes, before = sum(s.nbytes for s in shards), rchar()
+    index = index_samples(shards)
+    read = rchar() - before
+    held = sum(a.nbytes for a in (index.shard, index.start, index.size, index.label, index.key))
+    return {
+        "images": len(index), "split_bytes": split_bytes, "bytes_read": read,
+        "read_per_split_byte": round(read / split_bytes, 3), "encoded_image_bytes": int(index.size.sum()),
+        "index_bytes": held, "index_bytes_per_image": round(held / len(index), 1),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -201,7 +227,9 @@ def main() -> None:
         results[f"probe_{mode}"] = {"sizes": sizes, "cs": cs, "max_iter": max_iter}
         results[f"probe_{mode}"].update({s: probe_in_fresh_process(s, mode, args.quick) for s in solvers})
     with tempfile.TemporaryDirectory() as tmp:
-        results["extraction_bytes"] = bench_extraction_bytes(Path(tmp))
+        shards = demo_split(Path(tmp))
+        results["extraction_bytes"] = bench_extraction_bytes(shards)
+        results["finetune_index"] = bench_finetune_index(shards)
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:

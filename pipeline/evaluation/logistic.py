@@ -88,8 +88,9 @@ class TorchLogistic:
         n = len(self.x) if rows is None else len(rows)
         # lambda of the mean form; doubled for K = 2 (see the module docstring)
         penalty = (2.0 if len(model.classes) == 2 else 1.0) / (c * n)
+        batches = self._batches(model, codes, blocks)
         converged, iterations = run_lbfgs(
-            model, lambda: objective(model, self.x, codes, blocks, n, penalty), self.max_iter
+            model, lambda: objective(model, batches(), n, penalty), self.max_iter
         )
         self.model = self.solutions[c] = model
         self.iterations.append(iterations)
@@ -106,6 +107,16 @@ class TorchLogistic:
         weight = torch.zeros(self.x.shape[1], len(classes), device=self.device)
         return LinearModel(mean, scale, weight, torch.zeros(len(classes), device=self.device), classes)
 
+    def _batches(
+        self, model: LinearModel, codes: torch.Tensor, blocks: list[torch.Tensor | slice]
+    ) -> Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        """The fit's (standardised rows (b, D) float32, class codes (b,)) blocks, made anew for every evaluation;
+        a fit of one block standardises it once (memory stays one block)."""
+        if len(blocks) == 1:
+            once = [(standardised(model, self.x[blocks[0]]), codes[blocks[0]])]
+            return lambda: once
+        return lambda: ((standardised(model, self.x[b]), codes[b]) for b in blocks)
+
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) predicted labels of train rows (e.g. the held-out part)."""
         return predict(self.model, (self.x[b] for b in self._rows(rows)))
@@ -118,11 +129,12 @@ class TorchLogistic:
 
 
 def column_stats(blocks: Callable[[], Iterator[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, scale) (D,) float32 of the rows that ``blocks()`` yields: two float64 passes; scale is the population
-    standard deviation, 1 where scikit-learn's ``StandardScaler`` deems a column constant."""
+    """(mean, scale) (D,) float32 of the rows that ``blocks()`` yields: two passes summed in float64 (mean, then
+    squared deviations); scale is the population standard deviation, 1 where scikit-learn's ``StandardScaler``
+    deems a column constant."""
     n = sum(len(b) for b in blocks())
-    mean = sum(b.double().sum(0) for b in blocks()) / n
-    var = sum((b.double() - mean).square().sum(0) for b in blocks()) / n
+    mean = sum(b.float().sum(0, dtype=torch.float64) for b in blocks()) / n
+    var = sum((b.float() - mean.float()).square_().sum(0, dtype=torch.float64) for b in blocks()) / n
     eps = torch.finfo(torch.float64).eps
     # scikit-learn's rule (sklearn.preprocessing._data._is_constant_feature)
     constant = var <= n * eps * var + (n * mean * eps).square()
@@ -138,20 +150,15 @@ def standardised(model: LinearModel, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def objective(
-    model: LinearModel,
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    blocks: list[torch.Tensor | slice],
-    n: int,
-    penalty: float,
+    model: LinearModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, penalty: float
 ) -> torch.Tensor:
-    """Mean-form loss ``mean CE + penalty / 2 ||W||^2`` over the rows in ``blocks`` (float64 scalar); sets
-    ``model.weight.grad`` and ``model.bias.grad`` (the gradient ``Z^T (P - Y) / n + penalty W``, ``sum(P - Y) / n``)."""
+    """Mean-form loss ``mean CE + penalty / 2 ||W||^2`` over the ``n`` rows of ``batches`` ((b, D) standardised
+    rows, (b,) class codes) as a float64 scalar; sets ``model.weight.grad`` and ``model.bias.grad`` (the gradient
+    ``Z^T (P - Y) / n + penalty W`` and ``sum(P - Y) / n``)."""
     w, b = model.weight, model.bias
     grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
     total = torch.zeros((), dtype=torch.float64, device=w.device)
-    for block in blocks:
-        z, y = standardised(model, x[block]), codes[block]
+    for z, y in batches:
         logits = torch.addmm(b, z, w)
         lse = logits.logsumexp(1)
         total += (lse - logits.gather(1, y[:, None])[:, 0]).sum(dtype=torch.float64)
@@ -210,6 +217,16 @@ class SklearnLogistic:
             self.pipeline.fit(self._features(rows), self.y if rows is None else self.y[rows])
         self.iterations.append(int(self.pipeline[-1].n_iter_.max()))
         return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+    def _batches(
+        self, model: LinearModel, codes: torch.Tensor, blocks: list[torch.Tensor | slice]
+    ) -> Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        """The fit's (standardised rows (b, D) float32, class codes (b,)) blocks, made anew for every evaluation;
+        a fit of one block standardises it once (memory stays one block)."""
+        if len(blocks) == 1:
+            once = [(standardised(model, self.x[blocks[0]]), codes[blocks[0]])]
+            return lambda: once
+        return lambda: ((standardised(model, self.x[b]), codes[b]) for b in blocks)
 
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
         return self.pipeline.predict(self._features(rows))
