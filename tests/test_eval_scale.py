@@ -65,6 +65,10 @@ def test_torch_probe_matches_sklearn_on_class_coded_and_label_free_features() ->
     torch_probe, sk_probe = both_backends(x_train, y_train, x_val, y_val, seed=0)
     assert 0.3 < sk_probe.top1 < 0.95 and torch_probe.converged and sk_probe.converged
     assert_same_probe(torch_probe, sk_probe)
+    x_train, y_train = class_coded(30, 5, 64, 0.01, seed=0)  # test_eval's near-noiseless features: 100%
+    x_val, y_val = class_coded(10, 5, 64, 0.01, seed=0)
+    perfect = both_backends(x_train, y_train, x_val, y_val, seed=0)
+    assert perfect[0].top1 == perfect[1].top1 == 1.0
     rng = np.random.default_rng(2)  # test_eval's label-free features: chance level for both
     x_train, x_val = rng.normal(size=(400, 32)), rng.normal(size=(2000, 32))
     y_train, y_val = rng.integers(0, 4, 400), rng.integers(0, 4, 2000)
@@ -185,7 +189,10 @@ def test_float16_files_refuse_features_float16_cannot_hold(
     """A random-init MobileNetV2's pooled features are ~4e-9 (float16 zeros): an error naming the fix; float32 works."""
     model, _ = load_backbone(BackboneSpec("m", "mobilenet_v2", "random"), seed=0)
     folder = tmp_path / "m.val"
-    with pytest.raises(EvalError, match=r"below float16's normal range.*--set eval.feature_dtype=float32"):
+    with pytest.raises(
+        EvalError,
+        match=r"backbone 'm' tap post_relu on .*below float16's normal range.*--feature-dtype float32",
+    ):
         extract_features({"m": model}, str(demo_shards["val"]), 32, 6, tap="post_relu", folders={"m": folder},
                          dtype="float16")  # fmt: skip
     assert not folder.exists() or not any(folder.iterdir())

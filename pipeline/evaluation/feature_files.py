@@ -9,7 +9,7 @@ autocast). Each file is written under a ``.tmp`` name and renamed into place whe
 no file that looks finished; a folder is reused only when its tap file, labels and keys are all there (in the asked
 dtype). A ``<name>.<split>.<key>.npz`` written by earlier versions (every tap, float32, in memory) is still read.
 Before a row is stored as float16 it is checked against float16's range (:func:`pipeline.dtypes.range_problem`):
-a backbone whose features float16 cannot hold is an error that names the fix (``--set eval.feature_dtype=float32``).
+a backbone whose features float16 cannot hold is an error that names the fix (``--feature-dtype float32``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TapRows:
             i = int(np.flatnonzero(bad)[0])
             raise EvalError(
                 f"{self.what}, row {first + i} (key {keys[i]!r}): {problem}; store its features as float32 "
-                "(--set eval.feature_dtype=float32)"
+                "(--feature-dtype float32)"
             )
         if self.array is None:
             self.array = self._allocate(values.shape[1])

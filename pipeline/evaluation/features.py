@@ -153,7 +153,7 @@ def extract_features(
         raise EvalError(f"{desc}: the split has no samples ({len(shards)} shards); check --train / --val")
     taps = {n: taps_on_device(m, (tap,) if tap else model_taps(m), device) for n, m in models.items()}
     sinks = {
-        n: {t: TapRows(folders[n] / f"{t}.npy" if folders else None, total, dtype, f"{n} {t} ({desc})")
+        n: {t: TapRows(folders[n] / f"{t}.npy" if folders else None, total, dtype, f"backbone {n!r} tap {t} on {desc}")
             for t in ft.taps}
         for n, ft in taps.items()
     }  # fmt: skip

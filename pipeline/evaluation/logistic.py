@@ -218,16 +218,6 @@ class SklearnLogistic:
         self.iterations.append(int(self.pipeline[-1].n_iter_.max()))
         return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
-    def _batches(
-        self, model: LinearModel, codes: torch.Tensor, blocks: list[torch.Tensor | slice]
-    ) -> Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
-        """The fit's (standardised rows (b, D) float32, class codes (b,)) blocks, made anew for every evaluation;
-        a fit of one block standardises it once (memory stays one block)."""
-        if len(blocks) == 1:
-            once = [(standardised(model, self.x[blocks[0]]), codes[blocks[0]])]
-            return lambda: once
-        return lambda: ((standardised(model, self.x[b]), codes[b]) for b in blocks)
-
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
         return self.pipeline.predict(self._features(rows))
 

@@ -143,13 +143,11 @@ def knn_predict(
     for start in range(0, len(bank_rows), bank_block):
         bank = l2_normalise(bank_rows[start : start + bank_block].to(device).float())
         for q in range(0, len(queries), query_block):
-            block_sims, block_index = (queries[q : q + query_block] @ bank.T).topk(min(k, len(bank)), dim=1)
-            both = torch.cat([sims[q : q + query_block], block_sims], 1)
-            best = both.topk(k, dim=1)
-            sims[q : q + query_block] = best.values
-            index[q : q + query_block] = torch.cat(
-                [index[q : q + query_block], block_index + start], 1
-            ).gather(1, best.indices)
+            rows = slice(q, q + query_block)
+            block_sims, block_index = (queries[rows] @ bank.T).topk(min(k, len(bank)), dim=1)
+            best = torch.cat([sims[rows], block_sims], 1).topk(k, dim=1)
+            sims[rows] = best.values
+            index[rows] = torch.cat([index[rows], block_index + start], 1).gather(1, best.indices)
     return vote(sims, torch.as_tensor(np.asarray(y_train), dtype=torch.long, device=device)[index])
 
 
