@@ -12,6 +12,7 @@ from __future__ import annotations
 TAPS = ("pre_relu", "post_relu", "pooled", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6",
         "stage1_pre", "stage2_pre", "stage3_pre", "stage4_pre", "stage5_pre", "stage6_pre")  # fmt: skip
 EVAL_TAPS = ("pre_relu", "post_relu")  # the taps kdep eval extracts (post_relu is pooled for every model)
+PROBE_BACKENDS = ("torch", "sklearn")  # kdep eval's logistic-regression solver (pipeline.evaluation.logistic)
 # pipeline.student.losses (distpro: a searched process's pathways, pipeline.process)
 LOSSES = ("kdep", "cosine", "coss", "coss-bn", "linear-pre", "linear-post", "distpro")
 COSS_HEADS = ("mlp", "mlp-bn")  # CoSS student head when D_s != D_t (pipeline.student.losses.CossHead)

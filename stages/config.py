@@ -25,6 +25,7 @@ from pipeline.choices import (
     OUT_OF_RANGE,
     PATHWAY_LOSSES,
     PATHWAY_SETS,
+    PROBE_BACKENDS,
     PROCESS_WEIGHTS,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
@@ -412,7 +413,8 @@ def parse_target(item: str, key: str = "targets") -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    CHOICES: ClassVar[dict] = {"tap": EVAL_TAPS, "agreement_tap": EVAL_TAPS, "agreement_views": VIEW_RECIPES}
+    CHOICES: ClassVar[dict] = {"tap": EVAL_TAPS, "agreement_tap": EVAL_TAPS, "agreement_views": VIEW_RECIPES,
+                               "probe_backend": PROBE_BACKENDS, "feature_dtype": FEATURE_DTYPES}  # fmt: skip
     train: str = "out/demo/data/train"  # labelled train shards: directory, index.json or brace pattern
     val: str = "out/demo/data/val"  # labelled val shards (never part of the feature cache)
     out: str = "out/demo/eval"  # output folder: results.json, results.png, features/
@@ -423,7 +425,8 @@ class EvalConfig:
     device: str = "cpu"  # cpu or cuda[:N] (bf16 autocast + channels_last on CUDA)
     workers: int = 2  # DataLoader processes decoding views (0 = in the main process; same features)
     seed: int = 0  # seeds random-init backbones, the probe's held-out split and fine-tuning
-    cache_features: bool = True  # keep extracted features in OUT/features/*.npz and reuse them
+    cache_features: bool = True  # keep extracted features in OUT/features/ and reuse them
+    feature_dtype: str = "float16"  # stored features (memmapped .npy): float16, or float32 if out of range
     probe_cs: tuple[float, ...] = (
         0.01,
         0.1,
@@ -431,7 +434,8 @@ class EvalConfig:
         10.0,
     )  # logistic-regression C values swept (one = no sweep)
     probe_holdout: float = 0.2  # fraction of each train class held out to choose C, (0, 1)
-    probe_max_iter: int = 1000  # lbfgs iterations per fit
+    probe_max_iter: int = 1000  # L-BFGS iterations per fit
+    probe_backend: str = "torch"  # probe solver: torch (L-BFGS on --device, warm-started) or sklearn (CPU)
     knn_k: int = 20  # neighbours for cosine k-NN
     finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
     finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3

@@ -10,13 +10,18 @@
 
 A backbone is ``name=arch:weights`` with weights ``random`` (seeded init), a torchvision weights name, or a
 file: a backbone state dict without the classifier (loaded strictly) or a full checkpoint. Features are the
-centre view at ``--resolution`` through ``replay_view``, extracted once per backbone and split, shared by the
-probe and k-NN (``--tap``, default post_relu). Probe: logistic regression on train-standardised features, C
-picked on a 20% per-class held-out part of train, refitted on all of train. k-NN: cosine, k = 20, one vote per
-neighbour, ties to the larger summed similarity (pipeline/evaluation/probes.py). Fine-tuning: KDEP supplement B.2 recipe,
-epochs as given (pipeline/evaluation/finetune.py). Agreement, on val views that were never cached (centre views by default,
-or seeded views of the recipe ``agreement_views``): mean cosine between the student's tap and the projected
-teacher target, and linear CKA between the student's and the raw teacher's features.
+centre view at ``--resolution`` through ``replay_view``, extracted once per backbone and split for the evaluated
+tap only (``--tap``, default post_relu), written as they come into float16 memory-mapped files
+(``--feature-dtype``) and shared by the probe and k-NN. Probe: multinomial logistic regression on
+train-standardised features, scikit-learn's objective and C, solved by full-batch L-BFGS in torch on ``--device``
+(``--probe-backend sklearn``: scikit-learn on the CPU); C picked on a 20% per-class held-out part of train
+(warm-started sweep), refitted on all of train (pipeline/evaluation/logistic.py). k-NN: cosine, k = 20, one vote
+per neighbour, ties to the larger summed similarity, over blocks of train rows on ``--device``
+(pipeline/evaluation/probes.py). Fine-tuning: KDEP supplement B.2 recipe, epochs as given, images read from the
+shards by byte range (pipeline/evaluation/finetune.py). Agreement, on val views that were never cached (centre
+views by default, or seeded views of the recipe ``agreement_views``): mean cosine between the student's tap and
+the projected teacher target, and linear CKA between the student's and the raw teacher's features.
+``kdep eval`` runs in one process on one device; under torchrun (WORLD_SIZE > 1) it stops before any work.
 
 Every accuracy comes with its 95% Wilson score interval over the images it is measured on (the val split; the
 held-out part of train for the C sweep), pipeline/evaluation/intervals.py: in the printed table as
@@ -26,69 +31,73 @@ images only, not the spread between training seeds.
 
 Reads labelled train/val shards and the backbone files. Writes ``OUT/results.json`` (one row per backbone),
 ``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone with 95% intervals),
-``OUT/features/<name>.<split>.<key>.npz``
-(reused when the backbone, data, view, device type and autocast are unchanged) and ``OUT/config.eval.json``.
-Views are decoded by ``--workers`` DataLoader processes (the same features for any count).
+``OUT/features/<name>.<split>.<key>/{<tap>.npy,labels.npy,keys.npy}`` (reused when the backbone, data, view,
+device type and autocast are unchanged; ``.npz`` files of earlier versions are read too; with
+``--no-cache-features`` they go to a temporary folder in OUT, removed at the end) and ``OUT/config.eval.json``.
+Views are decoded by ``--workers`` DataLoader processes, each reading whole shards (the same features for any
+count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-from matplotlib.figure import Figure
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pipeline.data.shards import ShardInfo, index_classes, list_shards
 from pipeline.evaluation.backbones import BackboneSpec, EvalError, parse_backbone
+from pipeline.evaluation.feature_files import SplitFeatures, feature_dir, feature_key, load_features
 from pipeline.evaluation.features import (
-    SplitFeatures,
     agreement_features,
     eval_numerics,
     extract_features,
-    feature_key,
-    feature_path,
     load_backbone,
-    load_features,
+    model_taps,
     projected_targets,
     resolve_device,
-    save_features,
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
-from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval, format_with_interval
+from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval
 from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
+from pipeline.evaluation.report import plot_results, print_table
 from pipeline.files import write_json_atomic
 from pipeline.manifest import config_to_dict
+from pipeline.runtime import refuse_several_ranks
 from stages.common import write_resolved_config
 from stages.config import EvalConfig
 
 RESULTS_FORMAT = "kdep-eval/1"
-ACCURACIES = ("probe_top1", "knn_top1", "finetune_top1")  # val top-1s, each with "<metric>_ci95" beside it
 
 
 def run(config: EvalConfig) -> dict:
     """Evaluate every backbone; write results.json, results.png and config.eval.json; return the results."""
+    refuse_several_ranks("eval", "run it without torchrun (it uses one device: --device cuda)")
     specs = [parse_backbone(b) for b in config.backbones]
     splits = {"train": list_shards(config.train), "val": list_shards(config.val)}
     loaded = {s.name: load_backbone(s, config.seed, config.resolution) for s in specs}
+    check_taps(specs, loaded, config.tap)
     models = {n: model for n, (model, _) in loaded.items()}
-    feats = features_per_split(specs, loaded, splits, config)
-    classes = count_classes(config.train, feats)
-    print_banner(config, feats, classes)
-    rows = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
+    with features_folder(config) as folder:
+        feats = features_per_split(specs, loaded, splits, config, folder)
+        classes = count_classes(config.train, feats)
+        print_banner(config, feats, classes)
+        rows = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
+        sizes = {split: len(f.labels) for split, f in next(iter(feats.values())).items()}
     if config.finetune_epochs:
-        n_val = len(next(iter(feats.values()))["val"].labels)
+        n_val = sizes["val"]
         for row in rows:
             row["finetune_top1"] = finetune_backbone(models[row["name"]], splits, classes, config)
             row["finetune_top1_ci95"] = accuracy_interval(row["finetune_top1"], n_val)
     agree = score_agreement(models, splits["val"], config) if config.teacher else None
     for row in rows:
         row.update((agree or {}).get("rows", {}).get(row["name"], {}))
-    results = results_body(config, rows, feats, classes, agree)
+    results = results_body(config, rows, sizes, classes, agree)
     out = Path(config.out)
     write_resolved_config(out, "eval", config)
     write_json_atomic(out / "results.json", results)
@@ -96,41 +105,57 @@ def run(config: EvalConfig) -> dict:
     return results
 
 
+def check_taps(specs: list[BackboneSpec], loaded: dict, tap: str) -> None:
+    """Every backbone defines ``tap`` (before any image is read)."""
+    for s in specs:
+        if tap not in model_taps(loaded[s.name][0]):
+            raise EvalError(f"backbone {s.name!r} ({s.arch}) has no {tap} tap; use --tap post_relu")
+
+
+@contextlib.contextmanager
+def features_folder(config: EvalConfig) -> Iterator[Path]:
+    """OUT/features, or (``cache_features`` off) a temporary folder in OUT that is removed afterwards: the
+    features are memory-mapped files either way, never whole splits in RAM."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.cache_features:
+        yield out / "features"
+        return
+    with tempfile.TemporaryDirectory(prefix=".features-", dir=out) as tmp:
+        yield Path(tmp)
+
+
 def features_per_split(
-    specs: list[BackboneSpec], loaded: dict, splits: dict[str, list[ShardInfo]], config: EvalConfig
+    specs: list[BackboneSpec],
+    loaded: dict,
+    splits: dict[str, list[ShardInfo]],
+    config: EvalConfig,
+    folder: Path,
 ) -> dict[str, dict[str, SplitFeatures]]:
-    """{backbone: {split: features}}: from OUT/features/*.npz when present, else one extraction pass per split."""
-    folder, numerics = Path(config.out) / "features", eval_numerics(resolve_device(config.device))
+    """{backbone: {split: features of ``config.tap``}}: from ``folder`` when saved there, else one extraction pass
+    per split for the backbones that lack them, written into ``folder``."""
+    numerics = eval_numerics(resolve_device(config.device))
     out: dict[str, dict[str, SplitFeatures]] = {s.name: {} for s in specs}
     for split, shards in splits.items():
-        paths = {
-            s.name: feature_path(
-                folder,
-                s.name,
-                split,
+        dirs = {
+            s.name: feature_dir(
+                folder, s.name, split,
                 feature_key(loaded[s.name][1], s.arch, shards, config.resolution, "center", 0, numerics),
             )
             for s in specs
-        }
-        cached = {n: load_features(p) for n, p in paths.items()} if config.cache_features else {}
-        todo = {n: loaded[n][0] for n in paths if cached.get(n) is None}
+        }  # fmt: skip
+        cached = {n: load_features(d, config.tap, config.feature_dtype) for n, d in dirs.items()}
+        todo = {n: loaded[n][0] for n in dirs if cached[n] is None}
         fresh = (
             extract_features(
-                todo,
-                shards,
-                config.resolution,
-                config.batch_size,
-                config.device,
-                desc=split,
-                workers=config.workers,
+                todo, shards, config.resolution, config.batch_size, config.device, desc=split,
+                workers=config.workers, tap=config.tap, folders={n: dirs[n] for n in todo},
+                dtype=config.feature_dtype,
             )
             if todo
             else {}
-        )
-        for n, f in fresh.items():
-            if config.cache_features:
-                save_features(paths[n], f)
-        for n in paths:
+        )  # fmt: skip
+        for n in dirs:
             out[n][split] = fresh[n] if n in fresh else cached[n]
     return out
 
@@ -149,17 +174,18 @@ def count_classes(train: str, feats: dict[str, dict[str, SplitFeatures]]) -> int
 def score_backbone(
     spec: BackboneSpec, identity: dict, feats: dict[str, SplitFeatures], config: EvalConfig
 ) -> dict:
-    """Linear-probe and k-NN top-1 of one backbone on its cached features."""
+    """Linear-probe and k-NN top-1 of one backbone on its cached features (both on ``config.device``, the probe
+    by ``config.probe_backend``)."""
     train, val = feats["train"], feats["val"]
-    if config.tap not in train.taps:
-        raise EvalError(f"backbone {spec.name!r} ({spec.arch}) has no {config.tap} tap; use --tap post_relu")
     x_train, x_val = train.taps[config.tap], val.taps[config.tap]
     start = time.perf_counter()
     probe = linear_probe(
         x_train, train.labels, x_val, val.labels, config.probe_cs, config.probe_holdout, config.seed,
-        config.probe_max_iter,
+        config.probe_max_iter, config.probe_backend, config.device,
     )  # fmt: skip
-    knn = knn_top1(x_train, train.labels, x_val, val.labels, config.knn_k)
+    probe_done = time.perf_counter()
+    knn = knn_top1(x_train, train.labels, x_val, val.labels, config.knn_k, config.device)
+    done = time.perf_counter()
     n_val, n_hold = len(val.labels), probe.sweep_rows
     sweep_ci = {c: accuracy_interval(a, n_hold) for c, a in probe.sweep.items()}
     return {
@@ -170,7 +196,9 @@ def score_backbone(
         "probe_sweep_rows": n_hold, "probe_converged": probe.converged,
         "knn_top1": knn, "knn_top1_ci95": accuracy_interval(knn, n_val), "knn_k": config.knn_k,
         "finetune_top1": None, "finetune_top1_ci95": None,
-        "agree_cosine": None, "agree_cka": None, "probe_knn_seconds": round(time.perf_counter() - start, 3),
+        "agree_cosine": None, "agree_cka": None, "probe_knn_seconds": round(done - start, 3),
+        "probe_backend": config.probe_backend, "probe_seconds": round(probe_done - start, 3),
+        "knn_seconds": round(done - probe_done, 3), "feature_dtype": str(x_train.dtype),
     }  # fmt: skip
 
 
@@ -217,91 +245,34 @@ def print_banner(config: EvalConfig, feats: dict[str, dict[str, SplitFeatures]],
     any_feats = next(iter(feats.values()))
     typer.echo(
         f"eval: {len(feats)} backbones, {len(any_feats['train'].labels)} train / {len(any_feats['val'].labels)} "
-        f"val images, {classes} classes, {config.resolution} px, tap {config.tap}, device {config.device}"
+        f"val images, {classes} classes, {config.resolution} px, tap {config.tap}, device {config.device}, "
+        f"probe {config.probe_backend}"
     )
 
 
 def results_body(
-    config: EvalConfig, rows: list[dict], feats: dict, classes: int, agreement: dict | None
+    config: EvalConfig, rows: list[dict], sizes: dict[str, int], classes: int, agreement: dict | None
 ) -> dict:
-    any_feats = next(iter(feats.values()))
+    """results.json: ``sizes`` = {split: images}."""
     return {
         "format": RESULTS_FORMAT,
         "data": {
             "train": config.train,
             "val": config.val,
-            "train_samples": len(any_feats["train"].labels),
-            "val_samples": len(any_feats["val"].labels),
+            "train_samples": sizes["train"],
+            "val_samples": sizes["val"],
             "classes": classes,
         },
         "intervals": {
             "method": METHOD,
             "level": LEVEL,
-            "val_samples": len(any_feats["val"].labels),  # n of probe, k-NN and fine-tune top-1
+            "val_samples": sizes["val"],  # n of probe, k-NN and fine-tune top-1
             "note": "<metric>_ci95: [low, high], Wilson interval over the evaluation images (not over seeds)",
         },
         "backbones": rows,
         "agreement": {k: v for k, v in agreement.items() if k != "rows"} if agreement else None,
         "config": config_to_dict(config),
     }
-
-
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def fmt_accuracy(row: dict, metric: str) -> str:
-    """``0.760 [0.696, 0.815]``: the accuracy and its 95% interval."""
-    return format_with_interval(row[metric], row.get(f"{metric}_ci95"))
-
-
-def print_table(results: dict) -> None:
-    """One row per backbone: probe, k-NN, fine-tune top-1 (each with its 95% interval) and agreement."""
-    data = results["data"]
-    title = f"kdep eval ({data['val_samples']} val images, {data['classes']} classes; top-1 [95% Wilson CI])"
-    table = Table(title=title)
-    for col in ("backbone", "arch", "dim", "probe@1", "C", "kNN@1", "FT@1", "cos", "CKA"):
-        table.add_column(col, justify="left" if col in ("backbone", "arch") else "right")
-    for r in results["backbones"]:
-        table.add_row(
-            r["name"], r["arch"], str(r["dim"]), fmt_accuracy(r, "probe_top1"), f"{r['probe_c']:g}",
-            fmt_accuracy(r, "knn_top1"), fmt_accuracy(r, "finetune_top1"), fmt(r["agree_cosine"]),
-            fmt(r["agree_cka"]),
-        )  # fmt: skip
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: rich would wrap at 80 columns; lines there may be long
-        console = Console(width=200)
-    console.print(table)
-
-
-def error_bars(rows: list[dict], metric: str) -> list[list[float]]:
-    """(2, n) distances from each accuracy down and up to its 95% interval (0 where there is none)."""
-    low, high = [], []
-    for r in rows:
-        value, ci = r[metric] or 0.0, r.get(f"{metric}_ci95")
-        low.append(value - ci[0] if ci else 0.0)
-        high.append(ci[1] - value if ci else 0.0)
-    return [low, high]
-
-
-def plot_results(rows: list[dict], path: Path) -> None:
-    """Grouped bars of probe / k-NN (/ fine-tune) top-1 per backbone, 95% intervals as error bars; a PNG."""
-    metrics = [m for m in ACCURACIES if any(r[m] is not None for r in rows)]
-    fig = Figure(figsize=(1.5 + 1.2 * len(rows), 3.5))
-    ax = fig.add_subplot()
-    width = 0.8 / len(metrics)
-    for i, metric in enumerate(metrics):
-        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r[metric] or 0.0 for r in rows], width, label=metric.removesuffix("_top1"),
-               yerr=error_bars(rows, metric), capsize=3, error_kw={"elinewidth": 1})  # fmt: skip
-    ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("val top-1 (95% Wilson interval)")
-    ax.legend(
-        fontsize="small", ncols=len(metrics), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def report(config: EvalConfig, results: dict) -> None:

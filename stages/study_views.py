@@ -210,11 +210,13 @@ def eval_device(device: str) -> str:
 def evaluate_runs(config: StudyViewsConfig, paths: StudyPaths, runs: list[dict]) -> dict:
     """``kdep eval`` (probe and k-NN on centre views) of every student and of the teacher (reference row)."""
     backbones = tuple(f"{r['name']}={config.student}:{r['backbone']}" for r in runs)
+    # float32 feature files: a random-init MobileNetV2's features (the reference row) are below float16's range
     eval_config = EvalConfig(train=str(paths.data / "train"), val=str(paths.data / "val"), out=str(paths.eval),
                              backbones=(*backbones, f"teacher={config.teacher}:{paths.teacher}",
                                         f"random={config.student}:random"),
                              resolution=config.resolution, batch_size=EVAL_BATCH, device=eval_device(config.device),
-                             workers=config.workers, knn_k=config.knn_k)  # fmt: skip
+                             workers=config.workers, knn_k=config.knn_k,
+                             feature_dtype="float32")  # fmt: skip
     return evaluate.run(eval_config)
 
 

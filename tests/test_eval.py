@@ -7,10 +7,11 @@
   every accuracy in results.json, the printed table and the plot carries its interval.
 - A backbone saved without its classifier loads with strict=True and equals the source weights.
 - ``run(config)`` on tiny demo shards (4 classes x 6 train / 3 val, 32 px, random ResNet-18): results.json keys,
-  accuracies in [0, 1], the feature cache reused, fine-tuning for 1 epoch.
+  accuracies in [0, 1], the feature cache (float16 .npy of the evaluated tap only) reused, fine-tuning for 1 epoch.
 - Features and fine-tuning read through DataLoader workers equal, bit for bit, the in-process run and a direct
-  decode + replay + forward; the feature-file key changes with device type and autocast, and a CPU key is the
-  one computed before those were keyed (so existing CPU caches are reused).
+  decode + replay + forward (in memory and in float16 feature files); the feature-file key changes with device
+  type and autocast, and a CPU key is the one computed before those were keyed (so existing CPU caches are reused).
+  (tests/test_eval_scale.py: the torch probe against scikit-learn, blocked k-NN, feature files, shard reading.)
 """
 
 from __future__ import annotations
@@ -223,9 +224,12 @@ def test_run_end_to_end_and_feature_cache(demo_shards: dict[str, Path], tmp_path
     print_table(results)
     assert format_with_interval(row["probe_top1"], row["probe_top1_ci95"]) in capsys.readouterr().out
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "config.eval.json").is_file()
-    cached = sorted(p.name for p in (tmp_path / "features").glob("*.npz"))
-    assert len(cached) == 2 and cached[0].startswith("random.train.")
-    again = run(config)  # reads the .npz files; same seed, same features, same numbers
+    cached = sorted((tmp_path / "features").iterdir())
+    assert len(cached) == 2 and cached[0].name.startswith("random.train.")
+    for folder in cached:  # the evaluated tap only, float16, with its labels and keys
+        assert sorted(p.name for p in folder.iterdir()) == ["keys.npy", "labels.npy", "post_relu.npy"]
+        assert np.load(folder / "post_relu.npy", mmap_mode="r").dtype == np.float16
+    again = run(config)  # reads the .npy files; same seed, same features, same numbers
     assert again["backbones"][0]["probe_top1"] == row["probe_top1"]
 
 
@@ -247,6 +251,7 @@ def test_run_finetune_one_epoch_and_agreement(demo_shards: dict[str, Path], tmp_
     assert row["agree_cosine"] is None  # no projection given: CKA only
     assert row["agree_cka"] == pytest.approx(1.0, abs=1e-4)  # the teacher is the same seeded random ResNet-18
     assert not (tmp_path / "features").exists()
+    assert not list(tmp_path.glob(".features-*"))  # the temporary feature files are gone too
 
 
 def test_run_agreement_with_projection_artefact(demo_shards: dict[str, Path], tmp_path: Path) -> None:
@@ -283,9 +288,10 @@ def test_cuda_features_match_cpu_within_bf16(demo_shards: dict[str, Path]) -> No
     assert mean_cosine(cpu, gpu) > 0.99  # bf16 autocast + channels_last vs float32
 
 
-def test_extract_features_bit_identical_with_workers(demo_shards: dict[str, Path]) -> None:
-    """Batches of 5 over 12 val images (5, 5, 2): any worker count gives the same rows, bit for bit, as a direct
-    decode + replay + forward over the samples in shard order."""
+def test_extract_features_bit_identical_with_workers(demo_shards: dict[str, Path], tmp_path: Path) -> None:
+    """Batches of 5 over 12 val images in 2 shards of 8 and 4 (batches 5, 3 | 4): any worker count gives the same
+    rows, bit for bit, as a direct decode + replay + forward over the samples in shard order; so do float16 feature
+    files of one tap (the float32 rows rounded once)."""
     from pipeline.data.shards import iter_samples, list_shards
     from pipeline.evaluation.batches import make_view
     from pipeline.models import FeatureTaps
@@ -305,6 +311,14 @@ def test_extract_features_bit_identical_with_workers(demo_shards: dict[str, Path
         for tap, rows in feats.taps.items():
             assert np.array_equal(rows, runs[0].taps[tap]), tap
         assert np.array_equal(feats.taps["pre_relu"][:5], direct)
+    for w in (0, 2):
+        folder = tmp_path / f"w{w}"
+        on_disk = extract_features({"a": model}, str(demo_shards["val"]), 32, 5, workers=w, tap="pre_relu",
+                                   folders={"a": folder}, dtype="float16")["a"]  # fmt: skip
+        assert list(on_disk.taps) == ["pre_relu"] and isinstance(on_disk.taps["pre_relu"], np.memmap)
+        assert np.array_equal(on_disk.taps["pre_relu"], runs[0].taps["pre_relu"].astype(np.float16))
+        assert np.array_equal(np.load(folder / "labels.npy"), runs[0].labels)
+        assert np.load(folder / "keys.npy").tolist() == runs[0].keys
 
 
 def test_finetune_same_weights_with_workers(demo_shards: dict[str, Path]) -> None:
@@ -335,7 +349,8 @@ def _key_before_numerics(identity: dict, arch: str, split: list, resolution: int
 
 def test_feature_key_covers_device_and_autocast(demo_shards: dict[str, Path]) -> None:
     from pipeline.data.shards import list_shards
-    from pipeline.evaluation.features import eval_numerics, feature_key
+    from pipeline.evaluation.feature_files import feature_key
+    from pipeline.evaluation.features import eval_numerics
 
     split, identity = list_shards(str(demo_shards["val"])), {"arch": "resnet18", "seed": 0}
     cpu, cuda = eval_numerics(torch.device("cpu")), eval_numerics(torch.device("cuda"))
@@ -359,10 +374,10 @@ def test_cpu_feature_cache_is_reused_on_cpu(demo_shards: dict[str, Path], tmp_pa
     identity = first["backbones"][0]["identity"]
     for split in ("train", "val"):
         key = _key_before_numerics(identity, "resnet18", list_shards(str(demo_shards[split])), 32)
-        assert (tmp_path / "features" / f"random.{split}.{key}.npz").is_file()
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("*.npz")}
+        assert (tmp_path / "features" / f"random.{split}.{key}" / "post_relu.npy").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.npy")}
     again = run(config)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 6
     assert again["backbones"][0]["probe_top1"] == first["backbones"][0]["probe_top1"]
 
 
@@ -387,9 +402,10 @@ def test_timm_backbones_parse_and_are_evaluated_with_their_own_normalisation(
     from pipeline.data.shards import list_shards
     from pipeline.evaluation.batches import iter_view_batches
 
-    x, _, _ = next(
+    first, x, _, _ = next(
         iter_view_batches(list_shards(str(demo_shards["val"])), 32, 6, "center", 0, 0, torch.device("cpu"))
     )
+    assert first == 0
     x = x.float() if x.dtype != torch.uint8 else x.float() / 255.0
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     unit = x * std + mean if x.min() < 0 else x  # back to [0, 1] when the batch came normalised

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
-SHARED = {"errors", "manifest", "provenance", "models", "runtime", "failures", "files", "progress", "choices", "teachers"}  # fmt: skip
+SHARED = {"errors", "manifest", "provenance", "models", "runtime", "failures", "files", "progress", "choices", "teachers", "dtypes"}  # fmt: skip
 SHARED_PACKAGES = {"models"}  # shared modules that are packages: models and its library back-ends
 STAGES = ("cache", "projection", "student", "process", "evaluation", "demo")
 ARTEFACTS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from pathlib import Path
 
@@ -138,6 +139,33 @@ def test_tar_reader_matches_tarfile_for_long_names_and_formats(tmp_path, fmt):
         got = list(iter_members(fh))
     assert [(n, d) for n, _, d in got] == [(n, d) for n, _, d in want]
     assert [o for _, o, _ in got][0] == 0
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_sample_spans_locate_every_member_and_fields_reads_only_those(tmp_path, fmt):
+    """``iter_samples(fields=...)`` reads only the named members; every member's (data offset, size) span, read
+    back from the file, equals the member's bytes as a full read gives them (long names and pax headers too)."""
+    path = tmp_path / "t.tar"
+    long_key = (
+        "d" * 60 + "/" + "x" * 60 if fmt == tarfile.USTAR_FORMAT else "d/" + "x" * 120
+    )  # prefix / long name
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, key in enumerate(["a", long_key, "b"]):
+            for ext, data in (("jpg", bytes([i + 1]) * (300 + 900 * i)), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    full = list(iter_samples(path))
+    only = list(iter_samples(path, fields=("cls",)))
+    raw = path.read_bytes()
+    assert [s.key for s in only] == [s.key for s in full] and len(full) == 3
+    for a, b in zip(full, only, strict=True):
+        assert set(b.fields) == {"cls"} and b.fields["cls"] == a.fields["cls"] and b.offset == a.offset
+        assert a.spans == b.spans and set(a.spans) == {"jpg", "cls"}
+        for ext, (start, size) in b.spans.items():
+            assert raw[start : start + size] == a.fields[ext]
+    with pytest.raises(ValueError, match="digest"):
+        next(iter_samples(path, hashlib.sha256(), fields=("cls",)))
 
 
 def test_corrupt_tar_header_is_named(demo_shards, tmp_path):

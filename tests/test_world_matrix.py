@@ -241,6 +241,17 @@ def test_search_process_is_refused_on_several_ranks_in_one_line(m, world, tmp_pa
     assert not out.exists()
 
 
+def test_eval_is_refused_on_several_ranks_in_one_line(m, demo_shards, tmp_path):
+    out = tmp_path / "eval"
+    result = run_kdep(2, "eval", "--train", str(demo_shards["train"]), "--val", str(demo_shards["val"]), "--out",
+                      str(out), "--backbone", "r=resnet18:random", "--resolution", "32")  # fmt: skip
+    assert result.code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: kdep eval runs in one process, not on 2 ranks; run it without torchrun (it uses one "
+                      "device: --device cuda)"] * 2  # fmt: skip
+    assert not out.exists()
+
+
 def test_an_error_on_one_rank_ends_both_ranks_within_a_minute_naming_the_shard(m, tmp_path):
     """A source shard that only rank 1 reads is changed after caching (same size, no index, so only the join can
     see it): rank 1 fails in the middle of epoch 1 while rank 0 waits in DDP's all-reduce; both exit non-zero with

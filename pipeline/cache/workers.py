@@ -26,6 +26,7 @@ from pipeline.cache.store import HASH_BYTES, FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
 from pipeline.data.shards import ShardError, iter_samples
 from pipeline.data.views import N_PARAMS, cat_views, replay_for_transport, sample_views, stack_views
+from pipeline.dtypes import range_problem
 from pipeline.errors import KdepError
 from pipeline.files import file_sha256
 
@@ -165,28 +166,6 @@ def _batch(shard: int, items: list[dict]) -> dict:
         "params": np.stack([it["params"] for it in items]), "hw": np.array([it["hw"] for it in items], np.int32),
         "hashes": np.stack([it["hash"] for it in items]),
     }  # fmt: skip
-
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values become inf
-FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-05: float16's smallest normal value
-
-
-def range_problem(feats: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-    """(rows,) bool of the rows of ``feats`` (rows, D) that ``dtype`` cannot hold, and what is wrong with the first:
-    a value beyond its largest finite value (stored as inf), or a row whose largest magnitude is below its smallest
-    normal value (stored as subnormals or zeros, relative error up to 1). Exact zeros and float32 are fine."""
-    if np.dtype(dtype) != np.float16 or feats.size == 0:
-        return np.zeros(len(feats), bool), ""
-    peak = np.abs(feats).max(axis=1)
-    over, tiny = peak > FLOAT16_MAX, (peak > 0) & (peak < FLOAT16_TINY)
-    bad = over | tiny
-    if not bad.any():
-        return bad, ""
-    i = int(np.flatnonzero(bad)[0])
-    if over[i]:
-        return bad, f"a value of {peak[i]:.4g} would be stored as inf (float16 holds at most {FLOAT16_MAX:g})"
-    return bad, (f"its largest value {peak[i]:.3g} is below float16's normal range ({FLOAT16_TINY:.3g}) and "
-                 "would be stored as (nearly) zeros")  # fmt: skip
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import braceexpand
 
-from pipeline.data.tarstream import TarFormatError, iter_members
+from pipeline.data.tarstream import BLOCK, TarFormatError, iter_member_spans, iter_members
 from pipeline.errors import KdepError
 from pipeline.files import atomic_path, file_sha256, write_json_atomic
 
@@ -51,6 +51,7 @@ class Sample:
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)  # extension (e.g. "jpg", "cls") -> bytes
     offset: int = 0  # byte offset of the sample's first member header in the tar
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # extension -> (data offset, size)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -80,18 +81,24 @@ class _HashingReader:
             pass
 
 
-def iter_samples(path: str | Path, digest=None) -> Iterator[Sample]:
+def iter_samples(path: str | Path, digest=None, fields: tuple[str, ...] | None = None) -> Iterator[Sample]:
     """Yield the samples of one shard in tar order; raise ShardError on truncation, corruption or duplicate keys.
 
     With ``digest`` (e.g. ``hashlib.sha256()``), every byte of the file is fed to it while reading, so the whole
-    file's hash is ready once the last sample is yielded, without a second read of the shard."""
+    file's hash is ready once the last sample is yielded, without a second read of the shard. With ``fields``
+    (extensions, e.g. ``("cls",)``), only those members' bytes are read and the file is read unbuffered: the
+    other members are seeked over and absent from ``Sample.fields``; every member's place in the file is in
+    ``Sample.spans`` either way (a random-access index of the shard for the price of its headers)."""
     path = str(path)
+    if digest is not None and fields is not None:
+        raise ValueError("iter_samples: a digest needs every byte; do not pass fields with it")
     seen: set[str] = set()
     current: Sample | None = None
     try:
-        with open(path, "rb", buffering=1 << 20) as raw:
+        with open(path, "rb", buffering=1 << 20 if fields is None else 0) as raw:
             fh = _HashingReader(raw, digest) if digest is not None else raw
-            for name, offset, data in iter_members(fh):
+            wanted = (lambda _n: True) if fields is None else (lambda n: split_member_name(n)[1] in fields)
+            for name, offset, size, data in iter_member_spans(fh, wanted):
                 key, ext = split_member_name(name)
                 if current is None or key != current.key:
                     if current is not None:
@@ -102,9 +109,11 @@ def iter_samples(path: str | Path, digest=None) -> Iterator[Sample]:
                         )
                     seen.add(key)
                     current = Sample(key=key, offset=offset)
-                if ext in current.fields:
+                if ext in current.spans:
                     raise ShardError(f"{path}: duplicate member {name!r}; re-make the shard")
-                current.fields[ext] = data
+                current.spans[ext] = (offset + BLOCK, size)
+                if fields is None or ext in fields:
+                    current.fields[ext] = data
             if digest is not None:
                 fh.drain()  # the padding after the end-of-archive marker belongs to the file's hash too
     except FileNotFoundError:

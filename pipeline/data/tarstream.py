@@ -9,7 +9,7 @@ stops at a member boundary without it is truncated (every WebDataset handler wou
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 BLOCK = 512
@@ -49,6 +49,15 @@ def _pax_path(data: bytes) -> str | None:
 def iter_members(fh: BinaryIO, with_data: bool = True) -> Iterator[tuple[str, int, bytes]]:
     """Yield ``(name, header offset, data)`` for every regular file member, in order (``data`` is b"" and the file
     is seeked over when ``with_data`` is False: a key scan reads only the headers)."""
+    for name, offset, _size, data in iter_member_spans(fh, lambda _name: with_data):
+        yield name, offset, data
+
+
+def iter_member_spans(fh: BinaryIO, read: Callable[[str], bool]) -> Iterator[tuple[str, int, int, bytes]]:
+    """Yield ``(name, header offset, size, data)`` for every regular file member, in order; the member's data
+    is bytes ``[offset + 512, offset + 512 + size)`` of the file. ``data`` is read only for names where
+    ``read(name)`` is true; the others are seeked over (b""), so with an unbuffered ``fh`` only headers and the
+    chosen members are read."""
     offset, long_name = 0, None
     while True:
         header = fh.read(BLOCK)
@@ -60,7 +69,8 @@ def iter_members(fh: BinaryIO, with_data: bool = True) -> Iterator[tuple[str, in
             raise TarFormatError(f"corrupt tar header at byte {offset}")
         size, kind = _octal(header[124:136]), header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        if with_data or kind in (b"L", b"x"):
+        name = long_name or _header_name(header)
+        if kind in (b"L", b"x") or read(name):
             data = fh.read(padded)
             if len(data) < padded:
                 raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
@@ -69,14 +79,13 @@ def iter_members(fh: BinaryIO, with_data: bool = True) -> Iterator[tuple[str, in
             data = b""
             if fh.seek(padded, 1) > _size(fh):
                 raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
-        name = long_name or _header_name(header)
         long_name = None
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8")
         elif kind == b"x":
             long_name = _pax_path(data)
         elif kind in (b"0", b"\0", b"7"):
-            yield name, offset, data
+            yield name, offset, size, data
         offset += BLOCK + padded
 
 

@@ -1,14 +1,16 @@
-"""Evaluation's input batches, decoded by DataLoader workers into pinned memory (on CUDA), in a fixed order.
+"""Evaluation's input batches of centre (or seeded) views, decoded by DataLoader workers into pinned memory (CUDA).
 
     from pipeline.evaluation.batches import iter_view_batches
-    for views, labels, keys in iter_view_batches(list_shards("out/demo/data/val"), 64, 64, workers=2):
-        ...  # (B, 3, 64, 64) float32, (B,) int64 numpy, B keys
+    for first, views, labels, keys in iter_view_batches(list_shards("out/demo/data/val"), 64, 64, workers=2):
+        ...  # split rows first .. first + B - 1: (B, 3, 64, 64) float32, (B,) int64 numpy, B keys
 
-The batches are the same with any number of workers (same samples, same order, same views), so features are
-bit-identical to an in-process run: over shards, worker ``w`` of ``n`` builds batches ``w, w + n, ...`` (every
-worker reads the shards' bytes, which is cheap next to decoding, and decodes only its own batches) and the
-DataLoader's round-robin returns them in batch order; fine-tuning batches are a map-style dataset indexed by
-(epoch, batch) read in order by one DataLoader for the whole run.
+Whole shards are split over the workers: worker ``w`` of ``W`` reads shards ``w, w + W, ...``, so each byte of the
+split is read and parsed once whatever ``W`` (parallelism is min(workers, shards)). Batches never span two shards
+and are cut at fixed positions inside each shard (0, B, 2B, ...); each carries the split row of its first sample
+(split order: shards in list order, samples in tar order), so a caller puts the rows where they belong, whatever
+order the workers deliver them in. The batches, hence the features, are the same bit for bit for any ``W``.
+A shard whose sample count differs from its index is an error naming it (rows are never shifted into the next
+shard's place).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from pipeline.data.images import decode_rgb, image_bytes
-from pipeline.data.shards import Sample, ShardInfo, iter_samples
+from pipeline.data.shards import Sample, ShardInfo, count_samples, iter_samples
 from pipeline.data.views import replay_view, sample_view_params
 from pipeline.evaluation.backbones import EvalError
 
-Labelled = tuple[Sample, str, int]  # a sample, the name of its shard and its class
+Batch = tuple[int, torch.Tensor, torch.Tensor, list[str]]  # first split row, views, labels, keys
 
 
 def sample_label(sample: Sample, where: str) -> int:
@@ -41,9 +43,21 @@ def sample_label(sample: Sample, where: str) -> int:
 
 def make_view(sample: Sample, where: str, resolution: int, recipe: str, seed: int, view: int) -> torch.Tensor:
     """Decode one sample and replay its view ``view`` of ``recipe``: (3, res, res) normalised float32."""
-    image = decode_rgb(image_bytes(sample, where), f"{where}:{sample.key}")
-    params = sample_view_params(recipe, seed, sample.key, view, *image.shape[-2:])
+    return view_of(image_bytes(sample, where), sample.key, where, resolution, recipe, seed, view)
+
+
+def view_of(
+    data: bytes, key: str, where: str, resolution: int, recipe: str, seed: int, view: int
+) -> torch.Tensor:
+    """Encoded image bytes of sample ``key`` -> its view ``view`` of ``recipe``: (3, res, res) normalised float32."""
+    image = decode_rgb(data, f"{where}:{key}")
+    params = sample_view_params(recipe, seed, key, view, *image.shape[-2:])
     return replay_view(image, params, resolution)
+
+
+def shard_rows(shards: list[ShardInfo]) -> list[int]:
+    """Samples per shard: from the index, else counted from the tar headers."""
+    return [s.samples if s.samples is not None else count_samples(s) for s in shards]
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -52,69 +66,62 @@ def _worker_slot() -> tuple[int, int]:
 
 
 class ShardViewBatches(IterableDataset):
-    """``(views (B, 3, res, res) float32, labels (B,) int64, keys)`` over ``shards`` in shard order, view 0 of
-    ``recipe``; this worker yields only its own batches (``b % workers == worker``)."""
-
-    def __init__(self, shards: list[ShardInfo], resolution: int, batch_size: int, recipe: str, seed: int):
-        self.shards, self.resolution, self.batch_size = shards, resolution, batch_size
-        self.recipe, self.seed = recipe, seed
-
-    def _chunks(self) -> Iterator[list[tuple[Sample, str]]]:
-        chunk: list[tuple[Sample, str]] = []
-        for info in self.shards:
-            for sample in iter_samples(info.path):
-                chunk.append((sample, info.name))
-                if len(chunk) == self.batch_size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        worker, workers = _worker_slot()
-        for b, chunk in enumerate(self._chunks()):
-            if b % workers == worker:
-                views = [
-                    make_view(s, where, self.resolution, self.recipe, self.seed, 0) for s, where in chunk
-                ]
-                labels = torch.tensor([sample_label(s, where) for s, where in chunk], dtype=torch.int64)
-                yield torch.stack(views), labels, [s.key for s, _ in chunk]
-
-
-class EpochBatches(Dataset):
-    """Fine-tuning batches of every epoch: item ``(epoch, b)`` -> (epoch, views (B, 3, res, res), labels (B,)),
-    the epoch's seeded permutation cut into batches, views of ``recipe`` with view index = epoch."""
+    """``(first split row, views (B, 3, res, res) float32, labels (B,) int64, keys)`` of view 0 of ``recipe``;
+    this worker reads only its own shards (``s % workers == worker``)."""
 
     def __init__(
-        self, data: list[Labelled], epochs: int, batch_size: int, resolution: int, recipe: str, seed: int
+        self,
+        shards: list[ShardInfo],
+        rows: list[int],
+        resolution: int,
+        batch_size: int,
+        recipe: str,
+        seed: int,
     ):
-        self.data, self.batch_size, self.resolution, self.recipe, self.seed = (
-            data,
-            batch_size,
-            resolution,
-            recipe,
-            seed,
-        )
-        starts = [
-            s for s in range(0, len(data), batch_size) if len(data) - s >= 2
-        ]  # BatchNorm needs 2 images
-        self.per_epoch = len(starts)  # batches in every epoch
-        self.index = [(e, s) for e in range(epochs) for s in starts]
+        self.shards, self.rows, self.resolution, self.batch_size = shards, rows, resolution, batch_size
+        self.recipe, self.seed = recipe, seed
+        self.starts = (
+            np.concatenate([[0], np.cumsum(rows)]).astype(int).tolist()
+        )  # each shard's first split row
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker_slot()
+        for s in range(worker, len(self.shards), workers):
+            yield from self._shard_batches(s)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        epoch, start = self.index[i]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        chunk = [self.data[j] for j in order[start : start + self.batch_size]]
-        views = [make_view(s, where, self.resolution, self.recipe, self.seed, epoch) for s, where, _ in chunk]
-        return epoch, torch.stack(views), torch.tensor([y for _, _, y in chunk])
+    def _shard_batches(self, s: int) -> Iterator[Batch]:
+        info, expected = self.shards[s], self.rows[s]
+        chunk: list[Sample] = []
+        seen = 0
+        for sample in iter_samples(info.path):
+            seen += 1
+            if seen > expected:
+                raise _count_error(info, f"more than {expected}", expected)
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield self._batch(info, self.starts[s] + seen - len(chunk), chunk)
+                chunk = []
+        if chunk:
+            yield self._batch(info, self.starts[s] + seen - len(chunk), chunk)
+        if seen != expected:
+            raise _count_error(info, str(seen), expected)
+
+    def _batch(self, info: ShardInfo, first: int, chunk: list[Sample]) -> Batch:
+        views = [make_view(s, info.name, self.resolution, self.recipe, self.seed, 0) for s in chunk]
+        labels = torch.tensor([sample_label(s, info.name) for s in chunk], dtype=torch.int64)
+        return first, torch.stack(views), labels, [s.key for s in chunk]
+
+
+def _count_error(info: ShardInfo, seen: str, expected: int) -> EvalError:
+    return EvalError(
+        f"{info.path}: {seen} samples but {expected} were listed for it; the shard is truncated or changed "
+        "(re-make it, or its index.json)"
+    )
 
 
 def batch_loader(dataset: Dataset, workers: int, device: torch.device) -> DataLoader:
-    """Items of ``dataset`` (each one whole batch) in order, built by ``workers`` processes (0: this one), pinned
-    for CUDA."""
+    """Items of ``dataset`` (each one whole batch), built by ``workers`` processes (0: this one), pinned for
+    CUDA. A map-style dataset's items come in index order; an iterable one's in the workers' round-robin."""
     extra = {"prefetch_factor": 2} if workers else {}
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", **extra
@@ -129,9 +136,12 @@ def iter_view_batches(
     seed: int = 0,
     workers: int = 0,
     device: torch.device | None = None,
-) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-    """Batches of (B, 3, res, res) views, (B,) labels and keys, in shard order (view index 0 of ``recipe``);
-    the same batches for any ``workers``."""
-    dataset = ShardViewBatches(shards, resolution, batch_size, recipe, seed)
-    for views, labels, keys in batch_loader(dataset, workers, device or torch.device("cpu")):
-        yield views, labels.numpy(), list(keys)
+    rows: list[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, np.ndarray, list[str]]]:
+    """Batches ``(first split row, (B, 3, res, res) views, (B,) labels, B keys)`` of view index 0 of ``recipe``,
+    each split row exactly once, in an order that depends on ``workers`` (the batches themselves do not).
+    ``rows``: samples per shard (default: :func:`shard_rows`)."""
+    rows = shard_rows(shards) if rows is None else rows
+    dataset = ShardViewBatches(shards, rows, resolution, batch_size, recipe, seed)
+    for first, views, labels, keys in batch_loader(dataset, workers, device or torch.device("cpu")):
+        yield int(first), views, labels.numpy(), list(keys)

@@ -1,13 +1,17 @@
-"""Frozen-backbone features for evaluation: backbone specs, loading, one-pass extraction over shards, .npz cache.
+"""Frozen-backbone features for evaluation: backbone loading and one extraction pass over a split's shards.
 
     from pipeline.evaluation.features import parse_backbone, load_backbone, extract_features
     spec = parse_backbone("kdep=resnet18:out/demo/student/backbone.pt")
     model, identity = load_backbone(spec, seed=0)
     feats = extract_features({"kdep": model}, "out/demo/data/val", resolution=64, batch_size=64)
+    feats = extract_features({"kdep": model}, "out/demo/data/val", 64, 64, tap="post_relu",
+                             folders={"kdep": Path("out/f/kdep.val")}, dtype="float16")  # memmapped .npy
 
 Every image goes through :func:`pipeline.data.views.replay_view` (default: the deterministic ``center`` view at the
-evaluation resolution), decoded by DataLoader workers (pipeline/evaluation/batches.py). All backbones are run in
-the same pass over a split, so each image is decoded once. On CUDA the pass runs under bf16 autocast with
+evaluation resolution), decoded by DataLoader workers that each read whole shards (pipeline/evaluation/batches.py).
+All backbones are run in the same pass over a split, so each image is decoded once; each batch's rows are written
+at their place in the split (to memory, or to the memory-mapped files of pipeline/evaluation/feature_files.py), so
+only one batch of features is ever held per backbone. On CUDA the pass runs under bf16 autocast with
 channels_last; the device type and autocast are part of a saved feature file's key (:func:`eval_numerics`).
 A backbone file may hold the backbone without its classifier (what ``backbone_state_dict`` saves; every other key
 must match) or a full checkpoint with its head (e.g. a teacher): ``pipeline.models.build_model`` loads both.
@@ -15,10 +19,7 @@ must match) or a full checkpoint with its head (e.g. a teacher): ``pipeline.mode
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ import torch
 from torch import nn
 
 from pipeline.choices import EVAL_TAPS
-from pipeline.data.shards import ShardInfo, list_shards, shard_record
+from pipeline.data.shards import ShardInfo, list_shards
 from pipeline.evaluation.backbones import BackboneSpec, EvalError
-from pipeline.evaluation.batches import iter_view_batches
-from pipeline.files import atomic_path
+from pipeline.evaluation.batches import iter_view_batches, shard_rows
+from pipeline.evaluation.feature_files import SplitFeatures, TapRows, save_rows
 from pipeline.models import (
     FeatureTaps,
     ModelError,
@@ -42,19 +43,8 @@ from pipeline.progress import progress_bar
 from pipeline.runtime import autocast_for
 
 RANDOM_WEIGHTS = "random"  # the --backbone weights word for a randomly initialised backbone
-FEATURES_FORMAT = "kdep-eval-features/1"
 TEACHER_KEY = "<teacher>"  # the teacher's slot in a shared extraction pass (not a valid backbone name)
 CUDA_AMP = "bf16"  # evaluation's autocast on CUDA (pipeline.runtime AMP mode); float32 on CPU
-CPU_FLOAT32 = {"device": "cpu", "amp": "off"}  # the numerics of keys made before numerics were keyed
-
-
-@dataclass
-class SplitFeatures:
-    """Pooled features of one backbone on one split, rows in shard order."""
-
-    taps: dict[str, np.ndarray]  # tap -> (N, D) float32
-    labels: np.ndarray  # (N,) int64 class indices
-    keys: list[str]  # (N,) sample keys
 
 
 def head_name(model: nn.Module) -> str:
@@ -120,6 +110,12 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
+def taps_on_device(model: nn.Module, taps: tuple[str, ...], device: torch.device) -> FeatureTaps:
+    """``model``'s ``taps`` fed ImageNet-normalised views, re-normalised with the model's own mean/std (a no-op
+    for ImageNet's): built first, then moved, so the re-normalisation's buffers go to ``device`` with the model."""
+    return prepare_model(FeatureTaps(model, taps, from_imagenet=model_preprocessing(model)), device)
+
+
 @torch.no_grad()
 def forward_taps(taps: FeatureTaps, x: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
     """One batch through the taps (autocast per :func:`eval_numerics`) -> {tap: (B, D) float32 numpy}."""
@@ -141,81 +137,65 @@ def extract_features(
     seed: int = 0,
     desc: str = "features",
     workers: int = 0,
+    tap: str | None = None,
+    folders: Mapping[str, Path] | None = None,
+    dtype: str = "float32",
 ) -> dict[str, SplitFeatures]:
-    """Every model's pooled taps on every image of ``split`` (one decode per image, by ``workers`` DataLoader
-    processes; the same numbers for any count), keyed like ``models``."""
+    """Every model's pooled ``tap`` (None: each of its evaluation taps) on every image of ``split``, keyed like
+    ``models``: one decode per image, by ``workers`` DataLoader processes, the same numbers for any count.
+    Rows are stored as ``dtype``; with ``folders`` ({name: directory}) into ``<directory>/<tap>.npy`` memmaps
+    plus ``labels.npy`` and ``keys.npy`` (pipeline/evaluation/feature_files.py), else in memory."""
     device = resolve_device(str(device))
     shards = list_shards(split) if isinstance(split, str) else split
-    taps = {  # each model re-normalises the ImageNet-normalised views with its own mean/std (no-op for ImageNet's)
-        n: FeatureTaps(prepare_model(m, device), model_taps(m), from_imagenet=model_preprocessing(m))
-        for n, m in models.items()
-    }
-    rows: dict[str, dict[str, list[np.ndarray]]] = {n: {t: [] for t in tp.taps} for n, tp in taps.items()}
-    labels, keys = [], []
-    total = sum(s.samples or 0 for s in shards) or None
+    rows = shard_rows(shards)
+    total = sum(rows)
+    if total == 0:
+        raise EvalError(f"{desc}: the split has no samples ({len(shards)} shards); check --train / --val")
+    taps = {n: taps_on_device(m, (tap,) if tap else model_taps(m), device) for n, m in models.items()}
+    sinks = {
+        n: {t: TapRows(folders[n] / f"{t}.npy" if folders else None, total, dtype, f"backbone {n!r} tap {t} on {desc}")
+            for t in ft.taps}
+        for n, ft in taps.items()
+    }  # fmt: skip
+    batches = iter_view_batches(shards, resolution, batch_size, recipe, seed, workers, device, rows)
+    try:
+        labels, keys = fill_rows(taps, sinks, batches, total, device, desc)
+        out = {
+            n: SplitFeatures({t: s.finish() for t, s in per.items()}, labels, keys)
+            for n, per in sinks.items()
+        }
+    except BaseException:
+        for per in sinks.values():
+            for s in per.values():
+                s.discard()
+        raise
+    for n in out if folders else ():
+        save_rows(folders[n], labels, keys)
+    return out
+
+
+def fill_rows(
+    taps: Mapping[str, FeatureTaps],
+    sinks: Mapping[str, Mapping[str, TapRows]],
+    batches: Iterator[tuple[int, torch.Tensor, np.ndarray, list[str]]],
+    total: int,
+    device: torch.device,
+    desc: str,
+) -> tuple[np.ndarray, list[str]]:
+    """One pass over the ``total`` rows of a split (``batches`` from ``iter_view_batches``): every batch through
+    every model, rows written at their split position; returns the (N,) labels and N keys in split order."""
+    labels, keys, filled = np.zeros(total, np.int64), [""] * total, 0
     with progress_bar(total=total, desc=desc, unit="img", leave=False) as bar:
-        for x, y, k in iter_view_batches(shards, resolution, batch_size, recipe, seed, workers, device):
-            for name, tap in taps.items():
-                for t, v in forward_taps(tap, x, device).items():
-                    rows[name][t].append(v)
-            labels.append(y)
-            keys.extend(k)
+        for first, x, y, k in batches:
+            for name, ft in taps.items():
+                for t, v in forward_taps(ft, x, device).items():
+                    sinks[name][t].write(first, v, k)
+            labels[first : first + len(y)], keys[first : first + len(k)] = y, k
+            filled += len(y)
             bar.update(len(y))
-    y_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    return {
-        n: SplitFeatures({t: np.concatenate(v) for t, v in r.items()}, y_all, keys) for n, r in rows.items()
-    }
-
-
-def feature_key(
-    identity: dict,
-    arch: str,
-    split: list[ShardInfo],
-    resolution: int,
-    recipe: str,
-    seed: int,
-    numerics: dict | None = None,
-) -> str:
-    """16-hex digest naming one backbone's features on one split (weights, data, view, and the device type and
-    autocast of :func:`eval_numerics`). CPU float32 (or ``numerics`` None) leaves the key as it was before the
-    numerics were keyed, so CPU feature caches made then are still reused."""
-    body: dict = {
-        "arch": arch,
-        "weights": identity,
-        "shards": [{**shard_record(s), "path": s.path} for s in split],
-        "resolution": resolution,
-        "recipe": recipe,
-        "seed": seed if recipe != "center" else None,
-    }
-    if numerics is not None and numerics != CPU_FLOAT32:
-        body["numerics"] = numerics
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def feature_path(folder: str | Path, name: str, split_name: str, key: str) -> Path:
-    """``<folder>/<name>.<split>.<key>.npz``."""
-    return Path(folder) / f"{name}.{split_name}.{key}.npz"
-
-
-def save_features(path: Path, feats: SplitFeatures) -> None:
-    """Write one backbone's features on one split to an .npz (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"tap_{t}": v for t, v in feats.taps.items()}
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz"
-        np.savez(
-            fh, format=np.array(FEATURES_FORMAT), labels=feats.labels, keys=np.array(feats.keys), **arrays
-        )
-
-
-def load_features(path: Path) -> SplitFeatures | None:
-    """The features saved at ``path``, or None when there is no such file."""
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        if str(z["format"]) != FEATURES_FORMAT:
-            raise EvalError(f"{path}: not a kdep eval feature file; delete it to recompute")
-        taps = {k.removeprefix("tap_"): z[k] for k in z.files if k.startswith("tap_")}
-        return SplitFeatures(taps, z["labels"], [str(k) for k in z["keys"]])
+    if filled != total:  # every shard's count is checked as it is read; this guards the bookkeeping
+        raise EvalError(f"{desc}: {filled} rows extracted but the shards list {total}; re-run")
+    return labels, keys
 
 
 def agreement_features(
@@ -237,8 +217,8 @@ def agreement_features(
         )
     capable = {n: m for n, m in students.items() if tap in model_taps(m)}
     feats = extract_features(
-        {**capable, TEACHER_KEY: teacher}, val, resolution, batch_size, device, recipe, seed, workers=workers
-    )
+        {**capable, TEACHER_KEY: teacher}, val, resolution, batch_size, device, recipe, seed, workers=workers, tap=tap,
+    )  # fmt: skip
     teacher_feats = feats.pop(TEACHER_KEY).taps[tap]
     return {n: f.taps[tap] for n, f in feats.items()}, teacher_feats
 

@@ -12,8 +12,10 @@ Here the epochs and the resolution are whatever the caller configures (CPU-frien
 
 Training views are the ``paper`` recipe (RandomResizedCrop 0.08-1 + flip) replayed through
 :func:`pipeline.data.views.replay_view` with view index = epoch, so a run is reproducible from its seed; the sample
-order of each epoch is a seeded permutation. Encoded images are held in memory and decoded by DataLoader workers
-(one loader for the whole run, pipeline/evaluation/batches.py), so the batches do not depend on the worker count.
+order of each epoch is one seeded permutation. Images are read from the shards by byte range (an index of the
+tar headers, never a copy of the encoded images in memory) and decoded by DataLoader workers (one loader for the
+whole run, pipeline/evaluation/train_samples.py), so the batches do not depend on the worker count.
+The model sees views re-normalised with its own mean/std (a no-op for ImageNet's, e.g. every torchvision model).
 Evaluation is top-1 on the centre views of the val split.
 """
 
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.shards import ShardInfo, iter_samples, list_shards
-from pipeline.evaluation.batches import EpochBatches, Labelled, batch_loader, iter_view_batches, sample_label
+from pipeline.data.shards import ShardInfo, list_shards
+from pipeline.evaluation.batches import batch_loader, iter_view_batches
 from pipeline.evaluation.features import (
     eval_numerics,
     head_name,
@@ -35,6 +37,8 @@ from pipeline.evaluation.features import (
     resolve_device,
     swap_module,
 )
+from pipeline.evaluation.train_samples import EpochBatches, index_samples
+from pipeline.models import Renormalize, model_preprocessing
 from pipeline.progress import progress_bar
 from pipeline.runtime import autocast_for
 
@@ -49,11 +53,6 @@ class FinetuneRecipe:
     momentum: float = 0.9  # SGD momentum (not stated in the paper; assumed)
     batch_size: int = 64  # images per step
     view_recipe: str = "paper"  # training augmentation (pipeline.data.views.RECIPES)
-
-
-def read_labelled(shards: list[ShardInfo]) -> list[Labelled]:
-    """Every sample of ``shards`` with its shard name and label, encoded bytes kept in memory."""
-    return [(s, info.name, sample_label(s, info.name)) for info in shards for s in iter_samples(info.path)]
 
 
 def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
@@ -108,7 +107,7 @@ def classify_top1(
     """Top-1 of ``model``'s logits on the centre views of ``shards``."""
     model.eval()
     correct = total = 0
-    for x, y, _ in iter_view_batches(shards, resolution, batch_size, workers=workers, device=device):
+    for _, x, y, _ in iter_view_batches(shards, resolution, batch_size, workers=workers, device=device):
         with autocast_for(device, eval_numerics(device)["amp"]):
             pred = model(to_device(x, device)).argmax(1).cpu().numpy()
         correct += int((pred == y).sum())
@@ -132,8 +131,9 @@ def finetune(
     dev = resolve_device(device)
     train = list_shards(train) if isinstance(train, str) else train
     val = list_shards(val) if isinstance(val, str) else val
-    model = prepare_model(with_new_head(model, num_classes, seed), dev)
-    data = read_labelled(train)
+    own = Renormalize(model_preprocessing(model))  # ImageNet-normalised views -> the model's normalisation
+    model = prepare_model(nn.Sequential(own, with_new_head(model, num_classes, seed)), dev)
+    data = index_samples(train)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(
         params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
