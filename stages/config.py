@@ -265,6 +265,7 @@ class TrainStudentConfig:
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
     channels_last: bool = True  # channels_last on CUDA
     online_teacher: bool = False  # run the teacher live on the same views instead of reading the cache
+    fresh_views: bool = False  # with online_teacher: a fresh view of every image every epoch, drawn from the cache's recipe and seed outside its pool (true online KD)
     process: str = ""  # DistPro process.json (search-process): its pathways are the targets, by alpha(t)
     alpha_threshold: float = 0.0  # with process: drop a pathway while its normalised alpha is below it
     process_weights: str = "softmax"  # with process: softmax = the searched softmax(alpha), summing to 1;
@@ -292,6 +293,12 @@ class TrainStudentConfig:
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         check_range("global_batch_size", self.global_batch_size, 0)
+        if self.fresh_views and not self.online_teacher:
+            raise ConfigError("key 'fresh_views': fresh views have no cached targets; add --online-teacher")
+        if self.fresh_views and (self.neighbours or self.views_used):
+            given = "neighbours" if self.neighbours else "views_used"
+            raise ConfigError(f"key 'fresh_views': not with {given} (neighbour batches and views_used pick cached "
+                              "views); leave it 0")  # fmt: skip
         check_range("lr", self.lr, 0.0)
         check_range("loss_weight", self.loss_weight, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
