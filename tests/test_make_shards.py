@@ -197,3 +197,14 @@ def test_errors_in_workers_are_one_line_naming_the_file_or_shard(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert len(errors) == 1 and re.search(r"cannot write .*train-000004\.tar: .*directory", errors[0])
+
+
+def test_a_shard_whose_images_are_all_skipped_is_an_empty_tar_in_the_index(tmp_path):
+    from pipeline.data.shards import count_samples
+
+    src = _folder(tmp_path / "src", {"a": 3}, corrupt="a/a_bad.JPEG")
+    res = run(MakeShardsConfig(from_folder=str(src), out=str(tmp_path / "o"), per_shard=1, skip_bad=True))
+    shards = list_shards(tmp_path / "o")
+    assert len(shards) == 4 and sorted(s.samples for s in shards) == [0, 1, 1, 1]
+    assert [count_samples(s) for s in shards] == [s.samples for s in shards]
+    assert [p for p, _ in res.skipped] == ["a/a_bad.JPEG"] and len(res.kept) == 3

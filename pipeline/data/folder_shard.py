@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.data.shards import write_shard
 from pipeline.errors import KdepError
-from pipeline.files import file_sha256, write_json_atomic
+from pipeline.files import atomic_path, file_sha256
 
 DONE_DIR = "done"  # per-shard done markers, beside the shards
 _EXT_BY_FORMAT = {"jpeg": "jpg", "mpo": "jpg"}
@@ -128,7 +128,9 @@ def write_task(task: ShardTask) -> ShardOutcome:
     try:
         record = write_shard(task.out, _samples(task, inputs, skipped))
         marker.parent.mkdir(exist_ok=True)
-        write_json_atomic(marker, {"record": record, "skipped": skipped, "inputs": inputs.hexdigest()})
+        with atomic_path(marker) as tmp:  # no fsync: a rerun re-hashes the shard before it trusts a marker
+            body = {"record": record, "skipped": skipped, "inputs": inputs.hexdigest()}
+            tmp.write_text(json.dumps(body, indent=1) + "\n")
     except OSError as err:
         raise ShardWriteError(f"cannot write {task.out}: {err}; check the output folder and rerun") from None
     return ShardOutcome(record, tuple(skipped), reused=False)
