@@ -11,7 +11,9 @@ shard re-hashed, nothing written). The files were just written, so they are read
 figures are the CPU cost (listing, reading, full decode, tar writing, hashing), not a disk's or a network
 filesystem's. Core-seconds per file = (this process's + the workers' CPU time) / files; the ImageNet rows
 extrapolate it linearly (time per core); the wall time at N cores is the plan (serial, in the main process) plus
-the rest divided over N cores at the measured parallel efficiency (an assumption beyond 2 cores).
+the rest divided over N cores at the measured CPU efficiency of the pool (an assumption beyond 2 cores, and only
+where the storage delivers the files that fast). Each run records the load average before it: on a shared
+machine the wall-time figures include other people's work.
 ``--baseline-tree`` also times another checkout's ``folder_to_shards`` (one process) in a subprocess, side by side.
 """
 
@@ -63,25 +65,31 @@ def _cpu_seconds() -> float:
 
 
 def time_run(src: Path, out: Path, workers: int) -> dict:
-    """One ``folder_to_shards`` call: wall seconds, CPU seconds (all processes), shards kept from a finished run."""
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    """One ``folder_to_shards`` call: wall seconds, CPU seconds (all processes), shards kept from a finished run,
+    and the machine's 1-minute load average before it (other work on a shared machine slows the wall time)."""
+    load, wall, cpu = os.getloadavg()[0], time.perf_counter(), _cpu_seconds()
     result = folder_to_shards(src, out, per_shard=PER_SHARD, workers=workers)
     return {
         "seconds": time.perf_counter() - wall,
         "cpu_seconds": _cpu_seconds() - cpu,
         "reused_shards": result.reused,
+        "load_average_before": load,
     }
 
 
-def time_baseline(tree: str, src: Path, out: Path) -> float:
-    """Wall seconds of ``folder_to_shards`` from another checkout (its own signature: one process)."""
+def time_baseline(tree: str, src: Path, out: Path) -> dict:
+    """``folder_to_shards`` from another checkout (its own signature: one process): wall and CPU seconds of the
+    call, measured inside the subprocess (its imports excluded)."""
     code = (
-        "import sys, time; from pipeline.data.folder import folder_to_shards; t = time.perf_counter(); "
-        f"folder_to_shards({str(src)!r}, {str(out)!r}, per_shard={PER_SHARD}); print(time.perf_counter() - t)"
+        "import time; from pipeline.data.folder import folder_to_shards; t, c = time.perf_counter(), "
+        f"time.process_time(); folder_to_shards({str(src)!r}, {str(out)!r}, per_shard={PER_SHARD}); "
+        "print(time.perf_counter() - t, time.process_time() - c)"
     )
     env = {**os.environ, "PYTHONPATH": tree, "KDEP_PROGRESS_SECONDS": "3600"}
+    load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    wall, cpu = map(float, done.stdout.split()[-2:])
+    return {"seconds": wall, "cpu_seconds": cpu, "load_average_before": load}
 
 
 def bench_size(src: Path, work: Path, files: int, workers: tuple[int, ...], baseline: str) -> dict:
@@ -99,30 +107,46 @@ def bench_size(src: Path, work: Path, files: int, workers: tuple[int, ...], base
     resume = time_run(src, work / f"out-{files}-w{workers[-1]}", workers[-1])
     row["resume_check"] = {**resume, "files_per_s": files / resume["seconds"]}
     if baseline:
-        seconds = time_baseline(baseline, src, work / f"out-{files}-baseline")
-        row["baseline_1_process"] = {"seconds": seconds, "files_per_s": files / seconds}
+        base = time_baseline(baseline, src, work / f"out-{files}-baseline")
+        row["baseline_1_process"] = {**base, "files_per_s": files / base["seconds"]}
+        row["baseline_1_process"]["core_seconds_per_file"] = base["cpu_seconds"] / files
     for n in workers:
         shutil.rmtree(work / f"out-{files}-w{n}", ignore_errors=True)
     return row
 
 
-def extrapolate(row: dict, workers: tuple[int, ...]) -> dict:
-    """ImageNet-1k/21k: core-hours at the measured core-seconds per file, and wall hours at 2/16/64 cores."""
-    one, many = row[f"workers_{workers[0]}"], row[f"workers_{workers[-1]}"]
-    efficiency = one["seconds"] / (many["seconds"] * workers[-1]) if workers[-1] > 1 else 1.0
-    out = {"parallel_efficiency": efficiency}
+def per_file(rows: list[dict], run: str, field: str) -> float:
+    """Seconds per extra file of ``run`` (e.g. "workers_2") between the smallest and largest folder: the pool's
+    start-up (a fresh interpreter per worker) and the plan's fixed costs cancel. One size: the plain average."""
+    small, large = rows[0], rows[-1]
+    if large["files"] == small["files"]:
+        return large[run][field] / large["files"]
+    return (large[run][field] - small[run][field]) / (large["files"] - small["files"])
+
+
+def extrapolate(rows: list[dict], workers: tuple[int, ...]) -> dict:
+    """ImageNet-1k/21k: core-hours at the measured core-seconds per file, and wall hours at 2/16/64 cores.
+
+    Per-file costs are marginal (:func:`per_file`). Two parallel efficiencies of the largest worker count: by
+    wall time (speedup / processes; meaningful only on an otherwise idle machine) and by CPU time (one process's
+    CPU per file / the pool's: the share of the pool's work that is the task itself, not transfers). The wall
+    hours use the CPU one: what an idle machine with that many cores would take if the storage keeps up."""
+    one, many = f"workers_{workers[0]}", f"workers_{workers[-1]}"
+    cpu_one, plan = per_file(rows, one, "cpu_seconds"), rows[-1]["plan_seconds"] / rows[-1]["files"]
+    parallel = workers[-1] > 1
+    efficiency = cpu_one / per_file(rows, many, "cpu_seconds") if parallel else 1.0
+    wall_speedup = per_file(rows, one, "seconds") / per_file(rows, many, "seconds")
+    out = {
+        "core_ms_per_file": cpu_one * 1e3,
+        "wall_efficiency": wall_speedup / workers[-1] if parallel else 1.0,
+        "cpu_efficiency": efficiency,
+    }
     for name, files in IMAGENET_FILES.items():
-        core_hours = files * one["cpu_seconds"] / row["files"] / 3600
-        plan_hours = (
-            files * row["plan_seconds"] / row["files"] / 3600
-        )  # serial: the main process lists and plans
+        core_hours, plan_hours = files * cpu_one / 3600, files * plan / 3600  # the plan: serial, main process
         out[name] = {
             "core_hours": core_hours,
             "plan_minutes_one_core": plan_hours * 60,
-            **{
-                f"wall_hours_{c}_cores": plan_hours + (core_hours - plan_hours) / (c * efficiency)
-                for c in (2, 16, 64)
-            },
+            **{f"wall_hours_{c}_cores": plan_hours + core_hours / (c * efficiency) for c in (2, 16, 64)},
         }
     return out
 
@@ -133,10 +157,14 @@ def run_make_shards_bench(
     root: str = "",
     baseline: str = "",
 ) -> dict:
-    """Generate, time, extrapolate, clean up; returns the figures (largest size used for the extrapolation)."""
+    """Generate, time, extrapolate, clean up; returns the figures."""
     work = Path(tempfile.mkdtemp(prefix="kdep-make-shards-", dir=root or None))
     os.environ.setdefault("KDEP_PROGRESS_SECONDS", "3600")  # a progress line per run, not per 10 s
     try:
+        make_folder(
+            work / "warm-up", 10
+        )  # first calls in this process (plugin imports, caches) are not timed
+        folder_to_shards(work / "warm-up", work / "warm-up-out", per_shard=PER_SHARD, workers=0)
         rows = []
         for files in sizes:
             src = work / f"folder-{files}"
@@ -148,7 +176,7 @@ def run_make_shards_bench(
             "per_shard": PER_SHARD,
             "image_sides_px": [375, 500],
             "sizes": rows,
-            "extrapolation": extrapolate(rows[-1], tuple(workers)),
+            "extrapolation": extrapolate(rows, tuple(workers)),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -208,3 +208,27 @@ def test_a_shard_whose_images_are_all_skipped_is_an_empty_tar_in_the_index(tmp_p
     assert len(shards) == 4 and sorted(s.samples for s in shards) == [0, 1, 1, 1]
     assert [count_samples(s) for s in shards] == [s.samples for s in shards]
     assert [p for p, _ in res.skipped] == ["a/a_bad.JPEG"] and len(res.kept) == 3
+
+
+def test_listing_matches_pathlib_rglob_order_on_nested_folders(tmp_path):
+    from pipeline.data.folder import IMAGE_SUFFIXES, list_folder
+
+    src = tmp_path / "src"
+    names = ["a/x-z.jpg", "a/x/y.jpg", "a/x/y2.PNG", "a/B.jpeg", "a/b.jpg", "a/sub/deep/q.webp", "a/.h.jpg",
+             "b/10.jpg", "b/2.jpg", "b/z/0.jpg", "b/z-0.jpg", "b/z.0.jpg", "b/readme.txt", "c d/é.jpg"]  # fmt: skip
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"x")
+    (src / "a" / "link").symlink_to(src / "b" / "z")  # a symlinked folder: listed by neither, not entered
+    (src / "a" / "l2.jpg").symlink_to(src / "b" / "2.jpg")  # a symlinked file: listed
+    classes, files = list_folder(src)
+    reference = {  # what make-shards listed before (pathlib objects, sorted as paths)
+        c: [
+            str(p.relative_to(src))
+            for p in sorted((src / c).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        for c in classes
+    }
+    assert classes == ["a", "b", "c d"] and files == reference
+    assert "a/l2.jpg" in files["a"] and files["b"].index("b/z/0.jpg") < files["b"].index("b/z-0.jpg")

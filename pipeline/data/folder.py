@@ -58,20 +58,31 @@ class FolderPlan:
     keys: list[str]  # sample key of each image (unique)
 
 
-def list_folder(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names (sorted sub-folders) and each class's image files (sorted)."""
+def list_folder(root: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Class names (sorted sub-folders) and each class's image files, as paths relative to ``root``
+    (``"<class>/<name>"``, sub-folders included), sorted part by part as pathlib sorts them.
+
+    Plain strings from ``os.walk`` rather than ``Path`` objects: ~0.1 KB per file instead of ~0.5 KB and several
+    times faster, which matters at ImageNet-21k's 14M files (the listing runs in one process)."""
     if not root.is_dir():
         raise FolderError(f"no image folder at {root}; pass a directory with one sub-folder per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise FolderError(f"{root}: no class sub-folders; expected ImageFolder layout root/<class>/<image>")
-    files = {
-        c: sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) for c in classes
-    }
-    return classes, files
+    return classes, {c: _list_images(root, c) for c in classes}
 
 
-def select_fraction(files: list[Path], fraction: float, seed: int, class_name: str) -> list[Path]:
+def _list_images(root: Path, class_name: str) -> list[str]:
+    top = str(root / class_name)
+    found = []
+    for directory, _, names in os.walk(top):  # symlinked sub-folders are listed, not entered (as rglob does)
+        rel = class_name + directory[len(top) :]
+        found += [f"{rel}/{n}" for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    found.sort(key=lambda rel: rel.split("/"))
+    return found
+
+
+def select_fraction(files: list[str], fraction: float, seed: int, class_name: str) -> list[str]:
     """Keep fraction * n files rounded half up (at least 1), chosen by a generator seeded from (seed, class name)."""
     if fraction >= 1.0:
         return list(files)
@@ -93,12 +104,14 @@ def plan_folder(root: Path, fraction: float, seed: int) -> FolderPlan:
     classes, files = list_folder(root)
     rels, labels, keys, seen = [], [], [], {}
     for label, c in enumerate(classes):
-        for path in select_fraction(files[c], fraction, seed, c):
-            key = make_key(c, path)
+        for rel in select_fraction(files[c], fraction, seed, c):
+            key = make_key(c, rel)
             if key in seen:
-                raise FolderError(f"{path} and {seen[key]} both map to key {key!r}; rename one of them")
-            seen[key] = path
-            rels.append(str(path.relative_to(root)))
+                raise FolderError(
+                    f"{root / rel} and {root / seen[key]} both map to key {key!r}; rename one of them"
+                )
+            seen[key] = rel
+            rels.append(rel)
             labels.append(label)
             keys.append(key)
     order = np.random.default_rng([seed, 1]).permutation(len(rels)).tolist()
