@@ -24,7 +24,7 @@ def _fail_at_zero(x: int) -> int:
     return x
 
 
-def _user_error(x: int) -> int:
+def _user_error(x: int) -> int:  # every task fails: which one is reported first depends on timing
     raise KdepError(f"bad input {x}; fix it")
 
 
@@ -57,7 +57,7 @@ def test_unexpected_error_is_one_task_error_naming_the_task(workers):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_user_error_passes_through_as_it_is(workers):
-    with pytest.raises(KdepError, match=r"^bad input 0; fix it$") as info:
+    with pytest.raises(KdepError, match=r"^bad input \d; fix it$") as info:
         _collect(_user_error, range(3), workers)
     assert type(info.value) is KdepError
 
