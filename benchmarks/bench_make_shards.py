@@ -87,7 +87,9 @@ def time_baseline(tree: str, src: Path, out: Path) -> dict:
     )
     env = {**os.environ, "PYTHONPATH": tree, "KDEP_PROGRESS_SECONDS": "3600"}
     load = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(  # cwd: `python -c` puts the current folder first on sys.path, before PYTHONPATH
+        [sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True, check=True
+    )
     wall, cpu = map(float, done.stdout.split()[-2:])
     return {"seconds": wall, "cpu_seconds": cpu, "load_average_before": load}
 

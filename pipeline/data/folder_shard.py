@@ -107,9 +107,9 @@ def finished_outcome(task: ShardTask) -> ShardOutcome | None:
             return None
         if os.stat(task.out).st_size != record["bytes"] or marker["inputs"] != _stat_digest(task):
             return None
+        if file_sha256(task.out) != record["sha256"]:  # last: the one check that reads the shard
+            return None
     except (OSError, ValueError, KeyError, TypeError):  # no marker, a damaged one, a missing file
-        return None
-    if file_sha256(task.out) != record["sha256"]:
         return None
     return ShardOutcome(record, tuple(skipped), reused=True)
 
