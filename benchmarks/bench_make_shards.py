@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.folder import folder_to_shards, plan_folder
+from pipeline.data.pool import available_cores
 from pipeline.demo.shards import CLASS_NAMES, encode_image, paint_image
-from pipeline.pool import available_cores
 
 IMAGENET_FILES = {"imagenet_1k": 1_281_167, "imagenet_21k": 14_197_122}  # train images (21k: fall11 release)
 PER_SHARD = 50  # small shards so that even the small folder gives each process many tasks

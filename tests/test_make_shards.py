@@ -111,7 +111,7 @@ def _png_bytes() -> bytes:
 
 def test_rerun_after_a_crash_keeps_finished_shards_and_matches_a_straight_run(tmp_path, monkeypatch):
     import pipeline.data.folder as folder_module
-    from pipeline.pool import TaskError
+    from pipeline.data.pool import TaskError
 
     src = _folder(tmp_path / "src", {"a": 8, "b": 7})  # 15 images, 3 per shard: 5 shards
     cfg = {"from_folder": str(src), "per_shard": 3, "workers": 0}

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from pipeline.data.pool import AUTO, TaskError, available_cores, resolve_workers, run_tasks
 from pipeline.errors import KdepError
-from pipeline.pool import AUTO, TaskError, available_cores, resolve_workers, run_tasks
 
 
 def _square(x: int) -> int:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.folder_shard import DONE_DIR, ImageError, ShardOutcome, ShardTask, make_shard
+from pipeline.data.pool import AUTO, resolve_workers, run_tasks
 from pipeline.data.shards import INDEX_NAME, write_index
 from pipeline.errors import KdepError
-from pipeline.pool import AUTO, resolve_workers, run_tasks
 from pipeline.progress import progress_bar
 
 __all__ = ["FolderResult", "ImageError", "folder_to_shards", "list_folder", "make_key", "plan_folder"]
