@@ -170,14 +170,15 @@ def write_shards(
     order."""
     count = -(-len(plan.rels) // per_shard)
     outcomes: list[ShardOutcome | None] = [None] * count
-    tally = {"skipped": 0, "reused": 0}
+    done, tally = [0], {"skipped": 0, "reused": 0}
     with progress_bar(total=len(plan.rels), desc="make-shards", unit="img", mininterval=1.0) as bar:
 
         def on_result(number: int, outcome: ShardOutcome) -> None:
             outcomes[number] = outcome
+            done[0] += 1
             tally["skipped"] += len(outcome.skipped)
             tally["reused"] += outcome.reused
-            bar.set_postfix({"shards": f"{sum(o is not None for o in outcomes)}/{count}", **tally})
+            bar.set_postfix({"shards": f"{done[0]}/{count}", **tally})
             bar.update(min(per_shard, len(plan.rels) - number * per_shard))
 
         tasks = shard_tasks(plan, out, per_shard, prefix, skip_bad)
