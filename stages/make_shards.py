@@ -36,12 +36,13 @@ def run(config: MakeShardsConfig) -> FolderResult:
 
 
 def report(config: MakeShardsConfig, result: FolderResult) -> None:
-    n = sum(s["samples"] for s in result.shards)
+    n, shards, kept = sum(s["samples"] for s in result.shards), len(result.shards), result.reused
+    typer.echo(f"{n} images of {len(result.classes)} classes in {shards} shards in {config.out}")
     typer.echo(
-        f"wrote {n} images of {len(result.classes)} classes to {len(result.shards)} shards in {config.out}"
+        f"wrote {shards - kept} of them, kept {kept} finished by an earlier run (size, sha256, inputs checked)"
+        if kept
+        else f"wrote all {shards} of them"
     )
-    if result.reused:
-        typer.echo(f"kept {result.reused} finished shards of an earlier run (checked: size, sha256, inputs)")
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {config.out}/skipped.txt):")
         for rel, _ in result.skipped[:10]:
