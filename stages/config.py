@@ -533,6 +533,7 @@ class VerifyConfig:
 class DemoConfig:
     manifest: str = "manifests/demo.yaml"  # manifest whose sections every step reads
     sets: tuple[str, ...] = ()  # section.key=value overrides for the steps (repeatable)
+    threads: int = 2  # CPU threads of torch and BLAS in every step, fixed so a re-run gives the same numbers (0 = the libraries' defaults)
     quiet: bool = False  # no progress bars
 
 
