@@ -23,6 +23,7 @@ from pipeline.student.neighbours import (
     centre_view_rows,
     mine_neighbours,
     mine_neighbours_once,
+    neighbour_table,
     valid_rows,
 )
 from pipeline.student.pairs import _stable_int
@@ -434,3 +435,42 @@ def test_a_batch_rereads_no_metadata_and_an_epoch_reads_each_shards_parameters_o
     assert len(loads) == 1 and sorted(s for s, _ in params[3:]) == [0, 1, 2]
     assert sorted(ds._epoch_plan()[2]) == [0, 1, 2]  # this epoch's parameters only
     assert [v for _, v in params[3:]] == [int(ds.shard_views()[s]) for s, _ in params[3:]]
+
+
+def test_without_offsets_each_touched_tar_is_scanned_once_per_worker_into_one_int64_per_row(
+    coss_cache, tmp_path, monkeypatch
+):
+    """A cache without ``member_offset``: a worker scans the headers of each shard it touches once (however many
+    batches touch it) and keeps only each row's offset (no per-shard key map); a shard that lost a cached key is an
+    error naming the shard and the key."""
+    from pipeline.student import neighbour_pairs
+
+    scans = []
+    original = neighbour_pairs.index_tar
+    monkeypatch.setattr(neighbour_pairs, "index_tar", lambda path: scans.append(path) or original(path))
+    paths = coss_cache["paths"]
+    rows = valid_rows(open_store(coss_cache["cache"]))
+    ds = RandomAccessPairs(str(coss_cache["cache"]), paths, rows, "post_relu", 32, seed=0, uint8_views=True)
+    ds.__getitems__([0, 9, 17])
+    ds.__getitems__([20, 1, 10, 23])
+    assert sorted(scans) == sorted(paths)
+    assert ds._found.dtype == np.int64 and ds._found.shape == (24,) and (ds._found >= 0).all()
+    monkeypatch.setattr(neighbour_pairs, "index_tar", lambda path: {})  # the shard lost its samples
+    fresh = RandomAccessPairs(str(coss_cache["cache"]), paths, rows, "post_relu", 32, seed=0)
+    key = fresh.meta.keys[0].decode()
+    with pytest.raises(NeighbourError, match=f"{paths[0]}: cached key '{key}' is not in the shard"):
+        fresh[0]
+
+
+def test_the_table_of_the_demo_cache_has_todays_neighbour_sets(coss_cache):
+    """The rows' neighbour sets on a real (demo) centre-view cache are the ones the code before the rewrite mined:
+    float32 copies of all rows, chunk x N float32 similarities, torch.topk."""
+    store = open_store(coss_cache["cache"])
+    rows, table = neighbour_table(store, "post_relu", 7, torch.device("cpu"))
+    feats = store.feature_array("post_relu")[:, 0, :][rows].astype(np.float32)
+    x = torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
+    sims = x @ x.T
+    sims.fill_diagonal_(-float("inf"))
+    today = sims.topk(7, dim=1).indices.numpy()
+    assert table.dtype == np.int32 and table.shape == (24, 7)
+    assert [set(a) for a in table.tolist()] == [set(b) for b in today.tolist()]

@@ -12,9 +12,11 @@ for every image (N rows):
   ~100 MB per worker at ImageNet-1k.
 
 A batch's features are read in one store call per (view, tap) for all its rows (zarr fetches their inner chunks
-concurrently): only the chunks holding them, whatever shards they are in. Images are read by their recorded tar
-offset (:func:`images_at`: the sample's headers and its image, nothing else of the shard); only a cache made
-before offsets were recorded indexes each tar it touches (:func:`index_tar`), once per worker.
+concurrently): only the chunks holding them, whatever shards they are in. Images are read by their tar offset
+(:func:`images_at`: the sample's headers and its image, nothing else of the shard): the one the cache records, or,
+for a cache made before offsets were recorded, the one found by scanning the headers of each tar a worker touches
+(:func:`index_tar`), once per worker and shard, kept as one int64 per row (~10 MB at ImageNet-1k; the key -> offset
+map of a shard is dropped once its rows' offsets are noted).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset
 
 from pipeline.cache.join import JoinError, join_row
 from pipeline.cache.store import FeatureStore, ShardBlock, open_store
-from pipeline.data.shards import IMAGE_EXTS, split_member_name
+from pipeline.data.shards import IMAGE_EXTS, iter_samples, split_member_name
 from pipeline.student.mining import NeighbourError
 from pipeline.student.pairs import SharedEpoch, scheduled_view, training_views
 
@@ -122,16 +124,10 @@ def _image_at(fh, offset: int, key: str, path: str) -> bytes:
     )
 
 
-def index_tar(path: str) -> dict[str, tuple[int, int]]:
-    """key -> (byte offset, size) of each sample's image member, from the tar headers alone (caches without
-    recorded offsets)."""
-    out = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            key, ext = split_member_name(m.name)
-            if m.isfile() and ext in IMAGE_EXTS:
-                out[key] = (m.offset_data, m.size)
-    return out
+def index_tar(path: str) -> dict[str, int]:
+    """key -> byte offset of the sample's first tar header, from the headers alone (no member's data is read);
+    for caches made before offsets were recorded."""
+    return {sample.key: sample.offset for sample in iter_samples(path, fields=())}
 
 
 class RandomAccessPairs(Dataset):
@@ -164,7 +160,8 @@ class RandomAccessPairs(Dataset):
         self._plan: tuple[int, np.ndarray, dict[int, np.ndarray]] | None = (
             None  # epoch, views, shard -> params
         )
-        self._index: dict[int, dict[str, tuple[int, int]]] = {}  # tar indexes (caches without offsets)
+        self._found: np.ndarray | None = None  # (N,) int64 offsets found by scanning (caches without them)
+        self._scanned: set[int] = set()  # shards whose rows' offsets are in _found
 
     @property
     def epoch(self) -> int:
@@ -239,27 +236,42 @@ class RandomAccessPairs(Dataset):
     def _images(self, idx: np.ndarray, shard: np.ndarray) -> list[bytes]:
         """Encoded images of items ``idx`` (in shards ``shard``), in batch order."""
         out: list = [None] * len(idx)
-        meta = self.meta
         for s in np.unique(shard):
             at = np.flatnonzero(shard == s)
-            path, keys = self.shard_paths[s], [meta.keys[idx[j]].decode() for j in at]
-            offsets = None if meta.offsets is None else meta.offsets[idx[at]]
-            if offsets is not None and (offsets >= 0).all():
-                got = images_at(path, list(zip(offsets.tolist(), keys, strict=True)))
-            else:
-                got = [self._indexed_image(int(s), path, key) for key in keys]
+            path, keys = self.shard_paths[s], [self.meta.keys[idx[j]].decode() for j in at]
+            got = images_at(path, list(zip(self._offsets(int(s), idx[at]).tolist(), keys, strict=True)))
             for j, data in zip(at, got, strict=True):
                 out[j] = data
         return out
 
-    def _indexed_image(self, shard: int, path: str, key: str) -> bytes:
-        if shard not in self._index:
-            self._index[shard] = index_tar(path)
-        if key not in self._index[shard]:
-            raise NeighbourError(f"{path}: cached key {key!r} is not in the shard; it changed since caching")
-        offset, size = self._index[shard][key]
-        with open(path, "rb") as fh:
-            return os.pread(fh.fileno(), size, offset)
+    def _offsets(self, shard: int, items: np.ndarray) -> np.ndarray:
+        """Tar offsets of items ``items`` (all in ``shard``): recorded by the cache, else found by scanning the
+        shard's headers once (:meth:`_scan`)."""
+        recorded = self.meta.offsets
+        if recorded is not None and (recorded[items] >= 0).all():
+            return recorded[items]
+        if shard not in self._scanned:
+            self._scan(shard)
+        return self._found[items]
+
+    def _scan(self, shard: int) -> None:
+        """Note the tar offset of every item of ``shard`` (from its headers); a cached key the tar lacks is an error."""
+        if self._found is None:
+            self._found = np.full(len(self.rows), -1, np.int64)
+            self._by_row = np.argsort(self.rows, kind="stable")  # items in row order: a shard's are a run
+        order = self._by_row
+        r = self.store.layout.slot_rows
+        a, b = np.searchsorted(self.rows[order], [shard * r, (shard + 1) * r])
+        items = order[a:b]
+        path, where = self.shard_paths[shard], index_tar(self.shard_paths[shard])
+        for i in items.tolist():
+            key = self.meta.keys[i].decode()
+            if key not in where:
+                raise NeighbourError(
+                    f"{path}: cached key {key!r} is not in the shard; it changed since caching"
+                )
+            self._found[i] = where[key]
+        self._scanned.add(shard)
 
     def _item(self, i: int, shard: int, row: int, view: int, data: bytes, feat: np.ndarray):
         meta, path = self.meta, self.shard_paths[shard]
