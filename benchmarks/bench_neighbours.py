@@ -309,26 +309,34 @@ def _in_child(fn, *args) -> dict:
 
 
 def extrapolate(result: dict, n: int = IMAGENET_1K, dim: int = DIM, world: int = 8) -> dict:
-    """The ImageNet-1k figures: mining memory per rank from the layouts (checked against the measured peaks at the
-    measured sizes), one-core CPU mining time scaled by N^2 from the largest measured size, the rest as measured."""
+    """The ImageNet-1k figures: mining memory per rank (old: the measured peak per row of the largest size, times N,
+    on rank 0, and the float32 copy on the others; new: the rank's float16 share, the measured blocks, the table and
+    its all-gather), one-core CPU mining time scaled by N^2 from the largest measured size, the rest as measured."""
     mining = result["mining"]
     big = max(mining, key=lambda row: row["rows"])
     scale = (n / big["rows"]) ** 2
+    old_rank0_gb = (
+        big["old"]["peak_mb_above_features"] / big["rows"] * n / 1e3
+    )  # linear in N (copies, N x chunk)
     held_gb = n * dim * 4 / 1e9  # the old code's float32 centre view, on every rank
-    sims_gb = OLD_CHUNK * n * 4 / 1e9  # its chunk x N float32 similarities, on rank 0
+    old_table_gb = n * POOL * 8 / 1e9  # its broadcast int64 table
     share_gb = -(-n // world) * dim * 2 / 1e9  # this rank's share of the centre view, float16
-    tiles_mb = max(row["new"]["peak_mb_above_features"] for row in mining)  # measured: does not grow with N
+    table_gb = 2 * n * POOL * 4 / 1e9  # the int32 table and the all-gather's buffers
+    blocks_mb = max(row["new"]["peak_mb_above_features"] for row in mining)  # fixed by the block sizes
     out = {
         "rows": n,
         "dim": dim,
         "world": world,
         "mining_memory": {
-            "old_gb_rank_0": held_gb + sims_gb,
-            "old_gb_other_ranks": held_gb,
-            "old_note": "every rank held the float32 centre view of all N; rank 0 also mined (chunk x N scores)",
-            "new_gb_per_rank": share_gb + tiles_mb / 1e3,
-            "new_note": f"the rank's float16 share of {world} + ~{tiles_mb:.0f} MB of tiles and blocks (measured; "
-            "fixed by the block sizes once N exceeds one key block, 8192 rows on the CPU)",
+            "old_gb_rank_0": old_rank0_gb + old_table_gb,
+            "old_gb_other_ranks": held_gb + old_table_gb,
+            "old_note": f"every rank held the float32 centre view of all N; rank 0 also mined: "
+            f"{big['old']['peak_mb_above_features'] / big['rows'] * 1e3:.0f} kB per row measured at N = {big['rows']} "
+            "(float32 copy, normalised copy, chunk x N scores, topk)",
+            "new_gb_per_rank": share_gb + blocks_mb / 1e3 + table_gb,
+            "new_note": f"the rank's float16 share of {world} ({share_gb:.2f} GB) + ~{blocks_mb:.0f} MB of tiles and "
+            f"blocks (measured; fixed by the block sizes once N exceeds one key block, 8192 rows on the CPU) + the "
+            f"int32 table and its all-gather ({table_gb:.2f} GB)",
         },
         "mining_cpu_core_hours": {which: big[which]["seconds"] * scale / 3600 for which in ("old", "new")},
         "mining_cpu_core_hours_note": f"one core, scaled by N^2 from N = {big['rows']}; split over ranks (new) "
