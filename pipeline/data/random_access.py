@@ -16,7 +16,7 @@ the offset was recorded, and is an error naming the shard, the key and the offse
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.data.shards import Sample, ShardError, split_member_name
@@ -47,10 +47,16 @@ def read_sample_at(fd: int, offset: int, key: str, path: str = "") -> Sample:
 
 def read_samples_at(path: str | Path, wanted: Iterable[tuple[int, str]]) -> list[Sample]:
     """The samples ``(offset, key)`` of one shard, in the order asked, opening the shard once."""
+    return list(iter_samples_at(path, wanted))
+
+
+def iter_samples_at(path: str | Path, wanted: Iterable[tuple[int, str]]) -> Iterator[Sample]:
+    """:func:`read_samples_at` one sample at a time (a stream holds one sample's bytes, not all of them)."""
     path = str(path)
     try:
         with open(path, "rb", buffering=0) as fh:
-            return [read_sample_at(fh.fileno(), int(offset), key, path) for offset, key in wanted]
+            for offset, key in wanted:
+                yield read_sample_at(fh.fileno(), int(offset), key, path)
     except FileNotFoundError:
         raise ShardError(f"no shard at {path}; check the shard list") from None
     except OSError as err:
