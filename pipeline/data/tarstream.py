@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -33,8 +32,7 @@ class TarFormatError(ValueError):
     """The bytes are not a complete, well-formed tar (the caller adds the file name)."""
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     """One regular file member as found by :func:`walk_headers`."""
 
     name: str  # full name (long names resolved)
