@@ -118,9 +118,7 @@ class ShardBlock:
     skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}]
     cache: str = ""  # path of the cache it was read from (join errors name it)
     views: tuple[int, ...] = ()  # view index of each column; () = all K views in order
-    offsets: np.ndarray | None = (
-        None  # (n,) int64 first-header byte offsets in the source shard (when written)
-    )
+    offsets: np.ndarray | None = None  # (n,) int64: each row's first tar header in its source shard
     _rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def row_of(self) -> dict[str, int]:
