@@ -81,6 +81,10 @@ def test_round_trip_whole_and_per_view(tmp_path):
         assert store.shard_keys(i) == whole.keys
         assert store.read_offsets(i).tolist() == [j * 1536 + 10**10 * i for j in range(n)]
         start += n
+    every = {i: store.read_slot(i).keys for i in range(len(SIZES))}
+    assert (
+        store.keys_of([2, 0], run=2) == {0: every[0], 2: every[2]} and store.keys_of(range(3), run=1) == every
+    )
     raw = store.array("member_offset")[:]
     assert (raw[store.layout.slot(2)][SIZES[2] :] == -1).all()  # padding rows
     assert store.valid().sum() == sum(SIZES) - len(SIZES)  # row 1 of each shard is invalid; padding is too
@@ -93,7 +97,15 @@ def test_the_folder_is_a_pure_zarr_hierarchy_of_core_types(tmp_path):
         warnings.simplefilter("error")  # zarr warns about anything in the hierarchy that is not a node
         group = zarr.open_group(str(path / "store.zarr"), mode="r")
         names = sorted(name for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
-    assert names == ["features/pre_relu", "image_hash", "image_hw", "keys", "member_offset", "valid", "view_params"]
+    assert names == [
+        "features/pre_relu",
+        "image_hash",
+        "image_hw",
+        "keys",
+        "member_offset",
+        "valid",
+        "view_params",
+    ]
     for name in names:
         meta = json.loads((path / "store.zarr" / name / "zarr.json").read_text())
         assert meta["data_type"] in {"bool", "uint8", "int32", "int64", "float16", "float32"}, name

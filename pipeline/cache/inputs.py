@@ -57,18 +57,18 @@ def scan_inputs(spec: str, out: str | Path, job: Dist, skip_bad: bool) -> Inputs
         if len(done) == len(shards):
             return Inputs(shards, {}, done)  # nothing to write, nothing to read
     skip = set(done)
+    pending = [i for i in range(len(shards)) if i not in skip]
 
     def my_share() -> list[tuple[int, ShardInfo, list[str]]]:
-        mine = range(job.rank, len(shards), job.world)
-        return [
-            (i, shards[i], store.shard_keys(i)) if i in skip else (i, *scan_counted(shards[i])) for i in mine
-        ]
+        scanned = [(i, *scan_counted(shards[i])) for i in pending[job.rank :: job.world]]
+        for _, info, keys in scanned:
+            encode_keys(keys, where=f"shard {info.path}")  # refuse a key the store cannot hold, up front
+        lo, hi = len(done) * job.rank // job.world, len(done) * (job.rank + 1) // job.world
+        recalled = store.keys_of(done[lo:hi]).items() if store is not None else ()
+        return scanned + [(i, shards[i], keys) for i, keys in recalled]  # done: a contiguous run per rank
 
     merged = sorted((item for part in gather_from_ranks(my_share) for item in part), key=lambda t: t[0])
     shards = [info for _, info, _ in merged]
-    for i, info, keys in merged:
-        if i not in skip:
-            encode_keys(keys, where=f"shard {info.path}")  # refuse a key the store cannot hold, up front
     dups = find_duplicates([s.name for s in shards], [keys for _, _, keys in merged])
     if dups and not skip_bad:
         i, found = next(iter(dups.items()))

@@ -419,10 +419,25 @@ class FeatureStore:
         )
 
     def shard_keys(self, shard_index: int) -> list[str]:
-        """The keys of a done shard's rows in shard order (skipped rows included), from its ``keys`` chunk alone: what
-        a resumed stage 1 checks new shards' keys against, without reading the source shard."""
-        n = self.layout.shards[shard_index]["samples"]
-        return decode_keys(self.array("keys")[self.layout.slot(shard_index)][:n])
+        """The keys of a done shard's rows in shard order (skipped rows included), from its ``keys`` chunk alone."""
+        return self.keys_of([shard_index])[shard_index]
+
+    def keys_of(self, shard_indices: Sequence[int], run: int = 64) -> dict[int, list[str]]:
+        """:meth:`shard_keys` of several done shards: what a resumed stage 1 checks new shards' keys against,
+        without reading their source tars. Runs of up to ``run`` adjacent slots are read in one call (zarr then
+        fetches their chunks concurrently: ~2x faster than one read per slot)."""
+        out: dict[int, list[str]] = {}
+        wanted = sorted(set(shard_indices))
+        r = self.layout.slot_rows
+        while wanted:
+            first = wanted[0]
+            group = [i for i in wanted if i < first + run]
+            block = self.array("keys")[first * r : (group[-1] + 1) * r]
+            for i in group:
+                start = (i - first) * r
+                out[i] = decode_keys(block[start : start + self.layout.shards[i]["samples"]])
+            wanted = wanted[len(group) :]
+        return out
 
     def read_offsets(self, shard_index: int) -> np.ndarray | None:
         """(n,) int64: each row's first-header byte offset in the done shard's source tar (-1 where none was
