@@ -9,8 +9,9 @@ The held-out split is a pure function of (seed, key): image ``key`` is held out 
 images at random; a key hash makes the split independent of shard order, ranks and workers, and reproducible).
 Each epoch reads one view per shard, chosen by stage 3's schedule (:func:`pipeline.student.pairs.scheduled_view`),
 and joins samples to rows with the cache's one join (:func:`pipeline.cache.join.join_sample`). The held-out split
-reads only its own samples, by the byte offsets the cache recorded (:func:`pipeline.cache.join.source_samples`). Shards are read
-in the seeded per-epoch order and split over DataLoader workers; samples keep their (seeded) order inside a shard.
+reads only its own samples, by the byte offsets the cache recorded (:func:`pipeline.cache.join.source_samples`).
+Shards are read in the seeded per-epoch order and split over DataLoader workers; samples keep their (seeded) order
+inside a shard.
 
 Until stage 3's pair stream carries several taps at once (then this module can sit on top of it), this is the
 adapter the search uses; its targets are the cached float16 rows. With ``taps=()`` it yields views and labels only
