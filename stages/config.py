@@ -186,6 +186,8 @@ class FitSvdConfig:
     seed: int = 0  # seeds the image fraction and cs-rand
     allow_partial: bool = False  # fit on the done shards of an unfinished cache (recorded)
     scheduler: str = ""  # "" = local threaded dask; tcp://host:8786 = a dask.distributed scheduler
+    lanes: int = 0  # slots read at once (local threads, ~0.25 GiB each at ImageNet shape); 0 = auto: the
+    # usable cores, capped by free memory; on a cluster: at most this many of its worker threads (0 = all)
     quiet: bool = False  # no banner, no progress bars
 
     def __post_init__(self) -> None:
@@ -211,6 +213,7 @@ class FitSvdConfig:
             raise ConfigError(f"key 'views': {list(self.views)} repeats a view; list each view once")
         if self.scheduler and "://" not in self.scheduler:
             raise ConfigError(f"key 'scheduler': {self.scheduler!r} is not an address like tcp://host:8786")
+        check_range("lanes", self.lanes, 0)
 
 
 @dataclass(frozen=True)
