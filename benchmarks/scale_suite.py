@@ -58,7 +58,7 @@ SCALE_BENCHES = (
                lambda o: ["--shards", str(min(o.shards, 8) if o.quick else o.shards), *_dir(o, "cache")]),
     ScaleBench("eval", "benchmarks.bench_eval", lambda o: ["--quick"] if o.quick else []),
     ScaleBench("make-shards", "benchmarks.bench_make_shards",
-               lambda o: [*(["--sizes", "200"] if o.quick else []), *_dir(o, "make-shards")]),
+               lambda o: [*(["--sizes", "100", "300"] if o.quick else []), *_dir(o, "make-shards")]),
     ScaleBench("startup", "benchmarks.bench_startup",
                lambda o: ["--shards", "128" if o.quick else "128,1282", *_dir(o, "startup")]),
     ScaleBench("neighbours", "benchmarks.bench_neighbours", lambda o: []),  # flags: see its module when merged
