@@ -75,12 +75,14 @@ class MakeShardsConfig:
     seed: int = 0  # seeds the subset choice and the sample order
     skip_bad: bool = False  # skip unreadable images (counted and listed) instead of stopping
     prefix: str = "train"  # shard name prefix
+    workers: int = -1  # processes writing shards (-1 = the available cores; 0 or 1 = in this process)
 
     def __post_init__(self) -> None:
         if not self.from_folder or not self.out:
             raise ConfigError("keys 'from_folder' and 'out' are required (--from-folder DIR --out OUTDIR)")
         check_range("per_shard", self.per_shard, 1)
         check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
+        check_range("workers", self.workers, -1, 1024)
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ class TrainStudentConfig:
     amp: str = "auto"  # autocast: auto = bf16 on CUDA; CPU always runs float32
     channels_last: bool = True  # channels_last on CUDA
     online_teacher: bool = False  # run the teacher live on the same views instead of reading the cache
+    fresh_views: bool = False  # with online_teacher: a fresh view of every image every epoch, drawn from the cache's recipe and seed outside its pool (true online KD)
     process: str = ""  # DistPro process.json (search-process): its pathways are the targets, by alpha(t)
     alpha_threshold: float = 0.0  # with process: drop a pathway while its normalised alpha is below it
     process_weights: str = "softmax"  # with process: softmax = the searched softmax(alpha), summing to 1;
@@ -296,6 +299,12 @@ class TrainStudentConfig:
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         check_range("global_batch_size", self.global_batch_size, 0)
+        if self.fresh_views and not self.online_teacher:
+            raise ConfigError("key 'fresh_views': fresh views have no cached targets; add --online-teacher")
+        if self.fresh_views and (self.neighbours or self.views_used):
+            given = "neighbours" if self.neighbours else "views_used"
+            raise ConfigError(f"key 'fresh_views': not with {given} (neighbour batches and views_used pick cached "
+                              "views); leave it 0")  # fmt: skip
         check_range("lr", self.lr, 0.0)
         check_range("loss_weight", self.loss_weight, 0.0)
         check_range("data_fraction", self.data_fraction, 0.0, 1.0, open_lo=True)
@@ -528,6 +537,7 @@ class VerifyConfig:
 class DemoConfig:
     manifest: str = "manifests/demo.yaml"  # manifest whose sections every step reads
     sets: tuple[str, ...] = ()  # section.key=value overrides for the steps (repeatable)
+    threads: int = 2  # CPU threads of torch and BLAS in every step, fixed so a re-run gives the same numbers (0 = the libraries' defaults)
     quiet: bool = False  # no progress bars
 
 

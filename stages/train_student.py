@@ -111,7 +111,7 @@ def train_spec(config: TrainStudentConfig) -> tuple[TrainSpec, dict]:
         data=DataSpec(cache=c.cache, shards=c.shards, taps=distinct_cache_taps(targets), resolution=c.resolution,
                       view_policy=c.view_policy, shuffle_buffer=c.shuffle_buffer, skip_bad=c.skip_bad,
                       neighbours=c.neighbours, neighbour_pool=c.neighbour_pool, anchors=c.anchors,
-                      views_used=c.views_used),
+                      views_used=c.views_used, fresh_views=c.fresh_views),
         recipe=RecipeSpec(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                           data_fraction=c.data_fraction, seed=c.seed, max_steps=c.max_steps,
                           lr_schedule=c.lr_schedule, global_batch=c.global_batch_size),

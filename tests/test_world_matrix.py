@@ -125,6 +125,8 @@ def stage3_rows(m: dict) -> dict[str, tuple[tuple[str, ...], dict]]:
                               "--student-tap", "post_relu", "--loss", "coss", "--lr", "0.01"), {}),
         "online teacher": ((*cache, "--student", "resnet18", "--projection", p["p512"], "--online-teacher",
                             "--resolution", "40"), {}),
+        "online teacher, fresh views": ((*cache, "--student", "resnet18", "--projection", p["p512"], "--online-teacher",
+                                         "--fresh-views"), {}),
         "online teacher, two teachers": ((*two, "--student", "resnet18", "--targets", "pre_relu=cnn/pre_relu",
                                           "--targets", "stage2=vit/pooled", "--projection",
                                           f"{d / 'two-cnn.npz'},{d / 'two-vit.npz'}", "--online-teacher"), {}),

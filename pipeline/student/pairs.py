@@ -1,7 +1,7 @@
 """Stage 3's input: a stream of (replayed view, cached teacher row) pairs joined by key, never by position.
 
 Per epoch, the shard order is a permutation drawn from (seed, epoch) (WebDataset's ``shardshuffle`` repeats the
-same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoader workers (webdataset's
+same order every epoch, and shuffles after the split, so a rank would always see the same shards). Shards are split over ranks then DataLoader workers (webdataset's
 ``split_by_node`` / ``split_by_worker`` semantics); when there are fewer shards than consumers (ranks x workers),
 consumers are split into one group per shard and the members of a group stride inside its shard (member m of g
 keeps samples m, m + g, ...), so each shard is opened by at most ceil(consumers / shards) consumers, no rank is
@@ -30,7 +30,7 @@ import hashlib
 import multiprocessing
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
 from pipeline.cache.store import FeatureStore, ShardBlock, StoreError, open_store
+from pipeline.data.params import N_PARAMS
 from pipeline.data.shards import Sample, iter_samples
+from pipeline.data.views import RECIPES, sample_view_params
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class StreamSpec:
         str, ...
     ] = ()  # several cached taps (multi-target): rows concatenate them in this order; () = (tap,)
     extra_resolutions: tuple[int, ...] = ()  # also replay each view at these sides (an online teacher's own)
+    fresh_views: bool = False  # a fresh view of every image every epoch, outside the cached pool (online KD)
 
     @property
     def carried(self) -> tuple[str, ...]:
@@ -85,6 +88,46 @@ def scheduled_view(seed: int, shard: int, epoch: int, first: int, stop: int, pol
         return first + _stable_int(seed, shard, "random", epoch) % n
     cycle = epoch // n  # random.Random is ~10x cheaper to seed than numpy's generators
     return first + random.Random(_stable_int(seed, shard, "walk", cycle)).sample(range(n), n)[epoch % n]
+
+
+FRESH_VIEWS_FROM = 1 << 20  # fresh view indices start here: disjoint from any cache's pool 0..K-1
+
+
+def fresh_view(epoch: int) -> int:
+    """The view index every image shows in ``epoch`` with fresh views: one the cache never holds, new each epoch."""
+    return FRESH_VIEWS_FROM + epoch
+
+
+def fresh_recipe(store: FeatureStore) -> tuple[str, int]:
+    """(recipe, seed) of the cache's training views, for drawing fresh ones; refused when this version's recipe no
+    longer has the parameters the cache recorded (fresh views would come from another distribution)."""
+    views = store.provenance["views"]
+    recipe, recorded = views["recipe"], views.get("recipe_params")
+    if recorded is not None and json_ready(asdict(RECIPES[recipe])) != json_ready(recorded):
+        raise StoreError(
+            f"{store.path} was cached with recipe {recipe!r} = {recorded}, which this version draws differently "
+            f"({asdict(RECIPES[recipe])}); fresh views need the cache's recipe: use the version that made it"
+        )
+    return recipe, int(views["seed"])
+
+
+def json_ready(value: object) -> object:
+    """Tuples as lists (how a recipe's parameters come back from the store's JSON)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def with_fresh_views(block: ShardBlock, view: int, recipe: str, seed: int) -> ShardBlock:
+    """``block`` (keys, sizes, validity) with the parameters of fresh view ``view`` of each valid row, drawn like the
+    cached ones (a pure function of the cache's seed, the key, the view index and the image size)."""
+    params = np.zeros((len(block.keys), 1, N_PARAMS), np.float32)
+    for row in np.flatnonzero(block.valid):
+        h, w = (int(v) for v in block.hw[row])
+        params[row, 0] = sample_view_params(recipe, seed, block.keys[row], view, h, w)
+    return replace(block, params=params, views=(view,))
 
 
 def first_training_view(store: FeatureStore) -> int:
@@ -176,10 +219,16 @@ class PairStream(IterableDataset):
 
     def _pairs(self, store: FeatureStore, shards: list[int], member: int, group: int) -> Iterator:
         first, stop = training_views(store, self.spec.views_used)
+        fresh = fresh_recipe(store) if self.spec.fresh_views else None
         for shard in shards:
             path = self.spec.shard_paths[shard]
-            view = scheduled_view(self.spec.seed, shard, self.epoch, first, stop, self.spec.view_policy)
-            block, seen = store.read_slot(shard, taps=list(self.spec.carried), views=[view]), set()
+            if fresh:  # no cached row is read: the online teacher makes the targets
+                view = fresh_view(self.epoch)
+                block = with_fresh_views(store.read_slot(shard, taps=[], views=[]), view, *fresh)
+            else:
+                view = scheduled_view(self.spec.seed, shard, self.epoch, first, stop, self.spec.view_policy)
+                block = store.read_slot(shard, taps=list(self.spec.carried), views=[view])
+            seen = set()
             for i, sample in enumerate(iter_samples(path)):
                 if i % group != member:  # another member of this shard's group pairs it
                     seen.add(sample.key)
@@ -202,7 +251,10 @@ class PairStream(IterableDataset):
             return None
         self.counts["pairs"] += 1
         row = joined.row
-        target = torch.from_numpy(joined_row([block.feature(t, row, view) for t in self.spec.carried]))
+        if self.spec.fresh_views:
+            target = torch.zeros(0, dtype=torch.float16)  # the live teacher's targets replace the cached rows
+        else:
+            target = torch.from_numpy(joined_row([block.feature(t, row, view) for t in self.spec.carried]))
         return joined.views, target, torch.tensor([shard, row, view])
 
     def _bad(self, err: JoinError) -> None:
@@ -271,10 +323,16 @@ def fingerprint(ids: np.ndarray) -> int:
         return int(pair_hashes(ids).sum(dtype=np.uint64))
 
 
-def epoch_fingerprint(store: FeatureStore, seed: int, epoch: int, views: tuple[int, int], policy: str) -> int:
-    """The fingerprint of every valid cached (shard, row) with its shard's scheduled view in ``epoch``: what one
-    whole pass of the stream, over all ranks and workers, must deliver exactly once."""
+def epoch_fingerprint(store: FeatureStore, seed: int, epoch: int, views: tuple[int, int], policy: str,
+                      fresh: bool = False) -> int:  # fmt: skip
+    """The fingerprint of every valid cached (shard, row) with its shard's scheduled view in ``epoch`` (or the
+    epoch's fresh view): what one whole pass of the stream, over all ranks and workers, must deliver exactly once."""
     valid = store.valid().reshape(len(store.layout.shards), -1)
     shard, row = np.nonzero(valid)
-    view = np.array([scheduled_view(seed, s, epoch, *views, policy) for s in range(valid.shape[0])])[shard]
+    if fresh:
+        view = np.full(len(shard), fresh_view(epoch))
+    else:
+        view = np.array([scheduled_view(seed, s, epoch, *views, policy) for s in range(valid.shape[0])])[
+            shard
+        ]
     return fingerprint(np.stack([shard, row, view], axis=1))

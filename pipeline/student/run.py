@@ -230,7 +230,9 @@ def epoch_coverage(run: Run, epoch: int, seen: int, stats: dict) -> str:
     d = run.spec.data
     if run.spec.recipe.max_steps or d.neighbours or stats["skipped"]:
         return "n/a"
-    expected = epoch_fingerprint(run.store, run.spec.recipe.seed, epoch, run.views, d.view_policy)
+    expected = epoch_fingerprint(
+        run.store, run.spec.recipe.seed, epoch, run.views, d.view_policy, d.fresh_views
+    )
     return "exact" if total == expected else "MISMATCH"
 
 

@@ -68,7 +68,8 @@ def print_banner(line: str, loader: LoaderSpec, store: FeatureStore, sides: tupl
 def run_record(spec: TrainSpec, job: Dist, amp: str, tf32: bool) -> dict:
     """How the run executed (provenance.json): world size, per-rank and global batch, precision."""
     return {"world_size": job.world, "batch_per_rank": spec.batch_per_rank,
-            "global_batch": spec.batch_per_rank * job.world, "amp": amp, "tf32": tf32}  # fmt: skip
+            "global_batch": spec.batch_per_rank * job.world, "amp": amp, "tf32": tf32,
+            "views": "fresh" if spec.data.fresh_views else "cached"}  # fmt: skip
 
 
 def report_frozen(trainees: list[Trainee], job: Dist, quiet: bool) -> None:
@@ -149,7 +150,8 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
     stream = StreamSpec(store=store, shard_paths=shard_paths, tap=d.taps[0], resolution=resolution, seed=spec.recipe.seed,
                         view_policy=d.view_policy, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad,
                         rank=job.rank, world=job.world, uint8_views=True, views_used=d.views_used,
-                        taps=d.taps if len(d.taps) > 1 else (), extra_resolutions=extra_resolutions)  # fmt: skip
+                        taps=d.taps if len(d.taps) > 1 else (), extra_resolutions=extra_resolutions,
+                        fresh_views=d.fresh_views)  # fmt: skip
     return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
                       d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
                       mine_device=str(device))  # fmt: skip

@@ -62,6 +62,9 @@ class DataSpec:
     neighbour_pool: int  # neighbours are drawn from each anchor's top-N cosine neighbours
     anchors: int  # anchors per neighbour-mined batch (batch = anchors x (1 + neighbours))
     views_used: int = 0  # train on the first k views of the cache; 0 = all K
+    fresh_views: bool = (
+        False  # a fresh view of every image every epoch, outside the pool (online teacher only)
+    )
 
 
 @dataclass(frozen=True)
