@@ -30,10 +30,10 @@ from pipeline.student.loaders import LoaderSpec, PairLoaders
 from pipeline.student.online import build_online_teacher
 from pipeline.student.pairs import StreamSpec, consumer_plan, shard_order
 from pipeline.student.specs import LossSpec
+from pipeline.student.trainees import make_optimizer
 from pipeline.student.training import (
     StepContext,
     Student,
-    make_optimizer,
     make_scaler,
     teacher_targets,
     train_step,
