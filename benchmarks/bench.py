@@ -9,8 +9,10 @@ The images are ImageNet-sized JPEGs (375-500 px, benchmarks/bench_data.py), made
 ``benchmarks/results/bench-data/`` and reused. The student figures time stage 3's own loaders and ``train_step``
 over one epoch's batches; a profile whose epoch is too short for them is refused up front (KdepError).
 
-Each ratio compares two runs made in this process on the same inputs, one after the other. Writes
-``benchmarks/results/<date>-<host>.json`` (stable keys, see RESULT_KEYS) and a PNG of the ratios.
+Each ratio compares two runs made in this process on the same inputs, one after the other. Each agreement figure (SVD
+vs numpy, cached vs online teacher rows) is checked against its tolerance where it is measured (benchmarks/checks.py).
+Writes ``benchmarks/results/<date>-<host>.json`` (stable keys, see RESULT_KEYS; ``checks`` lists every check) and a
+PNG of the ratios; `kdep bench` then exits 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from benchmarks.bench_stages import (
     bench_teachers,
     check_student_epoch,
 )
+from benchmarks.checks import add_part
 
 RESULT_KEYS = (
     "cache_vs_inference", "bytes_per_view_over_2Dt", "student_cached_vs_plain", "cached_vs_online",
     "loader_vs_torchvision", "svd_seconds_per_million_rows", "svd_peak_rss_mb", "machine",
-    "teachers_one_pass_vs_separate",
+    "teachers_one_pass_vs_separate", "cached_vs_online_target_max_rel_error", "checks",
 )  # fmt: skip
 
 
@@ -99,19 +102,19 @@ def run_bench(
         "profile": prof.__dict__ | {"svd_rows": list(prof.svd_rows)},
         "machine": machine(),
         "quick": quick,
+        "checks": [],
     }
     out = Path(out_dir)
     spec = bench_data_spec(prof)
     check_student_epoch(prof, [len(r) for r in shard_ranges(spec.images, spec.shards)])  # before any work
     data = bench_shards(spec, out / "bench-data")  # made once, reused by later runs
     with tempfile.TemporaryDirectory(prefix="kdep-bench-") as tmp:
-        results.update(bench_cache_vs_inference(data, Path(tmp), prof))
-        results.update(bench_decode_once(data, prof))
-        results.update(bench_teachers(data, Path(tmp), prof))
-        results.update(bench_student_steps(Path(tmp) / "cache", Path(tmp), prof))
-        results.update(bench_loader_vs_torchvision(data, Path(tmp), prof))
-    svd = bench_svd(rows=prof.svd_rows, dim=prof.svd_dim, quick=quick)
-    results.update(svd)
+        add_part(results, bench_cache_vs_inference(data, Path(tmp), prof))
+        add_part(results, bench_decode_once(data, prof))
+        add_part(results, bench_teachers(data, Path(tmp), prof))
+        add_part(results, bench_student_steps(Path(tmp) / "cache", Path(tmp), prof))
+        add_part(results, bench_loader_vs_torchvision(data, Path(tmp), prof))
+    add_part(results, bench_svd(rows=prof.svd_rows, dim=prof.svd_dim, quick=quick))
     missing = [k for k in RESULT_KEYS if k not in results]
     if missing:
         raise RuntimeError(f"benchmark result lacks {missing}")

@@ -19,7 +19,8 @@ copy).
 Extraction bytes: a split of 8 demo shards x 8 images is extracted by a random ResNet-18 at 32 px with 1 and 2
 DataLoader workers; every shard read is counted in the workers (its size, and the bytes the worker's read() calls
 returned while parsing it, from /proc/self/io rchar), so the figure is what the workers really read. The features
-of both runs must be identical. (The script only uses ``extract_features``'s long-standing arguments, so it can
+of both runs must be identical (an agreement check, benchmarks/checks.py: a FAIL line and exit status 1 after the
+JSON when they differ). (The script only uses ``extract_features``'s long-standing arguments, so it can
 also be pointed at an older checkout to measure the previous reader: ``PYTHONPATH=<old checkout> python
 benchmarks/bench_eval.py --bytes-only``.) Fine-tuning's index of the same split: bytes read to build it (tar
 headers and ``cls`` members), bytes it holds, against the encoded images the previous version held in memory.
@@ -230,11 +231,30 @@ def main() -> None:
         shards = demo_split(Path(tmp))
         results["extraction_bytes"] = bench_extraction_bytes(shards)
         results["finetune_index"] = bench_finetune_index(shards)
+    status = check_results(results)
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
+    sys.exit(status())
+
+
+def check_results(results: dict):
+    """Record the agreement check (1 and 2 workers extract the same features); returns the exit-status function.
+    Against an older checkout on PYTHONPATH (no benchmarks.checks there) nothing is checked, and that is said."""
+    try:
+        from benchmarks.checks import add_part, check, exit_status
+    except ImportError:
+        print(
+            "bench_eval: benchmarks.checks is not importable (an older checkout?): nothing checked",
+            file=sys.stderr,
+        )
+        return lambda: 0
+    same = results["extraction_bytes"]["identical_features"]
+    about = "features extracted with 1 and 2 DataLoader workers, bit for bit"
+    add_part(results, {"checks": [check("extraction_identical_features", same, True, about, "==")]})
+    return lambda: exit_status(results)
 
 
 def probe_setting(mode: str, quick: bool) -> tuple[dict, tuple[float, ...], int]:

@@ -22,10 +22,12 @@ Each figure is measured in a fresh process (its own peak RSS), on one thread (``
   parameters of the epoch all loaded, which a real epoch does on first touch of each shard, timed apart), the new
   reader's one-time metadata load and its memory. 1282 shards of 1000 rows is ImageNet-1k's size, so those
   figures are ImageNet-1k's (``--quick``: D = 256, fewer batches).
-- ``imagenet_1k``: the figures at N = 1,281,167: memory per rank from the measured sizes' layout (old: every rank's
-  float32 copy of all N features plus chunk x N similarities; new: the rank's share in float16 plus fixed tiles),
-  one-core CPU mining time scaled by N^2 from the largest measured N (a GPU mines in float16 tiles instead: not
+- ``imagenet_1k``: the figures at N = 1,281,167: mining memory per rank (old: rank 0's measured peak per row times
+  N, every other rank's float32 copy of all N features; new: the rank's float16 share, the measured blocks, the
+  table and its all-gather), one-core CPU mining time scaled by N^2 from the largest measured N (a GPU mines in float16 tiles instead: not
   measured here), the sampler and access figures as measured.
+- ``checks`` (benchmarks/checks.py: a FAIL line, and exit status 1 after the JSON): where the old and new tables
+  differ, the candidates' exact cosines tie within float32 rounding; the samplers make as many batches.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ import os
 import queue as queue_module
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.checks import check, exit_status
 
 POOL, ANCHORS, PER_ANCHOR = 31, 16, 15
 DIM = 2048
@@ -354,6 +359,22 @@ def extrapolate(result: dict, n: int = IMAGENET_1K, dim: int = DIM, world: int =
     return out
 
 
+ROUNDING = 1e-6  # float32 cosines of 2048-wide unit rows are within ~2e-7 of the exact ones: a tie below this
+
+
+def neighbour_checks(result: dict) -> list[dict]:
+    """The new code against the old: tables that differ only between candidates tied within float32 rounding, the
+    same number of sampler batches."""
+    out = [check(f"mining_max_cosine_gap_vs_old_{row['rows']}", row["agreement"]["max_cosine_gap_where_differing"],
+                 ROUNDING, "where the old and new tables differ, their candidates' exact cosines tie within float32 "
+                 "rounding")  # fmt: skip
+           for row in result["mining"]]  # fmt: skip
+    sampler = result["sampler"]
+    out.append(check("sampler_batches_vs_old", sampler["new"]["batches"], sampler["old"]["batches"],
+                     "batches per epoch on rank 0, new sampler = old", "=="))  # fmt: skip
+    return out
+
+
 QUICK = {"mine_rows": [5000, 20000], "access_dim": 256, "warm": 2, "timed": 8}
 
 
@@ -401,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         result["mining"] = bench_mining(args.mine_rows, tmp)
         result["imagenet_1k"] = extrapolate(result)
+        result["checks"] = neighbour_checks(result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_avg_at_end"] = os.getloadavg()
@@ -411,4 +433,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

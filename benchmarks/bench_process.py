@@ -86,7 +86,8 @@ def kept_by_threshold(process_file: str, names: list[str]) -> dict[float, list[s
 def bench_retrain(args, pathways, device: torch.device) -> dict:
     """Median seconds of one stage 3 distpro step per threshold (the steps of each variant interleaved)."""
     from pipeline.student.specs import LossSpec, TargetSpec
-    from pipeline.student.training import StepContext, Student, make_optimizer, train_step
+    from pipeline.student.trainees import make_optimizer
+    from pipeline.student.training import StepContext, Student, train_step
 
     by_name = {p.name: p for p in pathways}
     kept = kept_by_threshold(args.process, [p.name for p in pathways])

@@ -15,8 +15,14 @@ measures what stage 3 and its neighbour batches read, on this machine's cores, o
 - ``plan_seconds``: open a cache with full-ImageNet metadata (1282 shards x 1000 rows, done markers) and plan an
   epoch (shard order, this consumer's shards and their views).
 
+Agreement checks (benchmarks/checks.py; a FAIL line, and exit status 1 after the JSON): the epoch streamed every
+valid row once (``epoch_rows`` = the rows written), and the cache folder holds the files and folders its layout
+implies (``store_inodes``, pipeline/cache/inodes.py). Neighbour anchors are drawn among the valid rows, as
+``RandomAccessPairs`` draws them.
+
 The script also runs against layout 1 (the code before the view-major layout: put that tree first on PYTHONPATH),
-where an epoch reads each shard's whole block of K views; both results are in the README.
+where an epoch reads each shard's whole block of K views; both results are in the README. Run that way it makes no
+checks (the older tree has no benchmarks/checks.py) and says so.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import multiprocessing as mp
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -124,13 +131,17 @@ def neighbour_pass(path: str, batches: int, queue: mp.Queue) -> None:
     lay, rng = store.layout, np.random.default_rng(1)
     _warm_up(store)
     rows_per_shard = min(s["samples"] for s in lay.shards)
+    # anchors among the valid rows (never a slot's padding), as RandomAccessPairs draws them; global row g is row
+    # g % R of shard g // R; layout 1 (no padding rows) draws from the first rows of every shard
+    pool = np.flatnonzero(store.valid()) if NEW_LAYOUT else np.arange(len(lay.shards) * rows_per_shard)
+    slot = lay.slot_rows if NEW_LAYOUT else rows_per_shard
     meta: OrderedDict = OrderedDict()
     params: OrderedDict = OrderedDict()
     start, rchar, total = time.perf_counter(), _rchar(), 0
     for _ in range(batches):
         by_shard: dict[int, list[int]] = {}
-        for g in rng.choice(len(lay.shards) * rows_per_shard, 256, replace=False):
-            shard, row = divmod(int(g), rows_per_shard)
+        for g in rng.choice(pool, 256, replace=False):
+            shard, row = divmod(int(g), slot)
             by_shard.setdefault(shard, []).append(row)
         for shard, rows in by_shard.items():
             view = int(rng.integers(lay.views))
@@ -201,17 +212,19 @@ def run_scale(shards: int = 128, rows: int = 1000, views: int = 10, dim: int = 2
     try:
         cache = base / "cache"
         write_s = build(cache, shards, rows, views, dim)
-        disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        disk, inodes = _usage(cache)
         epoch = _in_child(epoch_pass, str(cache), 3)
         used = epoch["rows"] * (dim * 2 + P * 4)  # one view's feature + view parameters per image
         nb = _in_child(neighbour_pass, str(cache), neighbour_batches)
         meta = base / "imagenet-meta"
         build_metadata_only(meta, 1282, 1000, views, dim)
         plan = _in_child(plan_pass, str(meta))
-        return {
+        figures = {
             "layout": store_module.LAYOUT_VERSION,
             "shape": {"shards": shards, "rows": rows, "views": views, "dim": dim, "dtype": "float16"},
             "store_gb_on_disk": disk / 1e9,
+            "store_inodes": inodes,
+            "epoch_rows": epoch["rows"],
             "write_seconds": write_s,
             "epoch_gb_read": epoch["bytes_read"] / 1e9,
             "epoch_gb_used": used / 1e9,
@@ -222,9 +235,43 @@ def run_scale(shards: int = 128, rows: int = 1000, views: int = 10, dim: int = 2
             "neighbour_mb_read_per_batch": nb["bytes_read"] / nb["batches"] / 1e6,
             "plan_seconds_1282_shards": plan["seconds"],
         }
+        return {**figures, "checks": scale_checks(figures, shards, rows, views)}
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _usage(cache: Path) -> tuple[int, int | None]:
+    """Bytes of the cache's files and its entries, from one walk; an older tree (no tree_usage): bytes only."""
+    try:
+        from pipeline.files import tree_usage
+    except ImportError:
+        return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()), None
+    usage = tree_usage(cache)
+    return usage.bytes, usage.entries
+
+
+def scale_checks(figures: dict, shards: int, rows: int, views: int) -> list[dict]:
+    """Every valid row streamed once; the cache's entries = its layout's (none made against an older tree)."""
+    try:
+        from benchmarks.checks import check
+        from pipeline.cache.inodes import cache_inodes
+    except ImportError:
+        print("bench_scale: an older tree (no benchmarks/checks.py): nothing checked", file=sys.stderr)
+        return []
+    expected = cache_inodes(shards, views, [TAP]).entries
+    return [
+        check(
+            "epoch_rows", figures["epoch_rows"], shards * rows, "rows one epoch streamed = rows written", "=="
+        ),
+        check(
+            "store_inodes",
+            figures["store_inodes"],
+            expected,
+            "entries of the cache folder = its layout's",
+            "==",
+        ),
+    ]
 
 
 def main() -> None:
@@ -243,6 +290,8 @@ def main() -> None:
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    failed = [c for c in out["checks"] if not c["passed"]]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

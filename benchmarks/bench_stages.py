@@ -1,4 +1,5 @@
-"""The measurements behind `kdep bench`, one function per figure; each returns a dict of named results."""
+"""The measurements behind `kdep bench`, one function per figure; each returns a dict of named results (and the
+``checks`` of its agreement figures, benchmarks/checks.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from benchmarks.bench_data import BenchData
+from benchmarks.checks import check
 from pipeline.cache.join import source_shard_paths
 from pipeline.cache.store import FeatureStore, open_store
 from pipeline.cache.teacher import Runtime, prepare_teacher, teacher_features
+from pipeline.cache.verify import DEFAULT_TOLERANCE
 from pipeline.data.images import decode_rgb, image_bytes
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD, replay_view, sample_views
@@ -27,10 +30,10 @@ from pipeline.student.loaders import LoaderSpec, PairLoaders
 from pipeline.student.online import build_online_teacher
 from pipeline.student.pairs import StreamSpec, consumer_plan, shard_order
 from pipeline.student.specs import LossSpec
+from pipeline.student.trainees import make_optimizer
 from pipeline.student.training import (
     StepContext,
     Student,
-    make_optimizer,
     make_scaler,
     teacher_targets,
     train_step,
@@ -225,6 +228,7 @@ def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
     loaders = stage3_loaders(store, prof.resolution, prof.batch, bench_workers(prof), device.type == "cuda")
     ctx = StepContext(device, resolve_amp("auto", device), LossSpec("kdep", 3.0), channels_last=True)
     online = replace(ctx, teacher=build_online_teacher(store, ("pre_relu",), device, channels_last=True))
+    agreement = online_agreement(loaders, ctx, online, store.provenance["compute"]["amp"])
     variants = {"plain": ctx, "cached": ctx, "online": online, "cached_again": ctx}
     rates = {v: _student_rate(loaders, c, None if v == "plain" else proj, prof) for v, c in variants.items()}
     cached = max(
@@ -232,7 +236,22 @@ def bench_student_steps(cache: Path, tmp: Path, prof) -> dict:
     )  # the best of two runs, as for the others' single run
     return {"student_images_per_s": rates, "student_cached_vs_plain": cached / rates["plain"],
             "cached_vs_online": cached / rates["online"],
-            "student_loader_images_per_s": _timed(_usable_batches(loaders), lambda x, rows: None, device, prof)}  # fmt: skip
+            "student_loader_images_per_s": _timed(_usable_batches(loaders), lambda x, rows: None, device, prof),
+            **agreement}  # fmt: skip
+
+
+def online_agreement(loaders: PairLoaders, ctx: StepContext, online: StepContext, amp: str) -> dict:
+    """On epoch 0's first batch: the cached teacher rows against the online teacher on the same replayed views, as
+    `kdep verify` measures them (max over rows of max |cached - online| / max |online|), within verify's tolerance
+    for the cache's precision."""
+    x, rows = next(_usable_batches(loaders))
+    with torch.no_grad():
+        cached = teacher_targets(rows, views_on_device(x, ctx), ctx).float()
+        live = teacher_targets(rows, views_on_device(x, online), online).float()
+    error = float(((cached - live).abs().amax(dim=1) / live.abs().amax(dim=1)).max())
+    about = f"cached teacher rows vs the online teacher on the replayed views, {len(x)} images (amp {amp})"
+    return {"cached_vs_online_target_max_rel_error": error,
+            "checks": [check("cached_vs_online_target_max_rel_error", error, DEFAULT_TOLERANCE[amp], about)]}  # fmt: skip
 
 
 def _usable_batches(loaders: PairLoaders) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

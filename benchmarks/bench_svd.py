@@ -7,8 +7,11 @@ For every N a synthetic float16 cache (1 view, 10k-row shards, the store's defau
 shard in a temporary folder (memory-flat), then `kdep fit-svd --method svd --transform none` (one pass, fit, plots,
 save) runs in a fresh interpreter (`python -c`) that reports its own wall time and peak RSS (VmHWM).
 Where the float32 matrix is at most NUMPY_MAX_BYTES, numpy.linalg.svd(centred float32, full_matrices=False) runs in
-memory on the same rows for comparison; the subspace error is sin of the largest principal angle between the two
-top-D_s subspaces. Prints the result as JSON.
+memory on the same rows for comparison: the rows whose ``valid`` flag is set, as the fit reads them (a slot is
+rounded up to whole inner chunks, 5120 rows for 5000 samples, and its padding rows are zeros that no fit reads).
+The subspace error is sin of the largest principal angle between the two top-D_s subspaces. Each agreement figure
+is checked against its tolerance (benchmarks/checks.py: a FAIL line, and exit status 1 after the JSON). Prints the
+result as JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.checks import check, exit_status
 from pipeline.cache.store import CacheLayout, ShardBlock, create_store, open_store
 from pipeline.data.params import N_PARAMS
 
@@ -31,6 +35,10 @@ SHARD_ROWS = 10_000  # rows per synthetic shard (ImageNet-like shard size)
 RANK = 64  # rank of the synthetic low-rank signal
 REPO = Path(__file__).resolve().parents[1]
 NUMPY_MAX_BYTES = 1 << 30  # in-memory numpy SVD only up to this float32 matrix size (~3-4x that at its peak)
+# float32 precision, with room: measured 4.6e-8 (5k and 20k x 256) and 1.3e-7 (50k x 2048) for the subspace, 5.8e-8
+# for the singular values; reading the 480 zero padding rows of 20k x 256 into the reference made the subspace 0.10
+SUBSPACE_TOLERANCE = 1e-5  # sin of the largest principal angle, fit-svd vs numpy
+SINGULAR_VALUE_TOLERANCE = 1e-5  # max relative error of the top-D_s singular values
 
 
 def synthetic_rows(rng: np.random.Generator, n: int, signal: np.ndarray, noise_std: np.ndarray) -> np.ndarray:
@@ -96,13 +104,15 @@ def time_fit(cache: Path, out: Path, dim: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def numpy_reference(cache: Path, dim: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """Seconds of an in-memory float32 SVD of the centred rows; its top-``dim`` basis and singular values."""
+def numpy_reference(cache: Path, dim: int) -> tuple[float, np.ndarray, np.ndarray, int]:
+    """Seconds of an in-memory float32 SVD of the centred valid rows; its top-``dim`` basis, singular values and
+    the number of rows."""
     store = open_store(cache)
-    x = store.feature_array("pre_relu")[:][:, 0, :].astype(np.float32)  # all rows are valid here
+    valid = store.valid()  # padding rows (a slot's tail) and skipped samples are not features
+    x = store.feature_array("pre_relu")[:][valid, 0, :].astype(np.float32)
     start = time.perf_counter()
     _, s, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
-    return time.perf_counter() - start, vt[:dim].T, s
+    return time.perf_counter() - start, vt[:dim].T, s, len(x)
 
 
 def subspace_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,11 +127,12 @@ def subspace_error(a: np.ndarray, b: np.ndarray) -> float:
 def bench_one(root: Path, rows: int, dim: int, dim_s: int) -> dict:
     cache, out = build_cache(root / f"cache-{rows}", rows, dim), root / f"proj-{rows}.npz"
     fit = time_fit(cache, out, dim_s)
-    record = {"rows": rows, **fit, "numpy_seconds": None, "subspace_error": None, "sv_rel_error": None}
+    record = {"rows": rows, **fit, "numpy_seconds": None, "subspace_error": None, "sv_rel_error": None,
+              "numpy_rows": None}  # fmt: skip
+    with np.load(out) as proj:
+        ours, ours_s, record["fit_rows"] = proj["basis"], proj["singular_values"], int(proj["n_rows"])
     if rows * dim * 4 <= NUMPY_MAX_BYTES:
-        seconds, basis, s = numpy_reference(cache, dim_s)
-        with np.load(out) as proj:
-            ours, ours_s = proj["basis"], proj["singular_values"]
+        seconds, basis, s, record["numpy_rows"] = numpy_reference(cache, dim_s)
         record.update(numpy_seconds=seconds, subspace_error=subspace_error(ours, basis))
         record["sv_rel_error"] = float(np.max(np.abs(ours_s[:dim_s] - s[:dim_s]) / s[:dim_s]))
     return record
@@ -137,7 +148,7 @@ def bench_svd(
     with tempfile.TemporaryDirectory(prefix="bench-svd-") as tmp:
         records = [bench_one(Path(tmp), n, dim, dim_s) for n in rows]
     errors = [r["subspace_error"] for r in records if r["subspace_error"] is not None]
-    return {
+    figures = {
         "dim_teacher": dim,
         "dim_student": dim_s,
         "fit": "fit-svd --method svd --transform none in a fresh interpreter (one pass, eigh, plots, save)",
@@ -150,14 +161,35 @@ def bench_svd(
         "svd_max_singular_value_rel_error_vs_numpy": max(
             (r["sv_rel_error"] for r in records if r["sv_rel_error"] is not None), default=None
         ),
+        "svd_rows": {r["rows"]: {"fit": r["fit_rows"], "numpy": r["numpy_rows"]} for r in records},
     }
+    return {**figures, "checks": svd_checks(figures, records)}
+
+
+def svd_checks(figures: dict, records: list[dict]) -> list[dict]:
+    """The fit against numpy: subspace and singular values within float32 precision, on the same rows (every
+    synthetic row is valid, so both read exactly N)."""
+    checks = [check(f"svd_rows_{r['rows']}", r["fit_rows"], r["rows"], "rows fit-svd read = rows written", "==")
+              for r in records]  # fmt: skip
+    checks += [check(f"svd_numpy_rows_{r['rows']}", r["numpy_rows"], r["rows"], "rows in the numpy reference "
+                     "(the valid rows) = rows written", "==") for r in records if r["numpy_rows"] is not None]  # fmt: skip
+    if figures["svd_max_subspace_error_vs_numpy"] is not None:
+        checks.append(check("svd_max_subspace_error_vs_numpy", figures["svd_max_subspace_error_vs_numpy"],
+                            SUBSPACE_TOLERANCE, "sin of the largest angle, fit-svd's top-D_s basis vs "
+                            "numpy.linalg.svd's on the valid rows"))  # fmt: skip
+        checks.append(check("svd_max_singular_value_rel_error_vs_numpy",
+                            figures["svd_max_singular_value_rel_error_vs_numpy"], SINGULAR_VALUE_TOLERANCE,
+                            "top-D_s singular values, fit-svd vs numpy.linalg.svd"))  # fmt: skip
+    return checks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     args = parser.parse_args()
-    print(json.dumps(bench_svd(quick=args.quick), indent=1))
+    results = bench_svd(quick=args.quick)
+    print(json.dumps(results, indent=1))
+    sys.exit(exit_status(results))
 
 
 if __name__ == "__main__":

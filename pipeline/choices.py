@@ -40,3 +40,5 @@ HYPERGRADIENTS = ("exact", "finite-difference")  # the alpha gradient: double ba
 PROCESS_WEIGHTS = ("softmax", "reference")
 SEARCH_OBJECTIVES = ("auto", "ce", "regress")  # auto: ce when the shards have 'cls' labels, else regress
 SEARCH_LR_SCHEDULES = ("constant", "cosine", "step")  # network lr over the search steps (alpha's is constant)
+# `kdep bench --scale-only`: the ImageNet-scale benches (benchmarks/scale_suite.py lists the module of each)
+SCALE_BENCHES = ("cache", "eval", "make-shards", "startup", "neighbours")

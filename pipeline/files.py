@@ -1,4 +1,4 @@
-"""Whole-or-nothing file writes and the one file hash, shared by every stage.
+"""Whole-or-nothing file writes, the one file hash and the one folder walk, shared by every stage.
 
 Every artefact (shards, index and manifests, cache markers, projections, plots, features, checkpoints) is written
 to a temporary sibling and renamed over its target, so a reader, or a resumed run after a kill, never sees a
@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 HASH_CHUNK = 4 << 20  # bytes read per step when hashing a file
@@ -73,3 +74,43 @@ def file_sha256(path: str | Path, chunk: int = HASH_CHUNK) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TreeUsage:
+    """What a folder holds, from one walk: entry counts and apparent sizes (st_size) of its files."""
+
+    files: int  # entries that are not directories (files, links): `find ROOT ! -type d | wc -l`
+    dirs: int  # directories, ROOT included
+    bytes: int  # sum of the files' sizes
+    bytes_under: dict[str, int]  # sizes of the files under each asked sub-folder (relative to ROOT)
+
+    @property
+    def entries(self) -> int:
+        """Inodes the folder uses (hard links aside): what `find ROOT | wc -l` counts."""
+        return self.files + self.dirs
+
+
+def tree_usage(root: str | Path, parts: tuple[str, ...] = ()) -> TreeUsage:
+    """Walk ``root`` once with os.scandir: a directory's type comes with its listing (no stat), each file is stat'ed
+    once (its DirEntry caches it; ``Path.rglob`` + ``is_file`` + ``stat`` made two per file, and a second walk for a
+    sub-folder's size re-did them). A cache of ImageNet-21k has ~1.9M entries at 5 taps: this is the cheap way."""
+    wanted = {os.path.normpath(p) for p in parts}
+    files = dirs = size = 0
+    under = dict.fromkeys(sorted(wanted), 0)
+    stack: list[tuple[str, str, str | None]] = [(str(root), "", None)]
+    while stack:
+        path, rel, part = stack.pop()
+        dirs += 1
+        with os.scandir(path) as listing:
+            for entry in listing:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, child, child if child in wanted else part))
+                    continue
+                files += 1
+                n = entry.stat(follow_symlinks=False).st_size
+                size += n
+                if part is not None:
+                    under[part] += n
+    return TreeUsage(files, dirs, size, under)

@@ -14,7 +14,9 @@ keys) and, beside it, per-shard done markers, ``config.cache_teacher.json`` and 
 batch against the stored dtype (``--out-of-range``). Several teachers (``LABEL=NAME`` each, see ``pipeline/teachers.py``) run in one pass: each image is
 decoded once and each view replayed once per distinct teacher resolution (``--teacher-resolution``), and each
 teacher's taps are stored as ``LABEL/TAP``. Re-running resumes: done shards are skipped, and the
-result is identical to an uninterrupted run. Under torchrun, ranks split the shards; the store does not depend
+result is identical to an uninterrupted run. Start-up reads only tar headers (512 bytes each), of every shard for a
+new cache and of the pending shards on a resume (``pipeline/cache/inputs.py``); each shard's buffers exist only
+while it is in flight. Under torchrun, ranks split the shards; the store does not depend
 on the number of ranks. A failure on any rank ends every rank with its one-line message; collectives wait at most
 ``KDEP_DIST_TIMEOUT_S`` seconds (default 3600), and ``KDEP_DIST_BACKEND=gloo`` lets several ranks share one GPU.
 """
@@ -32,10 +34,11 @@ import torch
 import typer
 from torch import nn
 
-from pipeline.cache.store import CacheLayout, FeatureStore, create_store, encode_keys, open_store, zarr_path
+from pipeline.cache.inputs import Inputs, scan_inputs
+from pipeline.cache.store import CacheLayout, FeatureStore, create_store, open_store, zarr_path
 from pipeline.cache.teacher import PREFETCH, Runtime, TeacherRun, cache_shards, prepare_teacher
 from pipeline.cache.workers import CacheError, ShardTask, ViewSpec
-from pipeline.data.shards import ShardInfo, find_duplicates, list_shards, scan_counted, shard_record
+from pipeline.data.shards import ShardInfo, shard_record
 from pipeline.data.views import CENTER_BOX_RULES, RECIPES, describe_preprocessing, transport_bytes
 from pipeline.failures import shared_failures
 from pipeline.models import (
@@ -93,37 +96,56 @@ def _cache(config: CacheTeacherConfig, device: torch.device, job: Dist) -> dict:
     tf32 = set_tf32(device, amp)  # off with --amp off on CUDA, so the cache matches a float32 recomputation
     rt = Runtime(device, amp, config.channels_last, resolve_workers(config.workers), config.skip_bad,
                  not config.quiet and job.is_main, config.out_of_range)  # fmt: skip
-    shards, dups = scan_inputs(config.shards, job, config.skip_bad)
-    specs = teacher_specs(config.teacher, config.weights, config.taps)
-    sides = config.teacher_resolution or (config.resolution,) * len(specs)
-    teachers = local_leader_first(
-        lambda: [load_teacher(s, r, config) for s, r in zip(specs, sides, strict=True)]
-    )
-    config = replace(config, resolution=teachers[0].prep.resolution)  # 0 meant the (first) teacher's own
-    provenance = build_provenance(config, teachers, shards, amp, tf32)
-    dims = {cache_tap(t.spec.label, tap, len(teachers) > 1): d for t in teachers for tap, d in t.dims.items()}
-    layout = CacheLayout(
-        shards=[shard_record(s) for s in shards], views=config.views, dims=dims, dtype=config.dtype
-    )
     lock = StoreLock(config.out)
     try:
-        store = open_shared_store(config, layout, provenance, job, lock)
-        tasks, done = pending_tasks(store, shards, dups, job)
+        take_lock(config.out, lock, job)  # held from here: what is done cannot change under us
+        inputs = scan_inputs(config.shards, config.out, job, config.skip_bad)
+        teachers = load_teachers(config)
+        config = replace(config, resolution=teachers[0].prep.resolution)  # 0 meant the (first) teacher's own
+        provenance = build_provenance(config, teachers, inputs.shards, amp, tf32)
+        store = open_shared_store(config, cache_layout(config, teachers, inputs), provenance)
+        tasks = pending_tasks(inputs, job)
         if rt.progress:
-            print_banner(store, shards, tasks, len(done), job, rt)
-        others = tuple(sorted({t.prep.resolution for t in teachers} - {config.resolution}))
-        spec = ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
-                        max(1, config.batch_size // config.views), config.center_recipe, others)  # fmt: skip
+            print_banner(store, inputs.shards, tasks, len(inputs.done), job, rt)
+        spec = view_spec(config, teachers)
         if rt.progress and rt.workers:
-            per_view = sum(transport_bytes(config.recipe, side) for side in (config.resolution, *others))
-            batch = max(1, config.batch_size // config.views) * config.views * per_view
-            typer.echo(shared_memory_note("cache-teacher", rt.workers, PREFETCH, batch), err=True)
+            typer.echo(shared_memory_need(config, spec, rt.workers), err=True)
         results = gather_from_ranks(lambda: cache_share(store, tasks, teachers, spec, rt))
-        stats = finish_run(store, job, config, results, done)
-        stats["shards_total"] = len(shards)
+        stats = finish_run(store, job, config, results, inputs.done)
+        stats["shards_total"] = len(inputs.shards)
     finally:
         lock.release()
     return stats
+
+
+def load_teachers(config: CacheTeacherConfig) -> list[LoadedTeacher]:
+    """Every teacher of the run, each at its input side (``--teacher-resolution``, default ``--resolution``)."""
+    specs = teacher_specs(config.teacher, config.weights, config.taps)
+    sides = config.teacher_resolution or (config.resolution,) * len(specs)
+    return local_leader_first(lambda: [load_teacher(s, r, config) for s, r in zip(specs, sides, strict=True)])
+
+
+def cache_layout(config: CacheTeacherConfig, teachers: list[LoadedTeacher], inputs: Inputs) -> CacheLayout:
+    """The store's shapes: the shards' records, K and each stored tap's width."""
+    dims = {cache_tap(t.spec.label, tap, len(teachers) > 1): d for t in teachers for tap, d in t.dims.items()}
+    return CacheLayout([shard_record(s) for s in inputs.shards], config.views, dims, config.dtype)
+
+
+def view_spec(config: CacheTeacherConfig, teachers: list[LoadedTeacher]) -> ViewSpec:
+    """How views are drawn and rendered: the first teacher's side, plus each other teacher's."""
+    others = tuple(sorted({t.prep.resolution for t in teachers} - {config.resolution}))
+    return ViewSpec(config.recipe, config.seed, config.views, config.resolution, config.center_view,
+                    max(1, config.batch_size // config.views), config.center_recipe, others)  # fmt: skip
+
+
+def shared_memory_need(config: CacheTeacherConfig, spec: ViewSpec, workers: int) -> str:
+    """The /dev/shm note: each worker keeps PREFETCH batches of rendered views (every teacher side) in flight."""
+    per_view = sum(
+        transport_bytes(config.recipe, side) for side in (config.resolution, *spec.extra_resolutions)
+    )
+    return shared_memory_note(
+        "cache-teacher", workers, PREFETCH, spec.images_per_batch * config.views * per_view
+    )
 
 
 def load_teacher(spec: TeacherSpec, resolution: int, config: CacheTeacherConfig) -> LoadedTeacher:
@@ -159,29 +181,6 @@ def teacher_record(t: LoadedTeacher) -> dict:
 def weights_path(weights: str) -> str:
     """Where a weights file is (recorded, for rebuilding the teacher), or the library weights name."""
     return str(Path(weights).resolve()) if Path(weights).is_file() else weights
-
-
-def scan_inputs(spec: str, job: Dist, skip_bad: bool) -> tuple[list[ShardInfo], dict[int, dict[str, str]]]:
-    """The shards with counts and hashes, and the keys already in an earlier shard. Each rank reads the tar headers
-    of (and, without an index, hashes) every world-th shard; every rank combines the gathered results the same
-    way. A repeated key is refused (with --skip-bad, skipped in the later shard: the first occurrence wins,
-    whatever the ranks or timing)."""
-
-    def my_share() -> list[tuple]:
-        listed = list_shards(spec)
-        return [(i, *scan_counted(s)) for i, s in enumerate(listed) if i % job.world == job.rank]
-
-    merged = sorted((item for part in gather_from_ranks(my_share) for item in part), key=lambda t: t[0])
-    shards = [info for _, info, _ in merged]
-    for info, (_, _, keys) in zip(shards, merged, strict=True):
-        encode_keys(keys, where=f"shard {info.path}")  # refuse a key the store cannot hold, up front
-    dups = find_duplicates([s.name for s in shards], [keys for _, _, keys in merged])
-    if dups and not skip_bad:
-        i, found = next(iter(dups.items()))
-        key, owner = next(iter(found.items()))
-        raise CacheError(f"key {key!r} appears in shard {owner} and in shard {shards[i].name}; keys must be unique "
-                         "across shards (re-make the shards with unique keys, or pass --skip-bad)")  # fmt: skip
-    return shards, dups
 
 
 def build_provenance(
@@ -231,23 +230,23 @@ def _compared(provenance: dict) -> dict:
     return {k: v for k, v in provenance.items() if k != "recorded"}
 
 
-def open_shared_store(
-    config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, job: Dist, lock: StoreLock
-) -> FeatureStore:
-    """Rank 0 locks, creates or checks the store and broadcasts the job id; the other ranks join under that id
-    (never by reading the lock file, which another node may see stale), then every rank opens the store."""
-    job_id = on_main_rank(lambda: _lock_and_prepare(config, layout, provenance, lock))
+def take_lock(out: str, lock: StoreLock, job: Dist) -> None:
+    """Rank 0 takes the writer lock and broadcasts the job id; the other ranks join under that id (never by
+    reading the lock file, which another node may see stale)."""
+
+    def acquire() -> str:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return lock.acquire()
+
+    job_id = on_main_rank(acquire)
     if not job.is_main:
         lock.join(job_id)
-    return on_every_rank(lambda: open_store(config.out, mode="r+"))
 
 
-def _lock_and_prepare(
-    config: CacheTeacherConfig, layout: CacheLayout, provenance: dict, lock: StoreLock
-) -> str:
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    job_id = lock.acquire()
-    try:
+def open_shared_store(config: CacheTeacherConfig, layout: CacheLayout, provenance: dict) -> FeatureStore:
+    """Rank 0 (holding the lock) creates the store or checks it against the request, then every rank opens it."""
+
+    def prepare() -> None:
         if (zarr_path(config.out) / "zarr.json").exists():
             stored = open_store(config.out)
             require_same(
@@ -259,24 +258,18 @@ def _lock_and_prepare(
         else:
             create_store(config.out, layout, provenance)
         write_resolved_config(config.out, "cache_teacher", config)
-    except BaseException:
-        lock.release()
-        raise
-    return job_id
+
+    on_main_rank(prepare)
+    return on_every_rank(lambda: open_store(config.out, mode="r+"))
 
 
-def pending_tasks(
-    store: FeatureStore, shards: list[ShardInfo], dups: dict[int, dict[str, str]], job: Dist
-) -> tuple[list[ShardTask], list[int]]:
-    """This rank's share of the shards not yet done, and the done ones. Each rank checks the done markers of every
-    world-th shard and every rank combines the answers, so all split the same list."""
-    parts = gather_from_ranks(lambda: store.finished(range(job.rank, len(shards), job.world)))
-    done = sorted(i for part in parts for i in part)
-    skip = set(done)
-    todo = [i for i in range(len(shards)) if i not in skip]
-    tasks = [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256, dups.get(i, {}))
-             for i in todo[job.rank :: job.world]]  # fmt: skip
-    return tasks, done
+def pending_tasks(inputs: Inputs, job: Dist) -> list[ShardTask]:
+    """This rank's share of the shards not yet done (every rank splits the same list)."""
+    skip = set(inputs.done)
+    todo = [i for i in range(len(inputs.shards)) if i not in skip]
+    shards, dups = inputs.shards, inputs.duplicates
+    return [ShardTask(i, shards[i].path, shards[i].name, shards[i].samples, shards[i].sha256, dups.get(i, {}))
+            for i in todo[job.rank :: job.world]]  # fmt: skip
 
 
 def cache_share(

@@ -29,6 +29,7 @@ from pipeline.choices import (
     PROCESS_WEIGHTS,
     PROJECTION_METHODS,
     PROJECTION_TRANSFORMS,
+    SCALE_BENCHES,
     SEARCH_LR_SCHEDULES,
     SEARCH_MODES,
     SEARCH_OBJECTIVES,
@@ -188,6 +189,8 @@ class FitSvdConfig:
     seed: int = 0  # seeds the image fraction and cs-rand
     allow_partial: bool = False  # fit on the done shards of an unfinished cache (recorded)
     scheduler: str = ""  # "" = local threaded dask; tcp://host:8786 = a dask.distributed scheduler
+    lanes: int = 0  # slots read at once (local threads, ~0.25 GiB each at ImageNet shape); 0 = auto: the
+    # usable cores, capped by free memory; on a cluster: at most this many of its worker threads (0 = all)
     quiet: bool = False  # no banner, no progress bars
 
     def __post_init__(self) -> None:
@@ -213,6 +216,7 @@ class FitSvdConfig:
             raise ConfigError(f"key 'views': {list(self.views)} repeats a view; list each view once")
         if self.scheduler and "://" not in self.scheduler:
             raise ConfigError(f"key 'scheduler': {self.scheduler!r} is not an address like tcp://host:8786")
+        check_range("lanes", self.lanes, 0)
 
 
 @dataclass(frozen=True)
@@ -539,16 +543,21 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    CHOICES: ClassVar[dict] = {"scale_only": SCALE_BENCHES}
     quick: bool = False  # small sizes (about 2 minutes on 2 CPU cores)
     device: str = "cpu"  # cpu or cuda (GPU profile: R50 -> R18 at 224, AMP, 20k 375-500 px JPEGs)
     out: str = "benchmarks/results"  # folder for the JSON and PNG; generated images go to OUT/bench-data/
-    scale: bool = False  # run the ImageNet-shaped cache simulation instead (benchmarks/bench_scale.py)
+    scale: bool = False  # run the ImageNet-scale benches instead, each in a fresh process, one merged JSON
+    scale_only: tuple[str, ...] = ()  # with --scale: only these (repeat the flag); empty = all in the tree
     scale_shards: int = 128  # simulated shards of 1000 rows, K=10, D=2048 (128 = 10% ImageNet, ~5 GB)
-    scale_dir: str = ""  # folder for the simulation's synthetic cache (default: temp folder; deleted after)
+    scale_dir: str = ""  # folder for the scale benches' data (DIR/<bench>; default: temp folders, deleted)
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("cpu", "cuda"))
         check_range("scale_shards", self.scale_shards, 1)
+        check_choices(self)
+        if self.scale_only and not self.scale:
+            raise ConfigError("key 'scale_only' picks scale benches: give --scale with it")
 
 
 def _check_study(c) -> None:

@@ -4,6 +4,7 @@
     kdep fit-svd out/demo/cache --dim 1280 --out out/demo/proj-mnv2.npz          # same cache, other student
     kdep fit-svd CACHE --dim 512 --views 0 --fraction 0.1 --seed 0 --out proj.npz      # one view, 10% of images
     kdep fit-svd CACHE --dim 512 --scheduler tcp://host:8786 --out proj.npz           # on a dask cluster
+    kdep fit-svd CACHE --dim 512 --lanes 8 --out proj.npz     # at most 8 slots at once (default: cores, memory)
     make fit-svd
 
 Reads the cache (one pass over the done shards' valid rows; a second pass for the stds after ``pts``). Writes
@@ -29,6 +30,7 @@ from pipeline.cache.store import FeatureStore, open_store
 from pipeline.manifest import ConfigError, config_to_dict
 from pipeline.projection.artefact import Projection, manifest_path
 from pipeline.projection.fit import SIGN_RULE, fit_projection, with_target_std
+from pipeline.projection.lanes import LaneChoice, plan_lanes
 from pipeline.projection.moments import RowSelection, accumulate_stats, select_rows, target_moments
 from pipeline.projection.plots import write_plots
 from stages.common import write_resolved_config
@@ -57,12 +59,12 @@ def check_against_cache(config: FitSvdConfig, store: FeatureStore) -> None:
         raise ConfigError(f"key 'views': {bad} out of range; {store.path} holds views 0..{k - 1}")
 
 
-def describe(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> str:
-    """Start-up banner: what is read and what is fitted."""
+def describe(config: FitSvdConfig, store: FeatureStore, sel: RowSelection, lanes: LaneChoice | None) -> str:
+    """Start-up banner: what is read, what is fitted and where (lanes: None on a cluster)."""
     array = store.feature_array(config.tap)
     chunk_bytes = array.nbytes // (array.shape[0] * array.shape[1]) * store.layout.slot_rows * len(sel.views)
     n_chunks = np.unique(np.flatnonzero(sel.rows) // store.layout.slot_rows).size
-    where = config.scheduler or "local threads"
+    where = f"local threads, {lanes.describe()}" if lanes else f"{config.scheduler}, {cluster_lanes(config)}"
     return (
         f"fit-svd: {store.path} tap {config.tap} D_t={array.shape[-1]} | shards {sel.shards_done}/"
         f"{sel.shards_total} done | {sel.images} images x {len(sel.views)} views = {sel.samples} rows | "
@@ -71,7 +73,13 @@ def describe(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> st
     )
 
 
-def provenance(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> dict:
+def cluster_lanes(config: FitSvdConfig) -> str:
+    return f"at most {config.lanes} lanes" if config.lanes else "one lane per worker thread"
+
+
+def provenance(
+    config: FitSvdConfig, store: FeatureStore, sel: RowSelection, lanes: LaneChoice | None
+) -> dict:
     """What the manifest records about where the projection came from."""
     return {
         "cache_fingerprint": store.fingerprint(),
@@ -87,6 +95,7 @@ def provenance(config: FitSvdConfig, store: FeatureStore, sel: RowSelection) -> 
         "shards_done": sel.shards_done,
         "shards_total": sel.shards_total,
         "sign_rule": SIGN_RULE,
+        "lanes": lanes.record() if lanes else {"scheduler": config.scheduler, "lanes": cluster_lanes(config)},
         "std_after_source": "exact second pass" if config.transform == "pts" else "closed form (exact)",
         "config": config_to_dict(config),
         "versions": {
@@ -104,16 +113,18 @@ def run(config: FitSvdConfig) -> FitSvdResult:
     store = open_store(config.cache)
     check_against_cache(config, store)
     sel = select_rows(store, config.views, config.fraction, config.seed, config.allow_partial)
+    lanes = None if config.scheduler else plan_lanes(store, config.tap, sel, config.dim, config.lanes)
+    n_lanes = lanes.lanes if lanes else config.lanes
     if not config.quiet:
-        typer.echo(describe(config, store, sel), err=True)
-    stats = accumulate_stats(store, config.tap, sel, config.scheduler, config.quiet)
+        typer.echo(describe(config, store, sel, lanes), err=True)
+    stats = accumulate_stats(store, config.tap, sel, config.scheduler, config.quiet, n_lanes)
     proj = fit_projection(
         stats, config.method, config.dim, config.transform, config.pts_t, config.pts_n, config.seed
     )
     if proj.transform == "pts":
-        _, std_after = target_moments(store, config.tap, sel, proj, config.scheduler, config.quiet)
+        _, std_after = target_moments(store, config.tap, sel, proj, config.scheduler, config.quiet, n_lanes)
         proj = with_target_std(proj, std_after)
-    proj = replace(proj, meta=provenance(config, store, sel))
+    proj = replace(proj, meta=provenance(config, store, sel, lanes))
     out = Path(config.out)
     plots = write_plots(proj, out)
     write_resolved_config(out.parent, "fit_svd", config, {"artefact": out.name})

@@ -4,23 +4,23 @@
     kdep inspect out/demo/cache --json
 
 Reads the store's metadata and markers: layout version, teacher, taps, D, K, images, shards done/total, bytes on
-disk, bytes per view, the chunking. Writes nothing.
+disk, bytes per view, the chunking, and the files and inodes the cache folder uses (one walk of the folder, one stat
+per file) next to the count its layout implies (pipeline/cache/inodes.py). Writes nothing.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
-from pipeline.cache.store import FeatureStore, open_store
+from pipeline.cache.inodes import cache_inodes
+from pipeline.cache.store import ZARR_DIR, FeatureStore, open_store
+from pipeline.files import tree_usage
 from pipeline.teachers import teacher_records
 from stages.config import InspectConfig
 
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+FEATURES = f"{ZARR_DIR}/features"  # the feature arrays' folder inside a cache
 
 
 def summarize(store: FeatureStore) -> dict:
@@ -29,7 +29,9 @@ def summarize(store: FeatureStore) -> dict:
     done = store.done()
     images = sum(m["samples"] for m in done.values())
     written = sum(m["written"] for m in done.values())
-    feature_bytes = _dir_bytes(store.zarr_path / "features")
+    usage = tree_usage(store.path, (FEATURES,))  # the one walk of the cache folder
+    feature_bytes = usage.bytes_under[FEATURES]
+    layout_inodes = cache_inodes(len(done), lay.views, list(lay.dims))
     views_cached = written * lay.views
     teachers = teacher_records(prov)
     return {
@@ -50,7 +52,10 @@ def summarize(store: FeatureStore) -> dict:
         "images_skipped": images - written,
         "shards_done": len(done),
         "shards_total": len(lay.shards),
-        "bytes_on_disk": _dir_bytes(store.path),
+        "bytes_on_disk": usage.bytes,
+        "files": usage.files,
+        "inodes": usage.entries,
+        "inodes_of_the_layout": layout_inodes.entries,
         "feature_bytes_per_view": feature_bytes / views_cached if views_cached else None,
         "feature_bytes_per_view_raw": sum(lay.dims.values()) * (2 if lay.dtype == "float16" else 4),
         "slot_rows": lay.slot_rows,

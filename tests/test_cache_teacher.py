@@ -102,6 +102,18 @@ def test_store_metadata_inspect_and_verify(straight, demo_shards):
     assert info["shards_done"] == info["shards_total"] == 3 and info["images_cached"] == 24
     assert info["taps"] == {"pre_relu": 512, "post_relu": 512} and info["views_per_image"] == 3
     assert info["feature_bytes_per_view"] <= 2 * 2 * 512
+    entries = subprocess.run(["find", str(straight)], capture_output=True, text=True, check=True).stdout
+    regular = subprocess.run(
+        ["find", str(straight), "-type", "f"], capture_output=True, text=True, check=True
+    )
+    assert info["inodes"] == len(entries.splitlines()) and info["files"] == len(regular.stdout.splitlines())
+    bookkeeping = {
+        "config.cache_teacher.json",
+        "runs.jsonl",
+        "writer.lock",
+    }  # the stage's files beside the store
+    assert bookkeeping <= {p.name for p in straight.iterdir()}
+    assert info["inodes"] == info["inodes_of_the_layout"] + len(bookkeeping)
     prov = store.provenance
     assert prov["teacher"]["weights"]["kind"] == "file" and len(prov["teacher"]["weights"]["sha256"]) == 64
     assert prov["preprocessing"]["mean"] == [0.485, 0.456, 0.406]

@@ -72,12 +72,16 @@ def test_bench_quick_profile(tmp_path):
 
 
 def _check_bench(results: dict, keys: tuple[str, ...]) -> None:
+    """Every stable key with finite values; every agreement check recorded in the JSON and within tolerance."""
     body = json.loads(Path(results["written"]).read_text())
     for key in keys:
         assert key in body, key
         values = body[key].values() if isinstance(body[key], dict) else [body[key]]
-        if key != "machine":
+        if key not in ("machine", "checks"):
             assert all(v is not None and math.isfinite(float(v)) for v in values), key
+    verdicts = {c["figure"]: c["passed"] for c in body["checks"]}
+    assert {"svd_max_subspace_error_vs_numpy", "cached_vs_online_target_max_rel_error"} <= set(verdicts)
+    assert all(verdicts.values()), verdicts
     assert Path(results["written"]).with_suffix(".png").is_file()
 
 

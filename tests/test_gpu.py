@@ -21,7 +21,8 @@ from pipeline.data.shards import list_shards
 from pipeline.projection.artefact import load_projection
 from pipeline.student.pairs import StreamSpec
 from pipeline.student.specs import LossSpec
-from pipeline.student.training import StepContext, Student, make_optimizer, train_step, views_on_device
+from pipeline.student.trainees import make_optimizer
+from pipeline.student.training import StepContext, Student, train_step, views_on_device
 from stages.cache_teacher import CacheTeacherConfig
 from stages.cache_teacher import run as cache_run
 from stages.fit_svd import FitSvdConfig

@@ -5,8 +5,6 @@ centre-view cache."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -266,7 +264,10 @@ def test_sampler_draws_each_pool_slot_as_often_as_todays():
 @pytest.fixture(scope="module")
 def coss_cache(demo_shards, tmp_path_factory) -> dict:
     """A centre-view cache of the demo train split (ResNet-18, post-ReLU, 3 views, one 512-wide float16 row per
-    inner chunk), made before offsets were recorded (no ``member_offset``), and its shard paths."""
+    inner chunk) as cache-teacher makes it (``cache``, with ``member_offset``), a copy as a cache made before offsets
+    were recorded holds it (``old``, without), and its shard paths."""
+    import shutil
+
     from pipeline.cache import store as store_module
 
     d = tmp_path_factory.mktemp("coss")
@@ -278,7 +279,10 @@ def coss_cache(demo_shards, tmp_path_factory) -> dict:
                                      weights=str(d / "t.pt"), taps=("post_relu",), views=3, center_view=True,
                                      recipe="coss", resolution=32, batch_size=6, workers=0, device="cpu",
                                      quiet=True))  # fmt: skip
-    return {"cache": d / "cache.zarr", "paths": tuple(s.path for s in list_shards(demo_shards["train"]))}
+    shutil.copytree(d / "cache.zarr", d / "old.zarr")
+    shutil.rmtree(d / "old.zarr" / "store.zarr" / "member_offset")
+    paths = tuple(s.path for s in list_shards(demo_shards["train"]))
+    return {"cache": d / "cache.zarr", "old": d / "old.zarr", "paths": paths}
 
 
 def test_coss_with_neighbour_batches_on_a_centre_view_cache(coss_cache, tmp_path, monkeypatch):
@@ -341,34 +345,24 @@ def test_coss_with_neighbour_batches_on_a_centre_view_cache(coss_cache, tmp_path
     assert epoch[0]["images"] == (24 // 3) * 3 * 3  # 8 batches of 3 anchors x (1 + 2 neighbours)
 
 
-def _with_offsets(cache: Path, paths: tuple[str, ...], out: Path) -> Path:
-    """A copy of ``cache`` with the ``member_offset`` array a newer cache-teacher writes: each row's first tar
-    header, found here with tarfile (-1 for padding)."""
-    import shutil
+def _tar_offsets(store, paths: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
+    """Each of global ``rows``' first tar header in its shard, found independently with tarfile."""
     import tarfile
 
-    import zarr
-
-    shutil.copytree(cache, out)
-    store = open_store(out)
-    r = store.layout.slot_rows
-    array = zarr.open_group(str(store.zarr_path), mode="r+").create_array(
-        "member_offset", shape=(store.layout.rows,), chunks=(r,), dtype="int64", fill_value=-1
-    )
-    for s, path in enumerate(paths):
-        first: dict[str, int] = {}
-        with tarfile.open(path) as tar:
-            for m in tar:
-                first.setdefault(split_member_name(m.name)[0], m.offset)
-        keys = store.read_slot(s, taps=[], views=[]).keys
-        array[s * r : s * r + len(keys)] = [first[k] for k in keys]
-    return out
+    r, out = store.layout.slot_rows, []
+    for g in rows.tolist():
+        key = store.read_slot(g // r, taps=[], views=[]).keys[g % r]
+        with tarfile.open(paths[g // r]) as tar:
+            out.append(next(m.offset for m in tar if split_member_name(m.name)[0] == key))
+    return np.array(out, np.int64)
 
 
-def test_row_metadata_is_read_once_per_worker_in_runs_of_slots(coss_cache):
+@pytest.mark.parametrize("which", ["cache", "old"])
+def test_row_metadata_is_read_once_per_worker_in_runs_of_slots(coss_cache, which):
     """``load_row_meta``: keys, hashes and sizes of rows in any order equal each slot's own block, read in runs of
-    one slot or of all; keys as narrow as the longest one."""
-    store = open_store(coss_cache["cache"])
+    one slot or of all; keys as narrow as the longest one; the tar offsets the cache records (the tar's own), or
+    none from a cache made before they were recorded."""
+    store = open_store(coss_cache[which])
     rows = valid_rows(store)[::-1][[3, 0, 17, 9, 23]]
     r = store.layout.slot_rows
     for run in (1, 64):
@@ -378,23 +372,27 @@ def test_row_metadata_is_read_once_per_worker_in_runs_of_slots(coss_cache):
             assert meta.keys[i].decode() == block.keys[g % r]
             np.testing.assert_array_equal(meta.hashes[i], block.hashes[g % r])
             np.testing.assert_array_equal(meta.hw[i], block.hw[g % r])
-        assert meta.offsets is None  # a cache made before offsets were recorded
         assert meta.keys.dtype.itemsize == max(len(k) for k in meta.keys)
-        assert meta.nbytes == len(rows) * (meta.keys.dtype.itemsize + 16 + 8)
+        if which == "old":
+            assert meta.offsets is None
+            assert meta.nbytes == len(rows) * (meta.keys.dtype.itemsize + 16 + 8)
+        else:
+            np.testing.assert_array_equal(meta.offsets, _tar_offsets(store, coss_cache["paths"], rows))
+            assert meta.nbytes == len(rows) * (meta.keys.dtype.itemsize + 16 + 8 + 8)
 
 
 def test_offsets_read_images_without_indexing_tars_and_equal_the_indexed_reads(
     coss_cache, tmp_path, monkeypatch
 ):
     """With ``member_offset`` in the cache, a batch reads each image at its offset (no tar is indexed) and yields
-    exactly what the tar-index fallback yields; a wrong offset is an error naming the shard, key and byte."""
+    exactly what the tar-scan fallback yields; a wrong offset is an error naming the shard, key and byte."""
+    from pipeline.data.shards import ShardError
     from pipeline.student import neighbour_pairs
 
-    paths = coss_cache["paths"]
-    cache = _with_offsets(coss_cache["cache"], paths, tmp_path / "offsets")
+    paths, cache = coss_cache["paths"], coss_cache["cache"]
     rows = valid_rows(open_store(cache))
     indexed = RandomAccessPairs(
-        str(coss_cache["cache"]), paths, rows, "post_relu", 32, seed=0, uint8_views=True
+        str(coss_cache["old"]), paths, rows, "post_relu", 32, seed=0, uint8_views=True
     )
     want = indexed.__getitems__(list(range(24)))
     by_offset = RandomAccessPairs(str(cache), paths, rows, "post_relu", 32, seed=0, uint8_views=True)
@@ -407,7 +405,7 @@ def test_offsets_read_images_without_indexing_tars_and_equal_the_indexed_reads(
     wrong[5] = by_offset.meta.offsets[6]  # row 5's offset points at row 6's sample
     object.__setattr__(by_offset.meta, "offsets", wrong)
     key = by_offset.meta.keys[5].decode()
-    with pytest.raises(NeighbourError, match=f"sample '{key}' is not at byte {wrong[5]} .found"):
+    with pytest.raises(ShardError, match=f"{paths[0]}: sample '{key}' is not at byte {wrong[5]} .found"):
         by_offset[5]
 
 
@@ -449,14 +447,14 @@ def test_without_offsets_each_touched_tar_is_scanned_once_per_worker_into_one_in
     original = neighbour_pairs.index_tar
     monkeypatch.setattr(neighbour_pairs, "index_tar", lambda path: scans.append(path) or original(path))
     paths = coss_cache["paths"]
-    rows = valid_rows(open_store(coss_cache["cache"]))
-    ds = RandomAccessPairs(str(coss_cache["cache"]), paths, rows, "post_relu", 32, seed=0, uint8_views=True)
+    rows = valid_rows(open_store(coss_cache["old"]))
+    ds = RandomAccessPairs(str(coss_cache["old"]), paths, rows, "post_relu", 32, seed=0, uint8_views=True)
     ds.__getitems__([0, 9, 17])
     ds.__getitems__([20, 1, 10, 23])
     assert sorted(scans) == sorted(paths)
     assert ds._found.dtype == np.int64 and ds._found.shape == (24,) and (ds._found >= 0).all()
     monkeypatch.setattr(neighbour_pairs, "index_tar", lambda path: {})  # the shard lost its samples
-    fresh = RandomAccessPairs(str(coss_cache["cache"]), paths, rows, "post_relu", 32, seed=0)
+    fresh = RandomAccessPairs(str(coss_cache["old"]), paths, rows, "post_relu", 32, seed=0)
     key = fresh.meta.keys[0].decode()
     with pytest.raises(NeighbourError, match=f"{paths[0]}: cached key '{key}' is not in the shard"):
         fresh[0]

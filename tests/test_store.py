@@ -4,7 +4,9 @@ independent reader (tensorstore) opens bit-exactly, the old-layout refusal, and 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def _write(path: Path, inner_rows: int = 2) -> tuple[Path, np.ndarray]:
             hw=np.full((n, 2), 7 + i, np.int32),
             hashes=np.full((n, 16), i, np.uint8),
             valid=np.arange(n) != 1,
+            offsets=np.arange(n, dtype=np.int64) * 1536 + 10**10 * i,  # beyond 2**32: int64 is needed
         )
         store.write_slot(i, block)
         start += n
@@ -75,7 +78,15 @@ def test_round_trip_whole_and_per_view(tmp_path):
         np.testing.assert_array_equal(
             store.read_rows(i, rows, 3, "pre_relu"), feats[start + np.array(rows), 3]
         )
+        assert store.shard_keys(i) == whole.keys
+        assert store.read_offsets(i).tolist() == [j * 1536 + 10**10 * i for j in range(n)]
         start += n
+    every = {i: store.read_slot(i).keys for i in range(len(SIZES))}
+    assert (
+        store.keys_of([2, 0], run=2) == {0: every[0], 2: every[2]} and store.keys_of(range(3), run=1) == every
+    )
+    raw = store.array("member_offset")[:]
+    assert (raw[store.layout.slot(2)][SIZES[2] :] == -1).all()  # padding rows
     assert store.valid().sum() == sum(SIZES) - len(SIZES)  # row 1 of each shard is invalid; padding is too
 
 
@@ -86,10 +97,18 @@ def test_the_folder_is_a_pure_zarr_hierarchy_of_core_types(tmp_path):
         warnings.simplefilter("error")  # zarr warns about anything in the hierarchy that is not a node
         group = zarr.open_group(str(path / "store.zarr"), mode="r")
         names = sorted(name for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
-    assert names == ["features/pre_relu", "image_hash", "image_hw", "keys", "valid", "view_params"]
+    assert names == [
+        "features/pre_relu",
+        "image_hash",
+        "image_hw",
+        "keys",
+        "member_offset",
+        "valid",
+        "view_params",
+    ]
     for name in names:
         meta = json.loads((path / "store.zarr" / name / "zarr.json").read_text())
-        assert meta["data_type"] in {"bool", "uint8", "int32", "float16", "float32"}, name
+        assert meta["data_type"] in {"bool", "uint8", "int32", "int64", "float16", "float32"}, name
 
 
 def test_tensorstore_reads_every_array_bit_exactly(tmp_path):
@@ -151,6 +170,20 @@ def test_keys_are_fixed_width_utf8_and_long_keys_are_refused():
         encode_keys(["a-very-long-key"], width=8, where="shard x.tar")
 
 
+def test_a_cache_made_before_offsets_opens_reads_and_resumes_without_them(tmp_path):
+    path, feats = _write(tmp_path / "c")
+    shutil.rmtree(path / "store.zarr" / "member_offset")  # what a cache made before the array existed holds
+    store = open_store(path, "r+")
+    pending = replace(store.read_slot(1), keys=[f"new-{j}" for j in range(SIZES[1])])
+    (path / "markers" / "000001.json").unlink()  # shard 1 still pending
+    assert not store.has_offsets and store.read_offsets(0) is None
+    block = store.read_slot(0)
+    store.write_slot(1, replace(pending, offsets=np.zeros(SIZES[1], np.int64)))  # a resumed run's write
+    assert store.shard_keys(1) == [f"new-{j}" for j in range(SIZES[1])]
+    assert not (path / "store.zarr" / "member_offset").exists()
+    np.testing.assert_array_equal(block.features["pre_relu"], feats[: SIZES[0]])
+
+
 def test_an_old_layout_cache_is_refused_with_the_rebuild_message(tmp_path):
     old = tmp_path / "old.zarr"
     group = zarr.open_group(str(old), mode="w")
@@ -188,7 +221,7 @@ def _msg(feats: np.ndarray) -> tuple[dict, dict]:
     n = len(feats) // 2
     msg = {"positions": list(range(n)), "keys": [f"k{i}" for i in range(n)],
            "params": np.zeros((n, 2, N_PARAMS), np.float32), "hw": np.ones((n, 2), np.int32),
-           "hashes": np.zeros((n, 16), np.uint8)}  # fmt: skip
+           "hashes": np.zeros((n, 16), np.uint8), "offsets": np.arange(n, dtype=np.int64) * 1024}  # fmt: skip
     return msg, {"pooled": feats}
 
 
@@ -228,6 +261,7 @@ def test_the_range_guard_skips_and_counts_when_asked():
     assert block.valid.tolist() == [True, False, True]
     assert not block.features["pooled"][1].any()  # nothing degraded is stored
     assert block.skipped == [{"key": "k1", "reason": "tap 'pooled' out of float16 range"}]
+    assert block.offsets.tolist() == [0, 1024, 2048]  # a skipped row keeps its place in the shard
 
 
 def test_rows_of_several_slots_are_read_in_one_call_in_the_order_asked(tmp_path, monkeypatch):

@@ -495,7 +495,8 @@ def test_a_global_batch_is_shared_by_the_ranks_or_refused_in_one_line(cached, tm
 def test_parameters_no_target_reaches_are_frozen_and_recorded(cached, tmp_path):
     """A student distilling stage 3 only never uses layer4: its parameters are frozen (else DDP fails at the second
     step on 2 ranks) and listed in provenance.json; with the pre_relu target nothing but the classifier is."""
-    from pipeline.student.training import Student, freeze_unreached, unreached_parameters
+    from pipeline.student.trainees import freeze_unreached, unreached_parameters
+    from pipeline.student.training import Student
 
     student = Student("resnet18", ("stage3",), "kdep", (256,), 32)
     names = unreached_parameters(student, 32, torch.device("cpu"))

@@ -3,6 +3,8 @@
 - :func:`source_shard_paths` finds the shards a cache was made from again, and refuses ones that changed since.
 - :func:`join_sample` joins one streamed sample to its cached row and replays one stored view of it;
   :func:`join_row` does the same for a row whose image bytes were found another way (by tar offset, by key).
+- :func:`source_samples` reads the samples of chosen rows from their source shard, by the byte offsets the cache
+  recorded (only those samples' bytes); for a cache made before offsets were recorded, by one pass over the shard.
 
 The join is the one definition of "this image is the one that was cached", shared by stage 3's stream, its
 neighbour batches and ``inspect-cache --verify``: by key (never by position), the row's validity (rows skipped
@@ -17,6 +19,7 @@ decoded size, then the replay of the chosen view with :func:`pipeline.data.views
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +29,8 @@ from torch import nn
 
 from pipeline.cache.store import FeatureStore, ShardBlock
 from pipeline.data.images import DecodeError, decode_rgb, image_bytes, image_hash
-from pipeline.data.shards import Sample, ShardError, list_shards
+from pipeline.data.random_access import iter_samples_at
+from pipeline.data.shards import Sample, ShardError, iter_samples, list_shards
 from pipeline.data.views import replay_for_transport, replay_view
 from pipeline.errors import KdepError
 from pipeline.models import FeatureTaps, Preprocessing, build_model
@@ -106,6 +110,32 @@ def source_shard_paths(store: FeatureStore, override: str = "") -> list[str]:
             )
         paths.append(str(Path(info.path)))
     return paths
+
+
+def source_samples(
+    store: FeatureStore, shard_index: int, rows: Sequence[int], path: str, keys: Sequence[str] | None = None
+) -> Iterator[Sample]:
+    """The source samples of ``rows`` (rows of done shard ``shard_index``'s block, any order) from the shard's tar
+    at ``path``, in the order asked, one at a time. ``keys``: the shard's row keys when the caller has them (a
+    :class:`ShardBlock`'s), else read from the cache.
+
+    With recorded offsets, each sample is read from its offset (its headers and data only) and must carry the
+    row's key; a cache made before offsets were recorded reads the shard once instead. Either way a sample the
+    shard no longer holds is a ShardError naming the shard and key (the shard changed since caching)."""
+    keys = store.shard_keys(shard_index) if keys is None else keys
+    offsets = store.read_offsets(shard_index)
+    if offsets is not None and all(offsets[r] >= 0 for r in rows):
+        yield from iter_samples_at(path, [(int(offsets[r]), keys[r]) for r in rows])
+        return
+    wanted = {keys[r] for r in rows}
+    found = {s.key: s for s in iter_samples(path) if s.key in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ShardError(
+            f"{path}: keys {missing[:3]} are cached but not in the shard; the shard changed since caching "
+            "(restore it or re-run cache-teacher)"
+        )
+    yield from (found[keys[r]] for r in rows)
 
 
 def join_sample(

@@ -14,6 +14,8 @@ views, ``P`` view-parameter columns, ``c`` rows per inner chunk::
         image_hash                uint8   [S*R, 16]    chunks (R, 16)     blake2b-128 of the encoded image bytes
         keys                      uint8   [S*R, 128]   chunks (R, 128)    sample key, UTF-8, NUL-padded ("" = padding)
         valid                     bool    [S*R]        chunks (R,)        False for padding and skipped rows
+        member_offset             int64   [S*R]        chunks (R,)        byte offset of the sample's first tar header
+                                                                          in its source shard (-1: padding / unknown)
       markers/<shard>.json        done marker, written (atomically) only after the shard's files are fsynced
       writer.lock  runs.jsonl  config.cache_teacher.json
 
@@ -25,6 +27,11 @@ view. Each (shard, view) is one Zarr shard file written whole by the one writer 
 one shard lose data silently: zarr-python issues #3682 and #3514); the per-row arrays have one chunk per slot. Keys are bytes in a uint8
 array, not zarr-python's ``string`` type, so tensorstore or any other Zarr v3 reader opens every array; bookkeeping
 files sit beside the hierarchy, not inside it. Padding rows are zeros and ``valid`` is False there.
+
+``member_offset`` lets a reader fetch one sample's bytes from its source shard without parsing the shard
+(:func:`pipeline.data.random_access.read_samples_at`, :func:`pipeline.cache.join.source_samples`). It was added to
+layout 2 without a version change: a cache made before it has no such array, opens and works as before (readers
+fall back to streaming the shard), and a resumed one keeps writing without it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ ZARR_DIR = "store.zarr"  # the Zarr hierarchy inside a cache folder
 INNER_CHUNK_BYTES = 128 << 10  # target size of one inner feature chunk (the unit of a row-granular read)
 HASH_BYTES = 16
 KEY_BYTES = 128  # longest sample key (UTF-8 bytes) a cache stores
+OFFSETS = "member_offset"  # the array of source byte offsets (absent from caches made before it existed)
 
 
 class StoreError(KdepError):
@@ -110,6 +118,7 @@ class ShardBlock:
     skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}]
     cache: str = ""  # path of the cache it was read from (join errors name it)
     views: tuple[int, ...] = ()  # view index of each column; () = all K views in order
+    offsets: np.ndarray | None = None  # (n,) int64: each row's first tar header in its source shard
     _rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def row_of(self) -> dict[str, int]:
@@ -212,10 +221,14 @@ def create_store(path: str | Path, layout: CacheLayout, provenance: dict) -> Non
         "keys", shape=(n, layout.key_bytes), chunks=(r, layout.key_bytes), dtype="uint8", fill_value=0
     )
     group.create_array("valid", shape=(n,), chunks=(r,), dtype="bool", fill_value=False)
+    group.create_array(OFFSETS, shape=(n,), chunks=(r,), dtype="int64", fill_value=-1)
     meta = {
         "layout_version": LAYOUT_VERSION,
         "layout": asdict(layout),
-        "encoding": {"keys": f"UTF-8, NUL-padded to {layout.key_bytes} bytes per row"},
+        "encoding": {
+            "keys": f"UTF-8, NUL-padded to {layout.key_bytes} bytes per row",
+            OFFSETS: "byte offset of the sample's first tar header in its source shard; -1 for padding",
+        },
         "provenance": provenance,
     }
     group.attrs["kdep"] = json.loads(json.dumps(meta))
@@ -259,6 +272,11 @@ class FeatureStore:
     @property
     def zarr_path(self) -> Path:
         return zarr_path(self.path)
+
+    @property
+    def has_offsets(self) -> bool:
+        """Whether the cache records each sample's byte offset in its source shard (caches made before it do not)."""
+        return (self.zarr_path / OFFSETS / "zarr.json").is_file()
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -331,6 +349,10 @@ class FeatureStore:
         self.array("image_hash")[sl] = padded(block.hashes.astype(np.uint8, copy=False))
         self.array("keys")[sl] = padded(keys)
         self.array("valid")[sl] = padded(block.valid.astype(bool, copy=False))
+        if block.offsets is not None and self.has_offsets:
+            self.array(OFFSETS)[sl] = np.concatenate(
+                [block.offsets.astype(np.int64), np.full(pad, -1, np.int64)]
+            )
         self._fsync_slot(shard_index)
         record = {"shard": name, "samples": n, "written": int(block.valid.sum()), "skipped": block.skipped}
         write_json_atomic(self.marker_path(shard_index), record)
@@ -345,6 +367,7 @@ class FeatureStore:
             "keys",
             "valid",
         ]
+        names += [OFFSETS] if self.has_offsets else []
         for name in names:
             top = self.zarr_path.joinpath(name, "c", str(shard_index))
             for f in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
@@ -394,6 +417,35 @@ class FeatureStore:
             cache=str(self.path),
             views=() if whole else chosen,
         )
+
+    def shard_keys(self, shard_index: int) -> list[str]:
+        """The keys of a done shard's rows in shard order (skipped rows included), from its ``keys`` chunk alone."""
+        return self.keys_of([shard_index])[shard_index]
+
+    def keys_of(self, shard_indices: Sequence[int], run: int = 64) -> dict[int, list[str]]:
+        """:meth:`shard_keys` of several done shards: what a resumed stage 1 checks new shards' keys against,
+        without reading their source tars. Runs of up to ``run`` adjacent slots are read in one call (zarr then
+        fetches their chunks concurrently: ~2x faster than one read per slot)."""
+        out: dict[int, list[str]] = {}
+        wanted = sorted(set(shard_indices))
+        r = self.layout.slot_rows
+        while wanted:
+            first = wanted[0]
+            group = [i for i in wanted if i < first + run]
+            block = self.array("keys")[first * r : (group[-1] + 1) * r]
+            for i in group:
+                start = (i - first) * r
+                out[i] = decode_keys(block[start : start + self.layout.shards[i]["samples"]])
+            wanted = wanted[len(group) :]
+        return out
+
+    def read_offsets(self, shard_index: int) -> np.ndarray | None:
+        """(n,) int64: each row's first-header byte offset in the done shard's source tar (-1 where none was
+        recorded), or None for a cache made before offsets were recorded."""
+        n = self._require_done(shard_index)["samples"]
+        if not self.has_offsets:
+            return None
+        return np.asarray(self.array(OFFSETS)[self.layout.slot(shard_index)][:n], np.int64)
 
     def read_view_params(self, shard_index: int, view: int) -> np.ndarray:
         """(n, P) float32: the stored parameters of one view of every row of a done shard (one chunk read)."""

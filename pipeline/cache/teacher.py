@@ -103,7 +103,8 @@ def cache_shards(
     )
     dims = store.layout.dims
     dtype = store.layout.dtype
-    assemblies = {t.index: ShardAssembly(t, spec.views, dims, dtype, rt.out_of_range) for t in tasks}
+    by_index = {t.index: t for t in tasks}
+    assemblies: dict[int, ShardAssembly] = {}  # the shards in flight only (each made at its first message)
     writer = SlotWriter(store)
     total = sum(t.samples for t in tasks)
     bar = progress_bar(
@@ -114,6 +115,10 @@ def cache_shards(
         for msg in loader:
             if msg["kind"] == "error":
                 raise CacheError(msg["message"])
+            if msg["shard"] not in assemblies:
+                assemblies[msg["shard"]] = ShardAssembly(
+                    by_index[msg["shard"]], spec.views, dims, dtype, rt.out_of_range
+                )
             assembly = assemblies[msg["shard"]]
             if msg["kind"] == "views":
                 assembly.add(msg, ensemble_features(teachers, msg, rt))

@@ -1,9 +1,10 @@
 """Recompute cached features from the store's metadata and the source shards, with torchvision alone.
 
-For a seeded sample of (key, view) pairs: find the sample in its source shard, join it to its row with the cache's
-one join (image hash and size, then the replay of the stored view parameters), run the teacher rebuilt from the
-recorded architecture and weights (each teacher of a multi-teacher cache at its own input side), and compare with
-the cached row: the cache is self-describing, and this command proves it.
+For a seeded sample of (key, view) pairs: read the sample from its source shard (by its recorded byte offset: only
+the checked samples' bytes are read), join it to its row with the cache's one join (image hash and size, then the
+replay of the stored view parameters), run the teacher rebuilt from the recorded architecture and weights (each
+teacher of a multi-teacher cache at its own input side), and compare with the cached row: the cache describes
+itself well enough for anyone to recompute it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.join import JoinError, join_row, rebuild_teachers, source_shard_paths
+from pipeline.cache.join import JoinError, join_row, rebuild_teachers, source_samples, source_shard_paths
 from pipeline.cache.store import FeatureStore
 from pipeline.data.images import image_bytes
-from pipeline.data.shards import iter_samples
 from pipeline.errors import KdepError
 from pipeline.teachers import cache_tap
 
@@ -78,7 +78,7 @@ def verify_store(
                 strict=True,
             )
         }
-        images = _find_images(Path(paths[shard]), {block.keys[r] for r, _ in wanted})
+        images = _find_images(store, shard, paths[shard], sorted({r for r, _ in wanted}), block.keys)
         for (row, view), (teacher, taps) in itertools.product(wanted, teachers):
             key = block.keys[row]
             try:
@@ -100,15 +100,10 @@ def verify_store(
     return VerifyReport(len(pairs), max_abs, max_rel, tol, worst)
 
 
-def _find_images(shard_path: Path, keys: set[str]) -> dict[str, bytes]:
-    if not shard_path.is_file():
-        raise VerifyError(
-            f"source shard {shard_path} not found; verify needs the shards the cache was made from"
-        )
-    found = {s.key: image_bytes(s, str(shard_path)) for s in iter_samples(shard_path) if s.key in keys}
-    missing = keys - set(found)
-    if missing:
-        raise VerifyError(
-            f"{shard_path}: keys {sorted(missing)[:3]} are cached but not in the shard; it changed"
-        )
-    return found
+def _find_images(
+    store: FeatureStore, shard: int, path: str, rows: list[int], keys: list[str]
+) -> dict[str, bytes]:
+    """key -> encoded image of ``rows``, read by their recorded offsets (only those samples' bytes)."""
+    if not Path(path).is_file():
+        raise VerifyError(f"source shard {path} not found; verify needs the shards the cache was made from")
+    return {s.key: image_bytes(s, path) for s in source_samples(store, shard, rows, path, keys)}

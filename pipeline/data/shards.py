@@ -6,7 +6,9 @@ beside the shards) records each shard's name, sample count, byte size and sha256
 
 Reading uses :mod:`pipeline.data.tarstream` rather than WebDataset's expander because we need two things it does not
 give: the end-of-archive check (a tar cut at a member boundary ends silently in every WebDataset handler) and each
-member's byte offset; it is also several times faster than :mod:`tarfile` at parsing headers.
+member's byte offset; it is also several times faster than :mod:`tarfile` at parsing headers. A key scan
+(:func:`scan_samples`) reads only the 512-byte headers; :mod:`pipeline.data.random_access` reads one sample from its
+recorded offset.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import braceexpand
 
-from pipeline.data.tarstream import BLOCK, TarFormatError, iter_member_spans, iter_members
+from pipeline.data.tarstream import TarFormatError, iter_member_spans, walk_headers
 from pipeline.errors import KdepError
 from pipeline.files import HashingWriter, atomic_path, file_sha256, write_json_atomic
 
@@ -50,7 +52,7 @@ class Sample:
 
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)  # extension (e.g. "jpg", "cls") -> bytes
-    offset: int = 0  # byte offset of the sample's first member header in the tar
+    offset: int = 0  # byte offset of the sample's first header in the tar (a long name's extension header)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # extension -> (data offset, size)
 
 
@@ -98,7 +100,8 @@ def iter_samples(path: str | Path, digest=None, fields: tuple[str, ...] | None =
         with open(path, "rb", buffering=1 << 20 if fields is None else 0) as raw:
             fh = _HashingReader(raw, digest) if digest is not None else raw
             wanted = (lambda _n: True) if fields is None else (lambda n: split_member_name(n)[1] in fields)
-            for name, offset, size, data in iter_member_spans(fh, wanted):
+            for member, data in iter_member_spans(fh, wanted):
+                name = member.name
                 key, ext = split_member_name(name)
                 if current is None or key != current.key:
                     if current is not None:
@@ -108,10 +111,10 @@ def iter_samples(path: str | Path, digest=None, fields: tuple[str, ...] | None =
                             f"{path}: duplicate key {key!r} (it appears twice in this shard); re-make the shard"
                         )
                     seen.add(key)
-                    current = Sample(key=key, offset=offset)
+                    current = Sample(key=key, offset=member.offset)
                 if ext in current.spans:
                     raise ShardError(f"{path}: duplicate member {name!r}; re-make the shard")
-                current.spans[ext] = (offset + BLOCK, size)
+                current.spans[ext] = (member.data_offset, member.size)
                 if fields is None or ext in fields:
                     current.fields[ext] = data
             if digest is not None:
@@ -124,33 +127,37 @@ def iter_samples(path: str | Path, digest=None, fields: tuple[str, ...] | None =
         yield current
 
 
-def scan_shard(path: str | Path) -> list[str]:
-    """The keys of a shard in order, from its tar headers alone; raises ShardError on a bad tar or duplicate key."""
+def scan_samples(path: str | Path) -> list[tuple[str, int]]:
+    """``(key, byte offset of its first header)`` of every sample of a shard, in order, from the 512-byte tar
+    headers alone (no member data is read: :func:`pipeline.data.tarstream.walk_headers`); raises ShardError on a
+    bad tar or a duplicate key. The offsets are those :func:`iter_samples` gives."""
     path = str(path)
-    keys: list[str] = []
+    found: list[tuple[str, int]] = []
     try:
-        with open(path, "rb", buffering=1 << 16) as fh:
-            for name, _offset, _data in iter_members(fh, with_data=False):
-                key = split_member_name(name)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
+        with open(path, "rb", buffering=0) as fh:
+            for member in walk_headers(fh.fileno()):
+                key = split_member_name(member.name)[0]
+                if not found or found[-1][0] != key:
+                    found.append((key, member.offset))
     except FileNotFoundError:
         raise ShardError(f"no shard at {path}; check the shard list") from None
     except (TarFormatError, UnicodeDecodeError, OSError) as err:
         raise ShardError(f"{path}: {err}; re-copy or re-make this shard") from None
+    keys = [k for k, _ in found]
     if len(set(keys)) != len(keys):
         dup = next(k for i, k in enumerate(keys) if k in keys[:i])
         raise ShardError(f"{path}: duplicate key {dup!r} (it appears twice in this shard); re-make the shard")
-    return keys
+    return found
 
 
-def duplicate_keys(shards: list[ShardInfo]) -> dict[int, dict[str, str]]:
-    """Keys that already appear in an earlier shard (in list order): {shard index: {key: earlier shard name}}."""
-    return find_duplicates([s.name for s in shards], [scan_shard(s.path) for s in shards])
+def scan_shard(path: str | Path) -> list[str]:
+    """The keys of a shard in order, from its tar headers alone (see :func:`scan_samples`)."""
+    return [key for key, _ in scan_samples(path)]
 
 
 def find_duplicates(names: list[str], keys: list[list[str]]) -> dict[int, dict[str, str]]:
-    """:func:`duplicate_keys` from already scanned key lists (``keys[i]``: shard ``names[i]``'s keys in order).
+    """Keys that already appear in an earlier shard (in list order): {shard index: {key: earlier shard name}}, from
+    scanned key lists (``keys[i]``: shard ``names[i]``'s keys in order).
 
     The first occurrence wins, so which copy is kept never depends on ranks, workers or timing."""
     first: dict[str, str] = {}
@@ -290,16 +297,6 @@ def count_samples(info: ShardInfo) -> int:
             f"{info.path}: {n} samples in the tar but the index says {info.samples}; the shard is truncated or changed"
         )
     return n
-
-
-def with_counts(shards: list[ShardInfo]) -> list[ShardInfo]:
-    """Fill in sample counts and hashes for shards listed without an index (reads each shard once)."""
-    out = []
-    for info in shards:
-        if info.samples is None or info.sha256 is None:
-            info = ShardInfo(info.path, info.name, count_samples(info), info.nbytes, file_sha256(info.path))
-        out.append(info)
-    return out
 
 
 def shard_record(info: ShardInfo) -> dict:

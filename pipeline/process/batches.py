@@ -8,8 +8,10 @@ The held-out split is a pure function of (seed, key): image ``key`` is held out 
 ``blake2b("<seed>\\x1fheld-out\\x1f<key>") / 2**64 < val_fraction`` (the public code holds out 20% of the training
 images at random; a key hash makes the split independent of shard order, ranks and workers, and reproducible).
 Each epoch reads one view per shard, chosen by stage 3's schedule (:func:`pipeline.student.pairs.scheduled_view`),
-and joins samples to rows with the cache's one join (:func:`pipeline.cache.join.join_sample`). Shards are read
-in the seeded per-epoch order and split over DataLoader workers; samples keep their (seeded) order inside a shard.
+and joins samples to rows with the cache's one join (:func:`pipeline.cache.join.join_sample`). The held-out split
+reads only its own samples, by the byte offsets the cache recorded (:func:`pipeline.cache.join.source_samples`).
+Shards are read in the seeded per-epoch order and split over DataLoader workers; samples keep their (seeded) order
+inside a shard.
 
 Until stage 3's pair stream carries several taps at once (then this module can sit on top of it), this is the
 adapter the search uses; its targets are the cached float16 rows. With ``taps=()`` it yields views and labels only
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample
+from pipeline.cache.join import JoinError, SkippedAtCaching, join_sample, source_samples
 from pipeline.cache.store import FeatureStore, open_store
 from pipeline.data.shards import Sample, iter_samples
 from pipeline.process.artefact import ProcessError
@@ -117,12 +119,24 @@ class SearchStream(IterableDataset):
             view = scheduled_view(self.spec.seed + salt, shard, self.epoch, first, stop)
             block = store.read_slot(shard, taps=list(self.spec.taps), views=[view])
             path = self.spec.shard_paths[shard]
-            for sample in iter_samples(path):
+            for sample in self._samples(store, shard, block, path):
                 if held_out(sample.key, self.spec.seed, self.spec.val_fraction) != (self.split == "val"):
                     continue
                 item = self._item(block, sample, path, view)
                 if item is not None:
                     yield item
+
+    def _samples(self, store: FeatureStore, shard: int, block, path: str) -> Iterator[Sample]:
+        """The shard's samples of this split in tar order. A split holding under half of them (the held-out one)
+        reads its cached rows by their recorded offsets, so only its own samples' bytes are read; the other split
+        streams the whole shard (one sequential read, and it also finds samples the cache does not hold)."""
+        share = self.spec.val_fraction if self.split == "val" else 1 - self.spec.val_fraction
+        if share >= 0.5:
+            return iter_samples(path)
+        val = self.split == "val"
+        rows = [r for r, (key, ok) in enumerate(zip(block.keys, block.valid, strict=True))
+                if ok and held_out(key, self.spec.seed, self.spec.val_fraction) == val]  # fmt: skip
+        return source_samples(store, shard, rows, path, block.keys)
 
     def _item(self, block, sample: Sample, path: str, view: int):
         try:

@@ -22,6 +22,9 @@ from pipeline.projection.fit import FeatureStats
 from pipeline.projection.passes import RowSelection, chunk_pass
 
 SLICE_ROWS = 4096  # rows cast to float64 at once (4096 x 2048 x 8 B = 64 MiB)
+TARGET_SLICE_ROWS = (
+    1024  # rows projected at once in the second pass: ~6 float64 temporaries of (rows, D) each
+)
 MAX_KEYS_SHOWN = 10  # keys named in a NaN/Inf error
 
 
@@ -79,9 +82,20 @@ def select_rows(
     return RowSelection(subsample_rows(rows, fraction, seed), views, n_done, len(store.layout.shards))
 
 
+def selected_rows(block: np.ndarray, local: np.ndarray, views: tuple[int, ...]) -> np.ndarray:
+    """(len(local) * len(views), D) rows of a chunk (C, K, D): a view of ``block``, not a copy, when ``local`` is a
+    run of adjacent rows and ``views`` are all its columns in order (every row of a shard but its padding, read at
+    the selected views only: the usual case), else one copy."""
+    if len(views) != block.shape[1] or list(views) != list(range(block.shape[1])):
+        block = block[:, list(views)]
+    if local.size and local[-1] - local[0] + 1 == local.size:  # sorted and unique, so a run
+        return block[local[0] : local[-1] + 1].reshape(-1, block.shape[-1])
+    return block[local].reshape(-1, block.shape[-1])
+
+
 def chunk_moments(block: np.ndarray, local: np.ndarray, views: tuple[int, ...], first_row: int) -> dict:
     """Partial sums of one chunk (C, K, D) over its selected rows ``local`` and ``views``; NaN/Inf rows left out."""
-    x = block[local][:, list(views)].reshape(-1, block.shape[-1])
+    x = selected_rows(block, local, views)
     col_sum, gram, bad = np.zeros(x.shape[1]), np.zeros((x.shape[1],) * 2), []
     n = 0
     for start in range(0, len(x), SLICE_ROWS):
@@ -100,20 +114,25 @@ def chunk_target_moments(
     block: np.ndarray, local: np.ndarray, views: tuple[int, ...], first_row: int, projection: Projection
 ) -> dict:
     """Count, sum and sum of squares (float64) of the targets of one chunk's selected rows (first_row unused)."""
-    x = block[local][:, list(views)].reshape(-1, block.shape[-1])
+    x = selected_rows(block, local, views)
     total, squares = np.zeros(projection.dim_student), np.zeros(projection.dim_student)
-    for start in range(0, len(x), SLICE_ROWS):
-        y = projection.targets_numpy(x[start : start + SLICE_ROWS])
+    for start in range(0, len(x), TARGET_SLICE_ROWS):
+        y = projection.targets_numpy(x[start : start + TARGET_SLICE_ROWS])
         total += y.sum(axis=0)
         squares += (y * y).sum(axis=0)
     return {"n": len(x), "sum": total, "sumsq": squares}
 
 
 def accumulate_stats(
-    store: FeatureStore, tap: str, selection: RowSelection, scheduler: str = "", quiet: bool = True
+    store: FeatureStore,
+    tap: str,
+    selection: RowSelection,
+    scheduler: str = "",
+    quiet: bool = True,
+    lanes: int = 0,
 ) -> FeatureStats:
     """One pass: N, column sums and X^T X (float64) of the selected rows x views; NaN/Inf rows are an error."""
-    total = chunk_pass(store, tap, selection, chunk_moments, (), "kdep-stats", scheduler, quiet)
+    total = chunk_pass(store, tap, selection, chunk_moments, (), "kdep-stats", scheduler, quiet, lanes)
     if total["bad"]:
         raise_non_finite(store, tap, total["bad"])
     return FeatureStats(total["n"], total["sum"], total["gram"])
@@ -126,12 +145,15 @@ def target_moments(
     projection: Projection,
     scheduler: str = "",
     quiet: bool = True,
+    lanes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Second pass: exact per-channel mean and std (population) of the targets over the same rows."""
     args = (
         dask.delayed(projection, name=f"kdep-projection-{id(projection)}"),
     )  # one graph key, shipped once
-    total = chunk_pass(store, tap, selection, chunk_target_moments, args, "kdep-targets", scheduler, quiet)
+    total = chunk_pass(
+        store, tap, selection, chunk_target_moments, args, "kdep-targets", scheduler, quiet, lanes
+    )
     mean = total["sum"] / total["n"]
     return mean, np.sqrt(np.maximum(total["sumsq"] / total["n"] - mean**2, 0.0))
 

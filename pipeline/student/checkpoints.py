@@ -15,7 +15,7 @@ from pipeline.models import backbone_state_dict, parse_model_name
 from pipeline.provenance import require_same
 from pipeline.runtime import Dist, on_every_rank, on_main_rank
 from pipeline.student.specs import StudentSpec, TargetSpec
-from pipeline.student.training import Trainee
+from pipeline.student.trainees import Trainee
 
 KEEP_CHECKPOINTS = 2  # the newest epochs kept on disk
 

@@ -21,8 +21,6 @@ map of a shard is dropped once its rows' offsets are noted).
 
 from __future__ import annotations
 
-import os
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +28,13 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.cache.join import JoinError, join_row
-from pipeline.cache.store import FeatureStore, ShardBlock, open_store
-from pipeline.data.shards import IMAGE_EXTS, iter_samples, split_member_name
+from pipeline.cache.store import OFFSETS, FeatureStore, ShardBlock, open_store
+from pipeline.data.images import image_bytes
+from pipeline.data.random_access import iter_samples_at
+from pipeline.data.shards import scan_samples
 from pipeline.student.mining import NeighbourError
 from pipeline.student.pairs import SharedEpoch, scheduled_view, training_views
 
-OFFSETS = "member_offset"  # the cache's array of each sample's first tar header offset (-1: none recorded)
 RUN_SLOTS = 64  # slots of per-row metadata read per store call
 
 
@@ -56,18 +55,13 @@ class RowMeta:
         return sum(a.nbytes for a in arrays)
 
 
-def offsets_array(store: FeatureStore):
-    """The cache's ``member_offset`` array, or None for a cache made before offsets were recorded."""
-    return store.array(OFFSETS) if (store.zarr_path / OFFSETS / "zarr.json").is_file() else None
-
-
 def load_row_meta(store: FeatureStore, rows: np.ndarray, run: int = RUN_SLOTS) -> RowMeta:
     """:class:`RowMeta` of global ``rows`` (any order), read in runs of ``run`` adjacent slots (one call per array
     and run: zarr reads a run's chunks concurrently)."""
     r, slots = store.layout.slot_rows, len(store.layout.shards)
     order = np.argsort(rows, kind="stable")
     ordered = np.asarray(rows, np.int64)[order]
-    offsets = offsets_array(store)
+    offsets = store.array(OFFSETS) if store.has_offsets else None
     keys, hashes, hw = [], np.empty((len(rows), 16), np.uint8), np.empty((len(rows), 2), np.int32)
     offs = np.full(len(rows), -1, np.int64) if offsets is not None else None
     for s in range(0, slots, run):
@@ -95,39 +89,17 @@ def _compact_keys(raw: np.ndarray) -> np.ndarray:
 
 
 def images_at(path: str, wanted: list[tuple[int, str]]) -> list[bytes]:
-    """The encoded images of the samples ``(offset, key)`` of shard ``path`` (offset: the sample's first tar header,
-    as the cache records it), in the order asked, opening the shard once: each sample's headers and image only.
-    A sample not found at its offset is an error naming the shard, key and offset (the shard changed)."""
-    with open(path, "rb") as fh:
-        return [_image_at(fh, int(offset), key, path) for offset, key in wanted]
-
-
-def _image_at(fh, offset: int, key: str, path: str) -> bytes:
-    fh.seek(offset)
-    found = "no tar header"
-    try:
-        tar = tarfile.open(fileobj=fh, mode="r:")  # parses the header(s) at the current position
-        member = tar.firstmember
-        while member is not None:
-            found, ext = split_member_name(member.name)
-            if found != key:
-                break
-            if member.isfile() and ext in IMAGE_EXTS:
-                return os.pread(fh.fileno(), member.size, member.offset_data)
-            member = tar.next()
-    except (tarfile.TarError, UnicodeDecodeError, EOFError):
-        pass
-    what = f"found {found!r} there" if found != key else "its image is not there"
-    raise NeighbourError(
-        f"{path}: sample {key!r} is not at byte {offset} ({what}); the shard changed since caching: restore it "
-        "or re-run cache-teacher"
-    )
+    """The encoded images of the samples ``(offset, key)`` of shard ``path`` (offset: the sample's first tar header),
+    in the order asked, opening the shard once and reading each sample's headers and members only
+    (:func:`pipeline.data.random_access.iter_samples_at`: a sample not at its offset is a ShardError naming the
+    shard, the key and the offset)."""
+    return [image_bytes(sample, path) for sample in iter_samples_at(path, wanted)]
 
 
 def index_tar(path: str) -> dict[str, int]:
     """key -> byte offset of the sample's first tar header, from the headers alone (no member's data is read);
     for caches made before offsets were recorded."""
-    return {sample.key: sample.offset for sample in iter_samples(path, fields=())}
+    return dict(scan_samples(path))
 
 
 class RandomAccessPairs(Dataset):

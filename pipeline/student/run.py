@@ -58,10 +58,9 @@ from pipeline.student.setup import (
     student_projections,
 )
 from pipeline.student.specs import TrainSpec
+from pipeline.student.trainees import Trainee, build_trainees
 from pipeline.student.training import (
     StepContext,
-    Trainee,
-    build_trainees,
     idle_step,
     lr_at,
     student_views,

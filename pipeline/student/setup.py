@@ -18,7 +18,7 @@ from pipeline.runtime import Dist, resolve_amp, resolve_workers, set_tf32, share
 from pipeline.student.loaders import LoaderSpec
 from pipeline.student.pairs import StreamSpec
 from pipeline.student.specs import StudentSpec, TrainSpec
-from pipeline.student.training import Trainee
+from pipeline.student.trainees import Trainee
 
 
 def per_rank_batch(spec: TrainSpec, job: Dist) -> TrainSpec:
