@@ -126,7 +126,8 @@ def epoch_pass(path: str, epoch: int, queue: mp.Queue) -> None:
 def neighbour_pass(path: str, batches: int, queue: mp.Queue) -> None:
     """Random 256-row batches (16 anchors x 16) read as the neighbour loader reads them (no images): layout 2 reads
     the rows' features and keeps per-shard metadata and per-(shard, view) parameters in caches of 256 entries, as
-    ``RandomAccessPairs`` does; layout 1 read whole shard blocks into a cache of 8."""
+    ``RandomAccessPairs`` did when layout 2 came (it now holds per-row arrays instead: benchmarks/bench_neighbours.py
+    times both); layout 1 read whole shard blocks into a cache of 8."""
     store = open_store(path)
     lay, rng = store.layout, np.random.default_rng(1)
     _warm_up(store)

@@ -61,7 +61,8 @@ SCALE_BENCHES = (
                lambda o: [*(["--sizes", "100", "300"] if o.quick else []), *_dir(o, "make-shards")]),
     ScaleBench("startup", "benchmarks.bench_startup",
                lambda o: ["--shards", "128" if o.quick else "128,1282", *_dir(o, "startup")]),
-    ScaleBench("neighbours", "benchmarks.bench_neighbours", lambda o: []),  # flags: see its module when merged
+    ScaleBench("neighbours", "benchmarks.bench_neighbours",
+               lambda o: [*(["--quick"] if o.quick else []), *_dir(o, "neighbours")]),
 )  # fmt: skip
 
 

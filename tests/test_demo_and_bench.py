@@ -149,3 +149,21 @@ def test_bench_images_are_imagenet_sized_jpegs_made_once(tmp_path):
     stamp = Path(shards[0].path).stat().st_mtime_ns
     assert bench_shards(spec, tmp_path / "a") == train
     assert Path(shards[0].path).stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+@pytest.mark.slow
+def test_bench_neighbours_runs_at_tiny_sizes_and_the_tables_agree(tmp_path):
+    """``python -m benchmarks.bench_neighbours`` end to end at tiny sizes: every figure present and finite, the old
+    and the new mining's neighbour sets equal, the samplers the same number of batches."""
+    from benchmarks.bench_neighbours import main
+
+    out = main(["--mine-rows", "700", "--sampler-rows", "5000", "--access-shards", "3", "4", "--access-rows",
+                "100", "--access-dim", "32", "--warm", "1", "--timed", "2", "--dir", str(tmp_path),
+                "--json", str(tmp_path / "nb.json")])  # fmt: skip
+    assert json.loads((tmp_path / "nb.json").read_text()) == json.loads(json.dumps(out))
+    assert out["mining"][0]["agreement"]["sets_differing"] == 0
+    assert out["sampler"]["old"]["batches"] == out["sampler"]["new"]["batches"] == 5000 // (16 * 8)
+    figures = out["imagenet_1k"]
+    assert [row["shards"] for row in out["access"]] == [3, 4]
+    assert all(math.isfinite(v) for part in ("mining_cpu_core_hours", "sampler_seconds_per_epoch")
+               for v in figures[part].values())  # fmt: skip

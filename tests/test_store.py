@@ -262,3 +262,29 @@ def test_the_range_guard_skips_and_counts_when_asked():
     assert not block.features["pooled"][1].any()  # nothing degraded is stored
     assert block.skipped == [{"key": "k1", "reason": "tap 'pooled' out of float16 range"}]
     assert block.offsets.tolist() == [0, 1024, 2048]  # a skipped row keeps its place in the shard
+
+
+def test_rows_of_several_slots_are_read_in_one_call_in_the_order_asked(tmp_path, monkeypatch):
+    """``read_rows_at``: global rows of any slots, unordered, with repeats, equal the slots' own rows, reading one
+    inner chunk per distinct row (here one row per chunk) in a single store call."""
+    path, feats = _write(tmp_path / "c", inner_rows=1)
+    store = open_store(path)
+    r = store.layout.slot_rows
+    starts = np.cumsum([0, *SIZES])
+    wanted = [(2, 2), (0, 4), (1, 6), (0, 4), (2, 0)]  # (slot, row): three slots, a repeat, out of order
+    got = store.read_rows_at([s * r + row for s, row in wanted], 3, "pre_relu")
+    np.testing.assert_array_equal(got, np.stack([feats[starts[s] + row, 3] for s, row in wanted]))
+    for s in range(3):
+        rows = [row for slot, row in wanted if slot == s]
+        np.testing.assert_array_equal(
+            store.read_rows(s, rows, 3, "pre_relu"), feats[starts[s] + np.array(rows), 3]
+        )
+    calls = []
+    original = type(store.feature_array("pre_relu")).get_orthogonal_selection
+    monkeypatch.setattr(type(store.feature_array("pre_relu")), "get_orthogonal_selection",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))  # fmt: skip
+    read = _counting_reads(monkeypatch)
+    store.read_rows_at([s * r + row for s, row in wanted], 3, "pre_relu")
+    assert len(calls) == 1
+    index = 16 * r + 4
+    assert read["features/pre_relu"] <= 3 * index + 4 * (D * 2 + 64)  # 3 shard indexes + 4 distinct rows

@@ -455,9 +455,14 @@ class FeatureStore:
     def read_rows(self, shard_index: int, rows: Sequence[int], view: int, tap: str) -> np.ndarray:
         """Features of ``rows`` (rows of the shard's block) at one view, (len(rows), D), in the order asked: only
         the inner chunks holding them are read."""
-        unique, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
         start = shard_index * self.layout.slot_rows
-        got = self.feature_array(tap).get_orthogonal_selection((start + unique, int(view), slice(None)))
+        return self.read_rows_at(start + np.asarray(rows, np.int64), view, tap)
+
+    def read_rows_at(self, rows: Sequence[int], view: int, tap: str) -> np.ndarray:
+        """Features of global ``rows`` (any slots, any order, repeats allowed) at one view, (len(rows), D), in the
+        order asked: one call, which fetches the inner chunks holding them (and only those) concurrently."""
+        unique, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+        got = self.feature_array(tap).get_orthogonal_selection((unique, int(view), slice(None)))
         return got[inverse]
 
 

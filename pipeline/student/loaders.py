@@ -16,12 +16,7 @@ from torch.utils.data import DataLoader
 from pipeline.cache.store import FeatureStore
 from pipeline.data.views import stack_views
 from pipeline.errors import KdepError
-from pipeline.student.neighbours import (
-    NeighbourBatchSampler,
-    RandomAccessPairs,
-    centre_view_rows,
-    mine_neighbours_once,
-)
+from pipeline.student.neighbours import NeighbourBatchSampler, RandomAccessPairs, neighbour_table
 from pipeline.student.pairs import PairStream, StreamSpec
 
 SHM_SYMPTOMS = ("No space left on device", "Bus error", "shared memory", "shm")
@@ -43,7 +38,8 @@ class LoaderSpec:
     neighbour_pool: int = 31  # neighbours are drawn from each anchor's top-N cosine neighbours
     anchors: int = 16  # anchors per neighbour-mined batch
     prefetch_factor: int = 4  # batches each worker keeps ready
-    mine_device: str = "cpu"  # where rank 0 mines CoSS neighbours (the training device); then broadcast
+    mine_device: str = "cpu"  # where each rank mines its share of CoSS's neighbours (the training device)
+    quiet: bool = True  # no progress bar while reading the centre view and mining (rank 0 shows it otherwise)
 
 
 def collate_pairs(
@@ -68,8 +64,9 @@ class PairLoaders:
         self.sampler: NeighbourBatchSampler | None = None
         self._loader: DataLoader | None = None
         if spec.neighbours > 0:
-            rows, centre = centre_view_rows(store, s.tap)
-            neighbours = mine_neighbours_once(centre, spec.neighbour_pool, torch.device(spec.mine_device))
+            rows, neighbours = neighbour_table(
+                store, s.tap, spec.neighbour_pool, torch.device(spec.mine_device), spec.quiet
+            )
             self.dataset = RandomAccessPairs(s.store, s.shard_paths, rows, s.tap, s.resolution, s.seed,
                                              s.view_policy, uint8_views=s.uint8_views,
                                              views_used=s.views_used, taps=s.carried,

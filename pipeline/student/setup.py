@@ -154,4 +154,4 @@ def loader_spec(spec: TrainSpec, store: str, shard_paths: tuple[str, ...], resol
                         fresh_views=d.fresh_views)  # fmt: skip
     return LoaderSpec(stream, spec.recipe.batch_size, resolve_workers(spec.runtime.workers), device.type == "cuda",
                       d.neighbours, d.neighbour_pool, d.anchors, prefetch_factor=spec.runtime.prefetch_factor,
-                      mine_device=str(device))  # fmt: skip
+                      mine_device=str(device), quiet=spec.output.quiet)  # fmt: skip
