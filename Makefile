@@ -51,12 +51,12 @@ study-layers: install  ## layers study: single-tap vs multi-layer KDEP vs DistPr
 	$(KDEP) study layers --manifest manifests/study-layers.yaml
 
 lint: install
-	$(BIN)/ruff check pipeline stages tests benchmarks
-	$(BIN)/ruff format --check pipeline stages tests benchmarks
+	$(BIN)/ruff check pipeline stages tests benchmarks studies
+	$(BIN)/ruff format --check pipeline stages tests benchmarks studies
 
 format: install
-	$(BIN)/ruff format pipeline stages tests benchmarks
-	$(BIN)/ruff check --fix pipeline stages tests benchmarks
+	$(BIN)/ruff format pipeline stages tests benchmarks studies
+	$(BIN)/ruff check --fix pipeline stages tests benchmarks studies
 
 clean:  ## generated outputs (the venv stays; `rm -rf .venv` for a fresh install)
 	rm -rf out .pytest_cache

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from pipeline.evaluation.intervals import wilson_interval
 from pipeline.evaluation.probes import mean_cosine
 from pipeline.evaluation.seed_intervals import accuracy_over_seeds, mean_over_seeds
-from pipeline.evaluation.study_table import CSV_COLUMNS, METRICS
 from pipeline.manifest import ConfigError
 from stages.cli import app
 from stages.config import StudyViewsConfig
+from studies.views_table import CSV_COLUMNS, METRICS
 
 runner = CliRunner()
 
@@ -115,7 +115,7 @@ def test_one_seed_mean_is_the_normal_interval():
 
 
 def test_row_cosines_average_to_kdep_evals_cosine():
-    from stages.study_views import row_cosines
+    from studies.common import row_cosines
 
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)

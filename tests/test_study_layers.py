@@ -11,11 +11,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.evaluation.arm_table import CSV_COLUMNS, summarise_arms
-from pipeline.evaluation.study_table import METRICS, summarise_k
 from pipeline.manifest import ConfigError
 from stages.cli import app
 from stages.config import StudyLayersConfig
+from studies.arm_table import CSV_COLUMNS, summarise_arms
+from studies.views_table import METRICS, summarise_k
 
 runner = CliRunner()
 

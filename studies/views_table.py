@@ -1,9 +1,9 @@
 """The views study's table (``kdep study views``): per-run scores -> one row per k, as JSON, CSV, markdown and PNG.
 
-    from pipeline.evaluation.study_table import summarise_k, write_tables
+    from studies.views_table import summarise_k, write_tables
     row = summarise_k(8, runs_with_k_8, val_images=4000, agreement_images=1000)
 
-``summarise_runs`` is the row without its label, shared with other studies (``pipeline/evaluation/arm_table.py``).
+``summarise_runs`` is the row without its label, shared with other studies (``studies/arm_table.py``).
 
 A run is one student: ``{"name", "k", "seed", "probe_top1", "knn_top1", "agree_cosine", "agree_cosine_sd"}``
 (accuracies on the same ``val_images`` images; the cosine's mean and standard deviation over ``agreement_images``
