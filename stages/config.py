@@ -444,6 +444,7 @@ class EvalConfig:
     probe_max_iter: int = 1000  # L-BFGS iterations per fit
     probe_backend: str = "torch"  # probe solver: torch (L-BFGS on --device, warm-started) or sklearn (CPU)
     knn_k: int = 20  # neighbours for cosine k-NN
+    predictions: bool = False  # also write OUT/predictions.npz (probe and k-NN label per val image)
     finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
     finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3
     finetune_weight_decay: float = 5e-4  # SGD weight decay (paper: 5e-4)
