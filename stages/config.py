@@ -92,11 +92,13 @@ class DemoTeacherConfig:
     lr: float = 0.05  # peak SGD learning rate (cosine schedule)
     resolution: int = 64  # training view side in pixels
     seed: int = 0  # init and views
+    device: str = "cpu"  # cpu, auto, cuda or cuda:N (cpu: the demo's teacher is the same on every machine)
     quiet: bool = False  # no progress bar
 
     def __post_init__(self) -> None:
         if not self.train or not self.out:
             raise ConfigError("keys 'train' and 'out' are required")
+        _check_device(self.device)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)
         check_range("lr", self.lr, 0.0, open_lo=True)
