@@ -23,7 +23,7 @@ from pipeline.evaluation.probes import l2_normalise
 from pipeline.manifest import ConfigError, config_to_dict
 from stages import demo_teacher, evaluate
 from stages.common import write_resolved_config
-from stages.config import DemoTeacherConfig, EvalConfig, StudyViewsConfig
+from stages.config import DemoTeacherConfig, EvalConfig
 
 AGREEMENT_TAP = "pre_relu"  # the KDEP tap: the student's pre-ReLU feature regresses the projected target
 EVAL_BATCH = 256  # images per forward pass during evaluation
@@ -67,7 +67,7 @@ def cpu_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_resume(config: StudyViewsConfig) -> None:
+def check_resume(config, free: tuple[str, ...] = RESUME_FREE) -> None:
     """Refuse an OUT made with settings that changed a reused artefact (data, teacher, cache, recipe); then record
     the settings in OUT/config.study.json."""
     path = Path(config.out) / "config.study.json"
@@ -75,9 +75,7 @@ def check_resume(config: StudyViewsConfig) -> None:
     if path.is_file():
         before = json.loads(path.read_text())["config"]
         diffs = [
-            f"{k}: {before.get(k)!r} -> {v!r}"
-            for k, v in now.items()
-            if k not in RESUME_FREE and before.get(k) != v
+            f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in free and before.get(k) != v
         ]
         if diffs:
             raise ConfigError(
@@ -101,7 +99,8 @@ def prepare_data_and_teacher(config, paths: StudyPaths, step: Callable[[str], No
         step(f"training the demo teacher ({config.teacher}, {config.teacher_epochs} epochs, with labels)")
         demo_teacher.run(DemoTeacherConfig(train=str(paths.data / "train"), out=str(paths.teacher), arch=config.teacher,
                                            epochs=config.teacher_epochs, resolution=config.resolution,
-                                           seed=config.data_seed, quiet=config.quiet))  # fmt: skip
+                                           seed=config.data_seed, device=config.device,
+                                           quiet=config.quiet))  # fmt: skip
 
 
 def eval_device(device: str) -> str:
@@ -111,16 +110,21 @@ def eval_device(device: str) -> str:
     return device
 
 
-def evaluate_runs(config: StudyViewsConfig, paths: StudyPaths, runs: list[dict]) -> dict:
-    """``kdep eval`` (probe and k-NN on centre views) of every student and of the teacher (reference row)."""
+def evaluate_runs(config, paths: StudyPaths, runs: list[dict], references: tuple[str, ...] = (),
+                  predictions: bool = False) -> dict:  # fmt: skip
+    """``kdep eval`` (probe and k-NN on centre views) of every student and of the reference backbones
+    (``name=arch:weights`` each; default: the teacher and a random-init student, ``random``); with
+    ``predictions`` also OUT/eval/predictions.npz (each backbone's label per val image)."""
     backbones = tuple(f"{r['name']}={config.student}:{r['backbone']}" for r in runs)
+    references = references or (
+        f"teacher={config.teacher}:{paths.teacher}",
+        f"random={config.student}:random",
+    )
     # float32 feature files: a random-init MobileNetV2's features (the reference row) are below float16's range
     eval_config = EvalConfig(train=str(paths.data / "train"), val=str(paths.data / "val"), out=str(paths.eval),
-                             backbones=(*backbones, f"teacher={config.teacher}:{paths.teacher}",
-                                        f"random={config.student}:random"),
-                             resolution=config.resolution, batch_size=EVAL_BATCH, device=eval_device(config.device),
-                             workers=config.workers, knn_k=config.knn_k,
-                             feature_dtype="float32")  # fmt: skip
+                             backbones=(*backbones, *references), resolution=config.resolution,
+                             batch_size=EVAL_BATCH, device=eval_device(config.device), workers=config.workers,
+                             knn_k=config.knn_k, feature_dtype="float32", predictions=predictions)  # fmt: skip
     return evaluate.run(eval_config)
 
 
@@ -143,9 +147,11 @@ def row_cosines(student: torch.Tensor | np.ndarray, targets: torch.Tensor | np.n
     return (l2_normalise(s) * l2_normalise(t)).sum(1).numpy()
 
 
-def agreement_runs(config: StudyViewsConfig, paths: StudyPaths, runs: list[dict]) -> dict:
-    """Per student, the mean and the standard deviation over images of the cosine between its pre-ReLU feature and
-    the projected teacher target, on held-out val views: {images, views, seed, rows: {name: {...}}}."""
+def agreement_runs(config, paths: StudyPaths, runs: list[dict], views: str = "") -> dict:
+    """Per student, the cosine between its pre-ReLU feature and the projected teacher target on held-out val views
+    (``views``: their recipe, default ``config.agreement_views``; val images are never cached, so no such view was
+    trained on): {images, views, seed, rows: {name: {agree_cosine, agree_cosine_sd}}, per_image: {name: (M,)}}."""
+    views = views or config.agreement_views
     val = agreement_shards(list_shards(str(paths.data / "val")), config.agreement_images)
     students = {
         r["name"]: load_backbone(BackboneSpec(r["name"], config.student, r["backbone"]), 0)[0] for r in runs
@@ -153,17 +159,17 @@ def agreement_runs(config: StudyViewsConfig, paths: StudyPaths, runs: list[dict]
     teacher, _ = load_backbone(BackboneSpec("teacher", config.teacher, str(paths.teacher)), 0)
     seed = EvalConfig.agreement_seed  # kdep eval's default view seed, unlike the cache's
     feats, raw = agreement_features(students, teacher, val, AGREEMENT_TAP, config.resolution, EVAL_BATCH,
-                                    eval_device(config.device), config.agreement_views, seed, config.workers)  # fmt: skip
+                                    eval_device(config.device), views, seed, config.workers)  # fmt: skip
     targets = projected_targets(str(paths.projection), raw)
-    rows = {}
+    rows, per_image = {}, {}
     for name in students:
         if name not in feats:
             raise EvalError(
                 f"student {config.student} has no {AGREEMENT_TAP} tap; the study needs a ResNet or MobileNetV2"
             )
-        cos = row_cosines(feats[name], targets)
+        per_image[name] = cos = row_cosines(feats[name], targets)
         rows[name] = {
             "agree_cosine": float(cos.mean()),
             "agree_cosine_sd": float(cos.std(ddof=1)) if len(cos) > 1 else 0.0,
         }
-    return {"images": len(raw), "views": config.agreement_views, "seed": seed, "rows": rows}
+    return {"images": len(raw), "views": views, "seed": seed, "rows": rows, "per_image": per_image}
