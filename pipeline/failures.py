@@ -88,8 +88,10 @@ class _Watcher(threading.Thread):
 
 def _publish(store: dist.Store, key: str, err: Exception, world: int) -> Exception:
     """Publish ``err``'s one-line message unless another rank was first; return what this rank should raise."""
-    if isinstance(err, RankError):
-        return err  # raised because another rank failed: nothing new to tell
+    if isinstance(err, RankError):  # raised because another rank failed (e.g. in a gather): nothing new to tell,
+        with contextlib.suppress(Exception):  # but count as having read it, so the failing rank need not wait
+            store.add(f"{key}/read", 1)
+        return err
     message = describe_failure(err)
     try:
         first = store.compare_set(key, "", message).decode()

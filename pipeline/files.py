@@ -46,6 +46,26 @@ def write_json_atomic(path: str | Path, obj: object) -> None:
         fh.write("\n")
 
 
+class HashingWriter:
+    """A write-only wrapper of a file opened for writing at its start: every byte written also goes into a
+    sha256, so a file's hash is ready when it is closed, without reading it back (``tarfile`` needs ``tell``)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.digest, self.nbytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.fh.write(data)
+        self.digest.update(data)
+        self.nbytes += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def file_sha256(path: str | Path, chunk: int = HASH_CHUNK) -> str:
     """Hex sha256 of a file, read in ``chunk``-byte steps (the identity recorded for shards and projections)."""
     digest = hashlib.sha256()

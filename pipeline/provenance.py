@@ -1,6 +1,6 @@
 """Provenance records and their comparison, plus the store's writer lock.
 
-A cache records where every number came from (DESIGN.md decision 7): the teacher, its weights' identity, the taps,
+A cache records where every number came from: the teacher, its weights' identity, the taps,
 the preprocessing, the augmentation recipe, K, the seed, the source shards and library versions. Resuming a cache
 with a different request, or reading it with other data, is refused with a message that says what differs.
 """

@@ -327,3 +327,21 @@ def shared_memory_note(stage: str, workers: int, prefetch: int, batch_bytes: int
     if need > free:
         line += " -- too little: raise it (docker run --shm-size=16g) or lower --workers / --prefetch-factor"
     return line
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads and the BLAS / OpenMP pools of numpy, scipy and scikit-learn capped at ``threads`` inside
+    the block (0: left as they are), restored after it. A fixed count fixes the order of floating-point reductions,
+    so a re-run gives the same numbers on the same kind of CPU whatever its core count; and on a machine shared with
+    other jobs, more threads than free cores wait on each other."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads or None):
+            yield
+    finally:
+        torch.set_num_threads(before)

@@ -74,12 +74,14 @@ class MakeShardsConfig:
     seed: int = 0  # seeds the subset choice and the sample order
     skip_bad: bool = False  # skip unreadable images (counted and listed) instead of stopping
     prefix: str = "train"  # shard name prefix
+    workers: int = -1  # processes writing shards (-1 = the available cores; 0 or 1 = in this process)
 
     def __post_init__(self) -> None:
         if not self.from_folder or not self.out:
             raise ConfigError("keys 'from_folder' and 'out' are required (--from-folder DIR --out OUTDIR)")
         check_range("per_shard", self.per_shard, 1)
         check_range("fraction", self.fraction, 0.0, 1.0, open_lo=True)
+        check_range("workers", self.workers, -1, 1024)
 
 
 @dataclass(frozen=True)
@@ -534,6 +536,7 @@ class VerifyConfig:
 class DemoConfig:
     manifest: str = "manifests/demo.yaml"  # manifest whose sections every step reads
     sets: tuple[str, ...] = ()  # section.key=value overrides for the steps (repeatable)
+    threads: int = 2  # CPU threads of torch and BLAS in every step, fixed so a re-run gives the same numbers (0 = the libraries' defaults)
     quiet: bool = False  # no progress bars
 
 

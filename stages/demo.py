@@ -21,6 +21,7 @@ import typer
 
 from pipeline.manifest import parse_overrides, resolve_config
 from pipeline.projection.artefact import manifest_path
+from pipeline.runtime import cpu_threads
 from stages import cache_teacher, demo_data, demo_teacher, evaluate, fit_svd, train_student
 from stages.config import (
     CacheTeacherConfig,
@@ -42,10 +43,23 @@ def _step(title: str, t0: float) -> None:
     typer.echo(f"[demo {time.perf_counter() - t0:6.1f} s] {title}", err=True)
 
 
-def run(manifest: Path | DemoConfig, sets: list[str] | None = None, quiet: bool = False) -> dict:
-    """Every stage in order, each skipped when already done; returns the eval results."""
+def run(
+    manifest: Path | DemoConfig, sets: list[str] | None = None, quiet: bool = False, threads: int = 2
+) -> dict:
+    """Every stage in order, each skipped when already done, with ``threads`` CPU threads (fixed: the same numbers
+    on every re-run on the same kind of CPU); returns the eval results."""
     if isinstance(manifest, DemoConfig):
-        manifest, sets, quiet = Path(manifest.manifest), list(manifest.sets), manifest.quiet
+        manifest, sets, quiet, threads = (
+            Path(manifest.manifest),
+            list(manifest.sets),
+            manifest.quiet,
+            manifest.threads,
+        )
+    with cpu_threads(threads):
+        return run_steps(Path(manifest), sets, quiet)
+
+
+def run_steps(manifest: Path, sets: list[str] | None, quiet: bool) -> dict:
     parse_overrides(sets)  # syntax check up front
     t0 = time.perf_counter()
     data_cfg = _section(DemoDataConfig, "demo_data", manifest, sets)

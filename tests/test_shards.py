@@ -7,6 +7,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -175,3 +176,26 @@ def test_corrupt_tar_header_is_named(demo_shards, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"bad\.tar: corrupt tar header at byte 0"):
         scan_shard(bad)
+
+
+def test_write_shard_hashes_while_writing_the_bytes_plain_tarfile_writes(tmp_path):
+    import io
+
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i}", {"jpg": rng.bytes(n), "cls": b"3"}) for i, n in enumerate((1, 511, 40_000, 70_001))]
+    record = write_shard(tmp_path / "s.tar", samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # the reference writer
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    on_disk = (tmp_path / "s.tar").read_bytes()
+    assert on_disk == buf.getvalue()
+    assert record == {
+        "name": "s.tar",
+        "samples": 4,
+        "bytes": len(on_disk),
+        "sha256": hashlib.sha256(on_disk).hexdigest(),
+    }

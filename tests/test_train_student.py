@@ -521,6 +521,7 @@ def test_parameters_no_target_reaches_are_frozen_and_recorded(cached, tmp_path):
         "global_batch": 8,
         "amp": "off",
         "tf32": False,
+        "views": "cached",
     }
 
 

@@ -22,7 +22,7 @@ image of a shard the same view index in an epoch, so an epoch reads one feature 
 bytes it uses, where layout 1 (chunks of (C, K, D)) read all K views to use one. Inner chunks of ``c`` rows (about
 128 KiB: 32 rows of 2048 float16) let neighbour batches and ``verify`` read single rows without reading a shard's
 view. Each (shard, view) is one Zarr shard file written whole by the one writer that owns the slot (two writers on
-one shard lose data silently, PITFALLS.md); the per-row arrays have one chunk per slot. Keys are bytes in a uint8
+one shard lose data silently: zarr-python issues #3682 and #3514); the per-row arrays have one chunk per slot. Keys are bytes in a uint8
 array, not zarr-python's ``string`` type, so tensorstore or any other Zarr v3 reader opens every array; bookkeeping
 files sit beside the hierarchy, not inside it. Padding rows are zeros and ``valid`` is False there.
 """

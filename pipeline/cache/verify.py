@@ -3,7 +3,7 @@
 For a seeded sample of (key, view) pairs: find the sample in its source shard, join it to its row with the cache's
 one join (image hash and size, then the replay of the stored view parameters), run the teacher rebuilt from the
 recorded architecture and weights (each teacher of a multi-teacher cache at its own input side), and compare with
-the cached row. This is DESIGN.md decision 9 as a command.
+the cached row: the cache is self-describing, and this command proves it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import braceexpand
 
 from pipeline.data.tarstream import BLOCK, TarFormatError, iter_member_spans, iter_members
 from pipeline.errors import KdepError
-from pipeline.files import atomic_path, file_sha256, write_json_atomic
+from pipeline.files import HashingWriter, atomic_path, file_sha256, write_json_atomic
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "kdep-shards/1"
@@ -179,26 +179,25 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]
     """Write ``(key, {ext: bytes})`` samples to a tar, byte-identically for the same input, atomically.
 
     Members get mtime 0, uid/gid 0 and mode 0o444, so the same samples always give the same bytes. Returns the
-    shard's index record: name, samples, bytes, sha256.
+    shard's index record: name, samples, bytes, sha256 (hashed while writing, not read back).
     """
     path = Path(path)
     count = 0
-    with (
-        atomic_path(path) as tmp,
-        open(tmp, "wb") as fh,
-        tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-    ):
-        for key, fields in samples:
-            if "." in key.rpartition("/")[2]:
-                raise ShardError(
-                    f"key {key!r} contains a dot; WebDataset would split it into key and extension"
-                )
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    return {"name": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        out = HashingWriter(fh)  # hashed while written: the shard is never read back
+        # copybufsize: a member's data in one write (tarfile's default 16 KiB steps cost a call each)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 22) as tar:
+            for key, fields in samples:
+                if "." in key.rpartition("/")[2]:
+                    raise ShardError(
+                        f"key {key!r} contains a dot; WebDataset would split it into key and extension"
+                    )
+                for ext, data in fields.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+    return {"name": path.name, "samples": count, "bytes": out.nbytes, "sha256": out.hexdigest()}
 
 
 def write_index(directory: str | Path, shards: list[dict], classes: list[str], **extra) -> Path:

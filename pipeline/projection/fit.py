@@ -3,7 +3,8 @@
 Statistics (FeatureStats): N rows, column sums and the Gram matrix X^T X; the centred scatter matrix is
 ``S = X^T X - N mu mu^T`` and every std below is the population std (divide by N).
 
-Methods (METHOD.md), each giving ``mean``, ``basis`` (D_t, D_s) and the per-channel std of ``(x - mean) @ basis``:
+Methods (KDEP, section 3 and Table 2 of the paper; formulas in docs/method.md), each giving ``mean``, ``basis``
+(D_t, D_s) and the per-channel std of ``(x - mean) @ basis``:
 - ``svd``: mu and the top-D_s eigenvectors of S (= right singular vectors of X - mu), in descending order of
   eigenvalue; singular values s = sqrt(eigenvalues), so the std of component i is s_i / sqrt(N). Not scaled.
   Sign rule: in every basis column the entry of largest |value| (first one on ties) is positive.

@@ -19,7 +19,7 @@ def kdep_loss(
     """KDEP (He et al., CVPR 2022, eq. 2 with the reference code's weight): L = w * mean_{b,c} (s_bc - t_bc)^2.
 
     ``t`` is the teacher feature after SVD + PTS (or another non-parametric alignment). w: 3 (MS-R50 -> R18/MNV2),
-    20 (standard ImageNet R50 -> R18), 1 (SWSL / MEAL-V2 R50 -> R18), 3 (Swin-B -> R18); METHOD.md.
+    20 (standard ImageNet R50 -> R18), 1 (SWSL / MEAL-V2 R50 -> R18), 3 (Swin-B -> R18): KDEP supplement, Table S.3.
     """
     mse = F.mse_loss(s.float(), t.float())
     return weight * mse, {"mse": mse.detach()}
@@ -45,7 +45,7 @@ def coss_loss(
     tau_s: float = 0.1,
     beta: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CoSS (Singh & Wang, NeurIPS 2023, supplement; METHOD.md).
+    """CoSS (Singh & Wang, "Simple Unsupervised Knowledge Distillation With Space Similarity", and its supplement).
 
     L_co = -(1/B) sum_b <n(T_b,:), n(S_b,:)>     (each sample normalised over D)
     L_ss = -(1/D) sum_d <n(T_:,d), n(S_:,d)>     (each dimension normalised over the batch, no centring)

@@ -1,7 +1,7 @@
 """Stage 3's input: a stream of (replayed view, cached teacher row) pairs joined by key, never by position.
 
 Per epoch, the shard order is a permutation drawn from (seed, epoch) (WebDataset's ``shardshuffle`` repeats the
-same order every epoch, PITFALLS.md). Shards are split over ranks then DataLoader workers (webdataset's
+same order every epoch, and shuffles after the split, so a rank would always see the same shards). Shards are split over ranks then DataLoader workers (webdataset's
 ``split_by_node`` / ``split_by_worker`` semantics); when there are fewer shards than consumers (ranks x workers),
 consumers are split into one group per shard and the members of a group stride inside its shard (member m of g
 keeps samples m, m + g, ...), so each shard is opened by at most ceil(consumers / shards) consumers, no rank is
