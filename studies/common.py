@@ -1,19 +1,17 @@
-"""The steps every demo study shares (``kdep study views``, ``kdep study layers``): where each step writes, CPU
-threads, refusal of changed settings on a re-run, the demo shards and labelled teacher, ``kdep eval`` of the
+"""The steps every demo study shares (``kdep study views``, ``kdep study layers``): where each step writes,
+refusal of changed settings on a re-run, the demo shards and labelled teacher, ``kdep eval`` of the
 students with the teacher and a random-init student as reference rows, and the per-image cosine to the projected
 teacher target on held-out views."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from pipeline.data.shards import ShardInfo, list_shards
 from pipeline.demo.shards import DemoSpec, write_demo_data
@@ -50,21 +48,6 @@ class StudyPaths:
         out = Path(out)
         return cls(out, out / "data", out / "teacher.pt", out / "cache", out / "proj.npz", out / "students",
                    out / "eval")  # fmt: skip
-
-
-@contextlib.contextmanager
-def cpu_threads(threads: int) -> Iterator[None]:
-    """torch's CPU threads and the BLAS / OpenMP pools of numpy, scipy and scikit-learn (the probe) capped at
-    ``threads`` inside the block (0: left as they are), restored after it. On a machine shared with other jobs,
-    more threads than free cores wait on each other: a 32 px ResNet-18 step ran 5x slower with 2 than with 1."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads or None):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_resume(config, free: tuple[str, ...] = RESUME_FREE) -> None:

@@ -40,6 +40,7 @@ from pipeline.evaluation.seed_intervals import METHOD
 from pipeline.manifest import config_to_dict
 from pipeline.models import build_model, tap_dims
 from pipeline.projection.artefact import manifest_path
+from pipeline.runtime import cpu_threads
 from stages import cache_teacher, fit_svd, search_process, train_student
 from stages.config import (
     CacheTeacherConfig,
@@ -56,7 +57,6 @@ from studies.common import (
     StudyPaths,
     agreement_runs,
     check_resume,
-    cpu_threads,
     evaluate_runs,
     prepare_data_and_teacher,
 )

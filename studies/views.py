@@ -49,6 +49,7 @@ import typer
 from pipeline.files import write_json_atomic
 from pipeline.models import build_for_resolution
 from pipeline.projection.artefact import manifest_path
+from pipeline.runtime import cpu_threads
 from pipeline.student.checkpoints import export_backbone, read_metrics
 from stages import cache_teacher, fit_svd, train_student
 from stages.config import CacheTeacherConfig, FitSvdConfig, StudyViewsConfig, TrainStudentConfig
@@ -56,7 +57,6 @@ from studies.common import (
     StudyPaths,
     agreement_runs,
     check_resume,
-    cpu_threads,
     evaluate_runs,
     prepare_data_and_teacher,
 )
