@@ -72,7 +72,9 @@ def summarise(config, runs: list[dict], inits: list[dict], results: dict, predic
     runs, inits = scored_runs(runs, results, cosines), scored_runs(inits, results, cosines)
     check_predictions(runs + inits, predictions)
     n_val, n_agree = results["data"]["val_samples"], cosines["images"]
-    names = list(dict.fromkeys(r["arm"] for r in runs))
+    names = sorted(
+        {r["arm"] for r in runs}, key=lambda a: (a != BASE, a != BASE and int(a[1:]))
+    )  # online, k up
     rows = [arm_row(a, next(r["k"] for r in runs if r["arm"] == a), config.epochs,
                     [r for r in runs if r["arm"] == a], n_val, n_agree) for a in names]  # fmt: skip
     cached = [a for a in names if a != BASE]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ from stages.fit_svd import run as fit_run
 from stages.train_student import run as train_run
 from stages.train_student import train_spec
 from studies.common import StudyPaths, row_cosines
-from studies.views import random_init, train_config
+from studies.views import arms, random_init, train_config
 from studies.views_report import CSV_COLUMNS, markdown_study, summarise
 from studies.views_table import cost_ratio
 
@@ -102,7 +102,7 @@ def test_study_runs_end_to_end_and_writes_every_column(tmp_path):
                   "teacher (labelled, reference)", "cached arm − online", "online / cached, s per epoch"):  # fmt: skip
         assert label in table
     assert ("cannot answer" in table) != summary["verdict"]["valid"]
-    assert (out / "study.png").stat().st_size > 0
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not an empty file
     # A re-run reuses every student; settings that changed an artefact are refused before anything runs.
     stamp = (out / "students" / "k1-s0" / "done.json").stat().st_mtime_ns
     again = runner.invoke(app, ["study-views", "--manifest", str(manifest), "--knn-k", "2"])
@@ -138,6 +138,24 @@ def _epoch_ids(config, paths, arm: str, seed: int, epochs: int) -> list[np.ndarr
     )
     loaders = PairLoaders(spec_, store)
     return [torch.cat([ids for _, _, ids in loaders.for_epoch(e)]).numpy() for e in range(epochs)]
+
+
+def test_arms_differ_only_in_their_views(cached, tmp_path):
+    """online (fresh views, the live teacher) first, then k ascending; one seed's train-student settings are the
+    same in every arm but for the views; another seed changes only the seed."""
+    config, paths = cached
+    assert arms(replace(config, ks=(16, 1, 4), views=16)) == ["online", "k1", "k4", "k16"]
+    views = {"online_teacher", "fresh_views", "views_used"}
+    settings = {arm: asdict(train_config(config, paths, arm, 3, tmp_path)) for arm in arms(config)}
+    assert {k: settings["online"][k] for k in views} == {"online_teacher": True, "fresh_views": True,
+                                                           "views_used": 0}  # fmt: skip
+    for arm, k in (("k1", 1), ("k3", 3)):
+        assert {k_: settings[arm][k_] for k_ in views} == {"online_teacher": False, "fresh_views": False,
+                                                            "views_used": k}  # fmt: skip
+    rest = [{k: v for k, v in s.items() if k not in views} for s in settings.values()]
+    assert all(r == rest[0] for r in rest) and rest[0]["seed"] == 3
+    other = asdict(train_config(config, paths, "k1", 4, tmp_path))
+    assert {k for k in other if other[k] != settings["k1"][k]} == {"seed"}
 
 
 def test_arms_of_one_seed_see_the_same_images_in_the_same_order(cached):
@@ -205,38 +223,101 @@ def test_cost_ratio_against_a_hand_computation():
     assert cost_ratio([2.0, None], [1.0, 1.0]) is None
 
 
-def _synthetic(accuracy: dict[str, float], seeds: int = 3, images: int = 400) -> dict:
-    """A summary from made-up scores: each arm's students get ``accuracy`` of ``images`` right (probe and k-NN
-    alike, a different subset per seed), the random inits ``accuracy['random']``; online is twice as slow."""
+def _summary(
+    correct: dict[str, list], cosine: dict[str, list], epoch_seconds: dict[str, float | list]
+) -> dict:
+    """A summary from given per-image values: ``correct[arm]`` (S, M) probe (and k-NN) correctness per seed and
+    val image, ``cosine[arm]`` (S, N) cosines per seed and held-out view, ``epoch_seconds[arm]`` one per seed (or one
+    for all seeds). Arms: online, k<k> and random (the inits). The runs are handed over out of order (the cached
+    arms first, online's seeds reversed: the table must pair by seed, not by position); the teacher is fixed."""
+    seeds, images = np.shape(next(iter(correct.values())))
     labels = np.arange(images) % 4
-    config = StudyViewsConfig(ks=(1, 2), views=2, seeds=seeds, epochs=4)
+    ks = tuple(sorted(int(a[1:]) for a in correct if a not in ("online", "random")))
+    config = StudyViewsConfig(ks=ks, views=max(ks), seeds=seeds, epochs=4)
     runs, inits, backbones, predictions, rows, per_image = [], [], [], {"labels": labels}, {}, {}
-    for arm, acc in accuracy.items():
+    for arm, values in correct.items():
+        times = np.broadcast_to(epoch_seconds.get(arm, 1.0), (seeds,))
         for seed in range(seeds):
             name = f"{arm}-s{seed}"
             record = {"name": name, "arm": arm, "k": None if arm in ("online", "random") else int(arm[1:]),
-                      "seed": seed, "backbone": "-", "epoch_seconds": 2.0 if arm == "online" else 1.0,
-                      "wall_seconds": 1.0, "cpu_seconds": 1.0}  # fmt: skip
+                      "seed": seed, "backbone": "-", "epoch_seconds": float(times[seed]), "wall_seconds": 1.0,
+                      "cpu_seconds": 1.0}  # fmt: skip
             (inits if arm == "random" else runs).append(record)
-            correct = np.roll(np.arange(images) < round(acc * images), 7 * seed)
+            right = np.asarray(values[seed], dtype=bool)
             for kind in ("probe", "knn"):
-                predictions[f"{name}.{kind}"] = np.where(correct, labels, (labels + 1) % 4)
+                predictions[f"{name}.{kind}"] = np.where(right, labels, (labels + 1) % 4)
             backbones.append(
-                {"name": name, "probe_top1": float(correct.mean()), "knn_top1": float(correct.mean())}
+                {"name": name, "probe_top1": float(right.mean()), "knn_top1": float(right.mean())}
             )
-            per_image[name] = np.linspace(0.2, 0.6, 50) + 0.01 * seed
+            per_image[name] = np.asarray(cosine[arm][seed], dtype=np.float64)
             rows[name] = {"agree_cosine": float(per_image[name].mean()), "agree_cosine_sd": float(per_image[name].std(ddof=1))}  # fmt: skip
     backbones.append({"name": "teacher", "probe_top1": 0.9, "probe_top1_ci95": [0.85, 0.93], "knn_top1": 0.9,
                       "knn_top1_ci95": [0.85, 0.93]})  # fmt: skip
     results = {"backbones": backbones, "data": {"val_samples": images, "train_samples": 100}}
-    cosines = {"images": 50, "views": "paper", "seed": 7, "rows": rows, "per_image": per_image}
+    cosines = {
+        "images": len(cosine["online"][0]),
+        "views": "paper",
+        "seed": 7,
+        "rows": rows,
+        "per_image": per_image,
+    }
     timing = {
         "seconds": 60.0,
         "cpu_seconds": 50.0,
         "load_average_start": [1, 1, 1],
         "load_average_end": [1, 1, 1],
     }
-    return summarise(config, runs, inits, results, predictions, cosines, timing)
+    shuffled = [r for r in runs if r["arm"] != "online"] + [r for r in runs if r["arm"] == "online"][::-1]
+    return summarise(config, shuffled, inits[::-1], results, predictions, cosines, timing)
+
+
+def _synthetic(accuracy: dict[str, float], seeds: int = 3, images: int = 400) -> dict:
+    """A summary from made-up scores: each arm's students get ``accuracy`` of ``images`` right (probe and k-NN
+    alike, a different subset per seed), the random inits ``accuracy['random']``; online is twice as slow."""
+    correct = {arm: [np.roll(np.arange(images) < round(acc * images), 7 * seed) for seed in range(seeds)]
+               for arm, acc in accuracy.items()}  # fmt: skip
+    cosine = {arm: [np.linspace(0.2, 0.6, 50) + 0.01 * seed for seed in range(seeds)] for arm in accuracy}
+    return _summary(correct, cosine, {"online": 2.0})
+
+
+def test_the_table_against_a_hand_computation():
+    """2 seeds x 4 val images, 3 held-out views.
+    Probe: online (1,1,1,0) (1,1,1,1) = 0.75, 1.0; k1 (1,0,1,0) (0,0,1,1) = 0.5, 0.5.
+    - online's row: m = 7/8, s^2/S = 1/64, e = (7/8)(1/8)/4 = 7/256, V = 11/256, nu = (V / (1/64))^2 = 121/16;
+      t(0.975, 7.5625) lies between the table's 2.306 (8) and 2.365 (7); the upper end clipped to 1.
+    - k1's row: no seed spread, e = 1/16, the normal quantile: 0.5 +- 1.96 / 4.
+    - k1 - online: per seed -1/4, -1/2: d = -3/8, s_d^2/S = 1/64; per-image means (-1/2, -1, 0, 0), Var = 11/48,
+      e = 11/192; V = 7/96, nu = (V / (1/64))^2 = 196/9 = 21.8: t between 2.074 (22) and 2.080 (21).
+    Cosine k1 - online: per view (-.1, 0, -.2), (-.1, -.2, -.2): per seed -0.1, -1/6, d = -2/15, s_d^2/S = 1/900;
+    per-view means (-.1, -.1, -.2), Var = 1/300, e = 1/900; V = 2/900, nu = 4: d +- 2.776 sqrt(2/900).
+    Seconds per epoch online 2, 3 against k1 1, 1: sqrt(6) [x / e^h, x e^h], h = 12.706 ln(3/2) / 2."""
+    correct = {"online": [[1, 1, 1, 0], [1, 1, 1, 1]], "k1": [[1, 0, 1, 0], [0, 0, 1, 1]],
+               "random": [[1, 0, 0, 0], [0, 1, 0, 0]]}  # fmt: skip
+    cosine = {"online": [[0.5, 0.6, 0.7], [0.6, 0.7, 0.8]], "k1": [[0.4, 0.6, 0.5], [0.5, 0.5, 0.6]],
+              "random": [[0.0, 0.0, 0.1], [0.1, 0.0, 0.0]]}  # fmt: skip
+    summary = _summary(correct, cosine, {"online": [2.0, 3.0], "k1": [1.0, 1.0]})
+    online, k1 = summary["rows"]
+    assert (online["arm"], k1["arm"]) == ("online", "k1")
+    half = online["probe_top1"] - online["probe_top1_ci95"][0]
+    assert online["probe_top1"] == 0.875 and online["probe_top1_ci95"][1] == 1.0
+    assert 2.306 * math.sqrt(11 / 256) < half < 2.365 * math.sqrt(11 / 256)
+    assert half == pytest.approx(stats.t.ppf(0.975, 121 / 16) * math.sqrt(11 / 256))
+    assert k1["probe_top1_ci95"] == pytest.approx([0.5 - 1.959964 / 4, 0.5 + 1.959964 / 4])
+    assert k1["probe_top1_delta"] == pytest.approx(-3 / 8) and k1["knn_top1_delta"] == pytest.approx(-3 / 8)
+    half = k1["probe_top1_delta_ci95"][1] + 3 / 8
+    assert 2.074 * math.sqrt(7 / 96) < half < 2.080 * math.sqrt(7 / 96)
+    assert k1["probe_top1_delta_ci95"][0] == pytest.approx(-3 / 8 - half)
+    assert k1["agree_cosine_delta"] == pytest.approx(-2 / 15)
+    assert k1["agree_cosine_delta_ci95"] == pytest.approx(
+        [-2 / 15 - 2.7764 * math.sqrt(2 / 900), -2 / 15 + 2.7764 * math.sqrt(2 / 900)], abs=1e-4
+    )
+    h = 12.7062 * math.log(1.5) / 2
+    assert k1["epoch_seconds_ratio"] == pytest.approx(math.sqrt(6))
+    assert k1["epoch_seconds_ratio_ci95"] == pytest.approx([math.sqrt(6) / math.exp(h), math.sqrt(6) * math.exp(h)],
+                                                           rel=1e-4)  # fmt: skip
+    text = markdown_study(summary)
+    assert "| k = 1 cached | 4 | -37.5 [" in text and "| -0.133 [-0.264, -0.002] |" in text
+    assert summary["references"]["random"]["probe_top1"] == 0.25
 
 
 def test_the_verdict_says_when_the_study_cannot_answer():
@@ -250,6 +331,12 @@ def test_the_verdict_says_when_the_study_cannot_answer():
     text = markdown_study(bad)
     assert "**The study cannot answer**" in text
     assert "- k1 does not beat the random-init student on probe top-1: 0.520 [" in text
+    close = _synthetic({"online": 0.80, "k1": 0.80, "k2": 0.53, "random": 0.50})  # above random, within noise
+    k2 = next(r for r in close["rows"] if r["arm"] == "k2")
+    assert k2["probe_top1"] > close["references"]["random"]["probe_top1"]
+    assert not close["verdict"]["valid"] and all(r.startswith("k2 ") for r in close["verdict"]["reasons"])
+    assert "(the intervals overlap)" in close["verdict"]["reasons"][0]
+    assert "**The study cannot answer**" in markdown_study(close)
 
 
 def test_ks_must_be_views_the_cache_holds():
