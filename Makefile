@@ -44,19 +44,19 @@ eval: install  ## linear probe / k-NN / agreement
 bench: install  ## benchmark ratios -> benchmarks/results/ (QUICK=1 for the short profile)
 	$(KDEP) bench $(if $(QUICK),--quick,) $(if $(DEVICE),--device $(DEVICE),)
 
-study: install  ## views study: students on the first k of E cached views vs a fresh view every epoch (CPU, < 45 min)
+study: install  ## views study: students on k cached views vs online KD on fresh views, 5 paired seeds (CPU, < 60 min)
 	$(KDEP) study views --manifest manifests/study-views.yaml
 
 study-layers: install  ## layers study: single-tap vs multi-layer KDEP vs DistPro, 3 seeds each (CPU, about an hour)
 	$(KDEP) study layers --manifest manifests/study-layers.yaml
 
 lint: install
-	$(BIN)/ruff check pipeline stages tests benchmarks
-	$(BIN)/ruff format --check pipeline stages tests benchmarks
+	$(BIN)/ruff check pipeline stages tests benchmarks studies
+	$(BIN)/ruff format --check pipeline stages tests benchmarks studies
 
 format: install
-	$(BIN)/ruff format pipeline stages tests benchmarks
-	$(BIN)/ruff check --fix pipeline stages tests benchmarks
+	$(BIN)/ruff format pipeline stages tests benchmarks studies
+	$(BIN)/ruff check --fix pipeline stages tests benchmarks studies
 
 clean:  ## generated outputs (the venv stays; `rm -rf .venv` for a fresh install)
 	rm -rf out .pytest_cache

@@ -75,8 +75,8 @@ COMMANDS = (
     Command("bench", "stages.bench", cfg.BenchConfig, "bench",
             "Run every benchmark side by side; write benchmarks/results/<date>-<host>.json and a PNG."),
     Command("study-views", "stages.study_views", cfg.StudyViewsConfig, "study",
-            "How many cached views match a fresh view every epoch: students on the first k of E views, several "
-            "seeds, a table and plot with 95% intervals (= kdep study views)."),
+            "Is a student distilled from k cached views as good as online KD on fresh views: paired seeds, "
+            "differences to online with 95% intervals, the cost ratio, a table and plot (= kdep study views)."),
     Command("study-layers", "stages.study_layers", cfg.StudyLayersConfig, "study",
             "Single-tap vs multi-layer KDEP (KDEP Table 7) vs DistPro on the demo: several seeds per arm, a "
             "random-init reference, a table and plot with 95% intervals (= kdep study layers)."),

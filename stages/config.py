@@ -95,11 +95,13 @@ class DemoTeacherConfig:
     lr: float = 0.05  # peak SGD learning rate (cosine schedule)
     resolution: int = 64  # training view side in pixels
     seed: int = 0  # init and views
+    device: str = "cpu"  # cpu, auto, cuda or cuda:N (cpu: the demo's teacher is the same on every machine)
     quiet: bool = False  # no progress bar
 
     def __post_init__(self) -> None:
         if not self.train or not self.out:
             raise ConfigError("keys 'train' and 'out' are required")
+        _check_device(self.device)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)
         check_range("lr", self.lr, 0.0, open_lo=True)
@@ -450,6 +452,7 @@ class EvalConfig:
     probe_max_iter: int = 1000  # L-BFGS iterations per fit
     probe_backend: str = "torch"  # probe solver: torch (L-BFGS on --device, warm-started) or sklearn (CPU)
     knn_k: int = 20  # neighbours for cosine k-NN
+    predictions: bool = False  # also write OUT/predictions.npz (probe and k-NN label per val image)
     finetune_epochs: int = 0  # full fine-tuning epochs per backbone (0 = off; the paper uses 150)
     finetune_lr: float = 0.01  # initial SGD learning rate (paper: 0.01 or 0.001), / 10 at 1/3 and 2/3
     finetune_weight_decay: float = 5e-4  # SGD weight decay (paper: 5e-4)
@@ -586,30 +589,38 @@ STUDY_LOSSES = ("kdep", "cosine")  # losses whose target is the projected teache
 
 @dataclass(frozen=True)
 class StudyViewsConfig:
-    CHOICES: ClassVar[dict] = {"recipe": VIEW_RECIPES, "agreement_views": VIEW_RECIPES, "loss": STUDY_LOSSES}
-    out: str = "out/study-views"  # output folder: data, teacher, cache, students, eval, study.{md,csv,png}
-    ks: tuple[int, ...] = (1, 2, 4, 8, 16)  # k: train on the first k views; E is always added, k > E dropped
-    seeds: int = 3  # students per k (seeds 0..seeds-1: student init, shard order, view schedule, shuffle)
-    epochs: int = 16  # E: student epochs, and views cached per image (k = E: a fresh view every epoch)
+    CHOICES: ClassVar[dict] = {"recipe": VIEW_RECIPES, "loss": STUDY_LOSSES}
+    out: str = (
+        "out/study-views"  # output folder: data, teacher, cache, students, eval, study.{md,csv,json,png}
+    )
+    ks: tuple[int, ...] = (
+        1,
+        2,
+        4,
+        8,
+        16,
+    )  # cached arms: train on the first k of the cache's views (k <= views)
+    views: int = 16  # views cached per train image: one cache (and one projection) for every cached arm
+    seeds: int = 5  # students per arm (seed s: the same init and data order in every arm)
+    epochs: int = 32  # student epochs in every arm (a cached view is used epochs / k times)
     classes: int = 10  # demo classes, 2..10
     train_per_class: int = 50  # train images per class: cached, distilled on, and the probe / k-NN train set
-    val_per_class: int = 400  # held-out images per class: the evaluation set (never cached)
+    val_per_class: int = 300  # held-out images per class: the evaluation set (never cached)
     min_side: int = 48  # smallest generated image side in pixels
     max_side: int = 128  # largest generated image side in pixels
     per_shard: int = 50  # images per shard (stage 3 schedules one view per shard and epoch)
-    data_seed: int = 0  # seed of the generated images and of the cached views' parameters
+    data_seed: int = 0  # seed of the generated images and of the cached (and fresh) views' parameters
     resolution: int = 32  # view side in pixels for the teacher, the cache, the students and the evaluation
     teacher: str = "resnet18"  # architecture of the labelled demo teacher (trained here, then cached)
     teacher_epochs: int = 20  # supervised epochs of the demo teacher
-    recipe: str = "paper"  # view recipe of the cache
-    student: str = "resnet18"  # student architecture (torchvision name)
+    recipe: str = "paper"  # view recipe of the cache, of online KD's fresh views and of the agreement views
+    student: str = "timm:test_resnet"  # student (torchvision name or timm:NAME, with a pre_relu tap)
     loss: str = "kdep"  # distillation loss
-    dim: int = 512  # projection width D_s: the student's feature width (ResNet-18: 512)
-    batch_size: int = 64  # student images per step
+    dim: int = 96  # projection width D_s: the student's pre_relu width (timm test_resnet 96, ResNet-18 512)
+    batch_size: int = 32  # student images per step
     lr: float = 0.1  # student peak SGD learning rate (step schedule: / 10 at 1/3 and at 2/3 of the epochs)
     knn_k: int = 20  # neighbours for cosine k-NN
-    agreement_views: str = "paper"  # recipe of the held-out val views for the cosine to the target
-    agreement_images: int = 1000  # val images for the cosine (first whole shards, at least so many); 0 = all
+    agreement_images: int = 2000  # held-out images for the cosine to the target (first whole shards); 0 = all
     threads: int = 0  # CPU threads of torch and BLAS (0 = their defaults; 1 on a machine shared with others)
     workers: int = 1  # DataLoader workers for caching, training and evaluation (0 = in the main process)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -620,17 +631,15 @@ class StudyViewsConfig:
         if not self.out:
             raise ConfigError("key 'out' is required (--out DIR)")
         check_range("epochs", self.epochs, 1, 1000)
+        check_range("views", self.views, 1, 1000)
         if not self.ks or len(set(self.ks)) != len(self.ks):
             raise ConfigError(f"key 'ks': {list(self.ks)} must list one or more k, each once (--ks 1,2,4)")
         for k in self.ks:
-            check_range("ks", k, 1, 1000)
+            if not 1 <= k <= self.views:
+                raise ConfigError(f"key 'ks': {k} is not in 1..views ({self.views}); the cache holds {self.views} "
+                                  "views per image (--views)")  # fmt: skip
         check_range("seeds", self.seeds, 1)
         _check_study(self)
-
-    @property
-    def study_ks(self) -> tuple[int, ...]:
-        """The k values trained: ``ks`` up to E, and E itself (the fresh-view baseline), ascending."""
-        return tuple(sorted({k for k in self.ks if k <= self.epochs} | {self.epochs}))
 
 
 @dataclass(frozen=True)

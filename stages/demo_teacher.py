@@ -21,7 +21,7 @@ from stages.config import DemoTeacherConfig
 def run(config: DemoTeacherConfig) -> dict:
     """Train the teacher with labels; returns its info record (also written to ``<out>.json``)."""
     recipe = TeacherRecipe(config.arch, config.epochs, config.batch_size, config.lr, resolution=config.resolution,
-                           seed=config.seed)  # fmt: skip
+                           seed=config.seed, device=config.device)  # fmt: skip
     info = train_demo_teacher(config.train, Path(config.out), recipe, progress=not config.quiet)
     write_json_atomic(Path(config.out).with_suffix(".json"), info)
     return info

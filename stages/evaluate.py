@@ -30,7 +30,8 @@ and counts under ``intervals``), and as error bars in the plot. The interval cov
 images only, not the spread between training seeds.
 
 Reads labelled train/val shards and the backbone files. Writes ``OUT/results.json`` (one row per backbone),
-``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone with 95% intervals),
+``OUT/results.png`` (probe / k-NN / fine-tune top-1 per backbone with 95% intervals), with ``--predictions``
+``OUT/predictions.npz`` (each backbone's probe and k-NN label per val image, for paired comparisons),
 ``OUT/features/<name>.<split>.<key>/{<tap>.npy,labels.npy,keys.npy}`` (reused when the backbone, data, view,
 device type and autocast are unchanged; ``.npz`` files of earlier versions are read too; with
 ``--no-cache-features`` they go to a temporary folder in OUT, removed at the end) and ``OUT/config.eval.json``.
@@ -47,6 +48,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import typer
 from torch import nn
 
@@ -64,9 +66,9 @@ from pipeline.evaluation.features import (
 )
 from pipeline.evaluation.finetune import FinetuneRecipe, finetune
 from pipeline.evaluation.intervals import LEVEL, METHOD, accuracy_interval
-from pipeline.evaluation.probes import agreement, knn_top1, linear_probe
+from pipeline.evaluation.probes import agreement, knn_predict, linear_probe, top1
 from pipeline.evaluation.report import plot_results, print_table
-from pipeline.files import write_json_atomic
+from pipeline.files import atomic_path, write_json_atomic
 from pipeline.manifest import config_to_dict
 from pipeline.runtime import refuse_several_ranks
 from stages.common import write_resolved_config
@@ -87,8 +89,11 @@ def run(config: EvalConfig) -> dict:
         feats = features_per_split(specs, loaded, splits, config, folder)
         classes = count_classes(config.train, feats)
         print_banner(config, feats, classes)
-        rows = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
+        scored = [score_backbone(s, loaded[s.name][1], feats[s.name], config) for s in specs]
+        rows = [row for row, _ in scored]
         sizes = {split: len(f.labels) for split, f in next(iter(feats.values())).items()}
+        if config.predictions:
+            write_predictions(Path(config.out) / "predictions.npz", feats, scored)
     if config.finetune_epochs:
         n_val = sizes["val"]
         for row in rows:
@@ -173,9 +178,10 @@ def count_classes(train: str, feats: dict[str, dict[str, SplitFeatures]]) -> int
 
 def score_backbone(
     spec: BackboneSpec, identity: dict, feats: dict[str, SplitFeatures], config: EvalConfig
-) -> dict:
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Linear-probe and k-NN top-1 of one backbone on its cached features (both on ``config.device``, the probe
-    by ``config.probe_backend``)."""
+    by ``config.probe_backend``): its results.json row, and the (M,) predicted label of every val image
+    ({"probe": ..., "knn": ...})."""
     train, val = feats["train"], feats["val"]
     x_train, x_val = train.taps[config.tap], val.taps[config.tap]
     start = time.perf_counter()
@@ -184,7 +190,8 @@ def score_backbone(
         config.probe_max_iter, config.probe_backend, config.device,
     )  # fmt: skip
     probe_done = time.perf_counter()
-    knn = knn_top1(x_train, train.labels, x_val, val.labels, config.knn_k, config.device)
+    knn_pred = knn_predict(x_train, train.labels, x_val, config.knn_k, config.device)
+    knn = top1(knn_pred, val.labels)
     done = time.perf_counter()
     n_val, n_hold = len(val.labels), probe.sweep_rows
     sweep_ci = {c: accuracy_interval(a, n_hold) for c, a in probe.sweep.items()}
@@ -199,7 +206,16 @@ def score_backbone(
         "agree_cosine": None, "agree_cka": None, "probe_knn_seconds": round(done - start, 3),
         "probe_backend": config.probe_backend, "probe_seconds": round(probe_done - start, 3),
         "knn_seconds": round(done - probe_done, 3), "feature_dtype": str(x_train.dtype),
-    }  # fmt: skip
+    }, {"probe": probe.predictions, "knn": knn_pred}  # fmt: skip
+
+
+def write_predictions(path: Path, feats: dict[str, dict[str, SplitFeatures]], scored: list) -> None:
+    """``predictions.npz``: ``labels`` and ``keys`` (M,) of the val images, and ``<backbone>.probe`` /
+    ``<backbone>.knn`` (M,) int64 predicted labels, rows in the same order (for paired comparisons)."""
+    val = next(iter(feats.values()))["val"]
+    arrays = {f"{row['name']}.{kind}": pred for row, preds in scored for kind, pred in preds.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, labels=np.asarray(val.labels), keys=np.asarray(val.keys), **arrays)
 
 
 def finetune_backbone(

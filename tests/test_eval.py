@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -229,8 +230,16 @@ def test_run_end_to_end_and_feature_cache(demo_shards: dict[str, Path], tmp_path
     for folder in cached:  # the evaluated tap only, float16, with its labels and keys
         assert sorted(p.name for p in folder.iterdir()) == ["keys.npy", "labels.npy", "post_relu.npy"]
         assert np.load(folder / "post_relu.npy", mmap_mode="r").dtype == np.float16
-    again = run(config)  # reads the .npy files; same seed, same features, same numbers
+    assert not (tmp_path / "predictions.npz").exists()  # only when asked
+    again = run(
+        dataclasses.replace(config, predictions=True)
+    )  # reads the .npy files; same seed, same numbers
     assert again["backbones"][0]["probe_top1"] == row["probe_top1"]
+    predictions = np.load(tmp_path / "predictions.npz")  # per val image, in feature-row order
+    val = np.load(next(f for f in cached if ".val." in f.name) / "labels.npy")
+    assert np.array_equal(predictions["labels"], val) and len(predictions["keys"]) == n_val
+    for kind in ("probe", "knn"):
+        assert np.mean(predictions[f"random.{kind}"] == val) == row[f"{kind}_top1"]
 
 
 def test_run_finetune_one_epoch_and_agreement(demo_shards: dict[str, Path], tmp_path: Path) -> None:

@@ -228,3 +228,17 @@ def test_bench_on_cuda_finishes(tmp_path):
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp_path.glob("*.json"))
+
+
+def test_the_demo_teacher_trains_on_cuda_and_saves_cpu_weights(demo_shards, tmp_path):
+    """`kdep demo-teacher --device cuda` (the GPU study profiles train their teacher so): one epoch on the GPU,
+    weights saved as CPU tensors that load into the torchvision model strictly."""
+    from stages.config import DemoTeacherConfig
+    from stages.demo_teacher import run as teacher_run
+
+    out = tmp_path / "teacher.pt"
+    teacher_run(DemoTeacherConfig(train=str(demo_shards["train"]), out=str(out), epochs=1, resolution=32,
+                                  device="cuda", quiet=True))  # fmt: skip
+    state = torch.load(out)
+    assert all(v.device.type == "cpu" for v in state.values())
+    torchvision.models.resnet18(num_classes=4).load_state_dict(state, strict=True)

@@ -11,11 +11,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.evaluation.arm_table import CSV_COLUMNS, summarise_arms
-from pipeline.evaluation.study_table import METRICS, summarise_k
 from pipeline.manifest import ConfigError
 from stages.cli import app
 from stages.config import StudyLayersConfig
+from studies.arm_table import CSV_COLUMNS, summarise_arms
+from studies.tables import METRICS, summarise_runs
 
 runner = CliRunner()
 
@@ -77,8 +77,8 @@ def test_arm_rows_are_the_views_studys_rows_with_a_name_and_deltas_to_the_first_
     }  # fmt: skip
     rows = summarise_arms(runs, 1000, 500)
     for row, (arm, arm_runs) in zip(rows, runs.items(), strict=True):
-        reference = summarise_k(0, arm_runs, 1000, 500)
-        assert row["arm"] == arm and all(row[k] == v for k, v in reference.items() if k != "k")
+        reference = summarise_runs(arm_runs, 1000, 500)
+        assert row["arm"] == arm and all(row[k] == v for k, v in reference.items())
     assert rows[1]["probe_top1_delta"] == pytest.approx(0.03) and rows[0]["knn_top1_delta"] == 0.0
 
 

@@ -18,6 +18,7 @@ from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.views import replay_view, sample_view_params
 from pipeline.files import atomic_path
 from pipeline.progress import progress_bar
+from pipeline.runtime import pick_device
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TeacherRecipe:
     weight_decay: float = 5e-4
     resolution: int = 64  # training view side
     seed: int = 0
+    device: str = "cpu"  # auto, cpu, cuda or cuda:N (the weights are saved from the CPU either way)
 
 
 class LabelledViews(IterableDataset):
@@ -52,7 +54,8 @@ def train_demo_teacher(train_dir: str, out: Path, recipe: TeacherRecipe, progres
     """Train ``recipe.arch`` with labels and save its state dict to ``out``; returns timing and train accuracy."""
     torch.manual_seed(recipe.seed)
     classes = len({int(s.fields["cls"]) for p in list_shards(train_dir) for s in iter_samples(p.path)})
-    model = torchvision.models.get_model(recipe.arch, num_classes=classes)
+    device = pick_device(recipe.device)
+    model = torchvision.models.get_model(recipe.arch, num_classes=classes).to(device)
     opt = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay, nesterov=True
     )
@@ -67,6 +70,7 @@ def train_demo_teacher(train_dir: str, out: Path, recipe: TeacherRecipe, progres
         model.train()
         correct, seen = 0, 0
         for x, y in DataLoader(data, batch_size=recipe.batch_size, num_workers=2, shuffle=False):
+            x, y = x.to(device), y.to(device)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             logits = model(x)
@@ -82,7 +86,7 @@ def train_demo_teacher(train_dir: str, out: Path, recipe: TeacherRecipe, progres
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        torch.save(model.state_dict(), tmp)
+        torch.save(model.cpu().state_dict(), tmp)
     return {
         "seconds": time.perf_counter() - start,
         "train_top1_last_epoch": correct / max(seen, 1),

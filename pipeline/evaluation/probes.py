@@ -20,7 +20,7 @@ Pure functions of arrays (no models, no files), so each can be checked against a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class ProbeResult:
     sweep: dict[str, float]  # str(C) -> held-out top-1 of the sweep (empty when no sweep ran)
     converged: bool  # False when L-BFGS hit max_iter on the final fit
     sweep_rows: int = 0  # held-out train rows each sweep top-1 is measured on (0 when no sweep ran)
+    predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # (M,) int64 labels
 
 
 def check_rows(x: np.ndarray, y: np.ndarray, what: str) -> None:
@@ -113,7 +114,8 @@ def linear_probe(
     solver = make_solver(backend, x_train, y_train, torch.device(device), max_iter)
     c, sweep, sweep_rows = choose_c(solver, y_train, cs, holdout, seed)
     converged = solver.fit(None, c)
-    return ProbeResult(top1(solver.predict(x_eval), y_eval), c, sweep, converged, sweep_rows)
+    pred = np.asarray(solver.predict(x_eval), dtype=np.int64)
+    return ProbeResult(top1(pred, y_eval), c, sweep, converged, sweep_rows, pred)
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:

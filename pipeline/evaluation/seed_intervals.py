@@ -19,6 +19,23 @@ interval m +- z sd / sqrt(M). Accuracies are clipped to [0, 1], cosines to [-1, 
 
 Two students evaluated on the same images share the evaluation-set error, so these intervals (each about one
 row) overlapping does not mean two rows are equal; a difference between rows is sharper than the intervals show.
+
+**Paired differences** (:func:`paired_difference`). Arms A and B trained with the same S seeds (seed s: the same
+initialisation and data order in both) and scored on the same M images give per-image values x^A_si, x^B_si (0/1
+correctness of an accuracy, or a per-image cosine). With D_si = x^A_si - x^B_si, the difference d = mean over s
+and i of D_si (= the mean over seeds of the per-seed differences of the two rows' scores) gets d +- t sqrt(V),
+V = s_d^2 / S + e_d, where
+
+- s_d^2 is the sample variance over seeds of the per-seed differences D_s. = mean_i D_si;
+- e_d = Var_i(D_.i) / M, the sample variance over images of the seed-averaged per-image differences
+  D_.i = mean_s D_si, over M: the evaluation-set term, measured, not bounded (images both arms get right or both
+  get wrong add nothing, so it is far below the binomial term of one row);
+- t is Student's on nu = (S - 1) V^2 / (s_d^2 / S)^2 degrees of freedom, e_d counted as known (as above).
+
+Why V: with the crossed model D_si = mu + a_s + b_i + c_si (seed effect a, image effect b, interaction c, of
+variances sa^2, sb^2, sc^2), Var(d) = sa^2 / S + sb^2 / M + sc^2 / (S M), while E[s_d^2 / S] = sa^2 / S +
+sc^2 / (S M) and E[e_d] = sb^2 / M + sc^2 / (S M): V counts the interaction term twice, so it is conservative by
+sc^2 / (S M) and never smaller than either part alone. One seed: d +- z sqrt(e_d).
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 from pipeline.evaluation.intervals import LEVEL, Z95, wilson_interval
@@ -103,3 +121,21 @@ def mean_over_seeds(means: Sequence[float], sds: Sequence[float], total: int) ->
         return SeedSummary(means[0], max(-1.0, means[0] - half), min(1.0, means[0] + half), 1, 0.0,
                            math.sqrt(eval_var), math.inf)  # fmt: skip
     return combined_summary(means, eval_var, (-1.0, 1.0))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, bounds: tuple[float, float]) -> SeedSummary:
+    """Arm A minus arm B from their (S, M) per-image values (row s: seed s, the same M images in both): the mean
+    difference +- t_nu sqrt(s_d^2 / S + e_d) (module docstring), clipped to ``bounds``; ``eval_se`` is sqrt(e_d)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] < 2:
+        raise ValueError(
+            f"paired_difference needs two (S, M >= 2) arrays of one shape, got {a.shape} and {b.shape}"
+        )
+    diff = a - b
+    eval_var = float(diff.mean(0).var(ddof=1)) / diff.shape[1]
+    per_seed = [float(v) for v in diff.mean(1)]
+    if len(per_seed) == 1:
+        half, mean = Z95 * math.sqrt(eval_var), per_seed[0]
+        return SeedSummary(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), 1, 0.0,
+                           math.sqrt(eval_var), math.inf)  # fmt: skip
+    return combined_summary(per_seed, eval_var, bounds)

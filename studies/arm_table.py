@@ -1,10 +1,10 @@
 """A study's table when its rows are named arms rather than a number (``kdep study-layers``): per-run scores -> one
 row per arm, as JSON, CSV, markdown and PNG.
 
-    from pipeline.evaluation.arm_table import summarise_arms, write_arm_tables
+    from studies.arm_table import summarise_arms, write_arm_tables
     rows = summarise_arms({"single-tap": runs_a, "multi-layer": runs_b}, val_images=1000, agreement_images=1000)
 
-A run is one student, as in ``pipeline/evaluation/study_table.py`` (``probe_top1``, ``knn_top1``,
+A run is one student, as in ``studies/tables.py`` (``probe_top1``, ``knn_top1``,
 ``agree_cosine``, ``agree_cosine_sd``). Each row holds, per metric, the mean over its seeds, the 95% interval
 (``pipeline/evaluation/seed_intervals.py``), the seed sd, the evaluation-set se and the difference to the first
 arm (the baseline).
@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from pipeline.evaluation.intervals import format_with_interval
-from pipeline.evaluation.study_table import (
+from studies.tables import (
     METRICS,
     PARTS,
     REFERENCE_LABELS,
