@@ -12,7 +12,8 @@ guarded by :func:`shared_failures`:
   ...`` and the process exits with status 1 at once (its main thread may be blocked in a collective that can never
   finish, so it cannot raise there; DataLoader workers notice their parent is gone and exit);
 - a rank that fails *because* another did (a :class:`~pipeline.runtime.RankError`, or a collective broken by the dead
-  peer) raises the first failure's message, so every rank ends with the same line.
+  peer) raises the first failure's message, so every rank ends with the same line, after waiting as long as a
+  watcher does (the failing rank prints its own line before a launcher that sees this rank exit stops the job).
 
 Without a process group, or without a store to publish in, the context is a no-op.
 """
@@ -126,6 +127,8 @@ def shared_failures(what: str) -> Iterator[None]:
     except Exception as err:
         watcher.stop()
         raised = _publish(store, key, err, dist.get_world_size())
+        if isinstance(raised, RankError):
+            time.sleep(EXIT_DELAY_S)  # the failing rank prints its own line before a launcher stops the job
         if raised is err:
             raise
         raise raised from None

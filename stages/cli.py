@@ -14,7 +14,6 @@ import importlib
 import inspect
 import os
 import sys
-import time
 import types
 import typing
 from collections.abc import Callable
@@ -96,11 +95,6 @@ def one_line_errors(fn: Callable) -> Callable:
             if os.environ.get("KDEP_DEBUG"):
                 raise
             typer.echo(f"error: {user_message(err)}", err=True)
-            if type(err).__name__ == "RankError":  # no import: --help must not load torch
-                # another rank failed first: give it time to print its own line before a launcher that sees this
-                # rank's exit stops the job
-                sys.stderr.flush()
-                time.sleep(1.0)  # as pipeline.failures.EXIT_DELAY_S
             sys.exit(1)
 
     return wrapper

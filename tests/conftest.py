@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from pipeline.demo.shards import DemoSpec, write_demo_data
 
@@ -28,3 +29,12 @@ def store_bytes(path: Path) -> dict[str, bytes]:
         for p in sorted(path.rglob("*"))
         if p.is_file() and p.name not in skip
     }
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init ResNet-18 (4 classes, seed 0) saved as a state-dict file: the tests' teacher weights."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "teacher-r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
+    return path

@@ -30,15 +30,6 @@ from stages.cache_teacher import CacheTeacherConfig, center_boxes, finish_run, r
 from stages.inspect_cache import summarize
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=4)
-    path = tmp_path_factory.mktemp("w") / "teacher-r18.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def _config(shards, out, weights, **kw) -> CacheTeacherConfig:
     base = dict(
         shards=str(shards),

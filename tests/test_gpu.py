@@ -37,14 +37,6 @@ pytestmark = [
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gw") / "teacher-r18.pt"
-    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
-    return path
-
-
 def _cache(shards, out, weights, **kw) -> Path:
     base = dict(shards=str(shards), out=str(out), teacher="resnet18", weights=str(weights), views=3, resolution=64,
                 batch_size=12, workers=0, device="cuda", quiet=True)  # fmt: skip

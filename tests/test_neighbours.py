@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks.bench_neighbours import old_mining
 from pipeline.cache.store import open_store
 from pipeline.data.shards import list_shards, split_member_name
 from pipeline.student.mining import Blocks, mine_shared, share_bounds
@@ -128,23 +129,11 @@ def test_low_precision_tiles_give_the_float32_table(dtype, chunk, margin):
         assert stats["rechecked"] < 60
 
 
-def _todays_mining(features: np.ndarray, pool: int, chunk: int = 2048) -> np.ndarray:
-    """The mining this module replaced (float32 chunk x N similarities, torch.topk), as it was."""
-    x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
-    out = torch.empty((len(x), pool), dtype=torch.int64)
-    for start in range(0, len(x), chunk):
-        sims = x[start : start + chunk] @ x.T
-        rows = torch.arange(sims.shape[0])
-        sims[rows, rows + start] = -float("inf")
-        out[start : start + chunk] = sims.topk(pool, dim=1).indices
-    return out.numpy()
-
-
 def test_on_random_data_the_table_is_todays_float32_one():
     """Random rows (no two candidates within float32 rounding of each other): the table, from float16 or float32
     tiles, equals the float32 mining it replaced and the float32 brute force."""
     x = np.random.default_rng(6).normal(size=(700, 64)).astype(np.float16).astype(np.float32)
-    today = _todays_mining(x, 31, chunk=256)
+    today = old_mining(x, 31, chunk=256)  # the mining the module replaced, as it was
     np.testing.assert_array_equal(today, _brute_force(x, 31, exact=False))
     for dtype in (torch.float16, torch.float32):
         np.testing.assert_array_equal(mine_neighbours(x, 31, chunk=128, dtype=dtype), today)

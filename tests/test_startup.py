@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 from conftest import store_bytes
 
 from pipeline.cache import join as join_module
@@ -32,14 +30,6 @@ from pipeline.data.shards import ShardError, iter_samples, list_shards, scan_sam
 from pipeline.process.batches import SearchSpec, SearchStream
 from pipeline.provenance import ProvenanceError
 from stages.cache_teacher import CacheTeacherConfig, run
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "teacher-r18.pt"
-    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
-    return path
 
 
 def _config(shards, out, weights, **kw) -> CacheTeacherConfig:

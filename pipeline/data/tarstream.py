@@ -89,7 +89,7 @@ def iter_member_spans(fh: BinaryIO, read: Callable[[str], bool]) -> Iterator[tup
     """Yield ``(member, data)`` for every regular file member, in order, streaming through ``fh``. ``data`` is
     read only for names where ``read(name)`` is true; the others are seeked over (b""), so with an unbuffered
     ``fh`` only the headers and the chosen members are read."""
-    offset, first, long_name = 0, 0, None
+    offset, first, long_name, file_size = 0, 0, None, None
     while True:
         header = fh.read(BLOCK)
         parsed = _parse(header, offset)
@@ -104,7 +104,8 @@ def iter_member_spans(fh: BinaryIO, read: Callable[[str], bool]) -> Iterator[tup
             data = data[:size]
         else:
             data = b""
-            if fh.seek(padded, 1) > os.fstat(fh.fileno()).st_size:
+            file_size = os.fstat(fh.fileno()).st_size if file_size is None else file_size  # one stat per file
+            if fh.seek(padded, 1) > file_size:
                 raise TarFormatError(f"truncated tar: member at byte {offset} is cut short")
         long_name = None
         if kind in EXTENSIONS:
